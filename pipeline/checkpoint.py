@@ -1,0 +1,134 @@
+"""Checkpoints: plain dicts, written atomically, read without executing code.
+
+Two kinds share one schema:
+  model      {"schema", "kind": "model", "arch", "state_dict", "meta"}: a network
+             (dense or pruned: the pruned widths are the state dict's shapes), what a
+             stage hands to the next, and what `pipeline.load_model` rebuilds;
+  trainer    the above plus optimizer, scaler, EMA, epoch, global step, best metric,
+             RNG states and the data order's position: what exact resume needs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+SCHEMA_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt or of an unknown schema."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load(path: Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with weights_only=True; any failure is a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, pickle error, disallowed global...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first[:160]})") from None
+    if not isinstance(obj, dict) or "schema" not in obj:
+        raise CheckpointError(f"{path}: not a pipeline checkpoint (no schema version)")
+    if obj["schema"] > SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint schema {obj['schema']} is newer than this code's {SCHEMA_VERSION}")
+    return obj
+
+
+def model_payload(model: nn.Module, arch: dict, meta: dict | None = None) -> dict:
+    return {"schema": SCHEMA_VERSION, "kind": "model", "arch": dict(arch),
+            "state_dict": state_dict_of(model), "meta": dict(meta or {})}
+
+
+def save_model(path: Path, model: nn.Module, arch: dict, meta: dict | None = None) -> None:
+    atomic_save(model_payload(model, arch, meta), path)
+
+
+def model_from_payload(ckpt: dict, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the (possibly pruned) network stored in a checkpoint dict."""
+    from .models import build_model, shrink_to
+
+    try:
+        arch, sd = ckpt["arch"], ckpt["state_dict"]
+    except KeyError as err:
+        raise CheckpointError(f"{source}: checkpoint lacks {err.args[0]!r}") from None
+    model = build_model(arch)
+    shrink_to(model, sd)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{source}: weights do not fit the architecture ({first})") from None
+    return model
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild a network (dense or pruned) from any pipeline checkpoint file.
+
+    >>> model = pipeline.load_model("checkpoints/cifar10_fpgm/prune/model.pt")
+
+    Works on stage outputs (`model.pt`) and trainer checkpoints (`last.pt`, `best.pt`);
+    nothing is unpickled (weights_only=True) and no pruning is re-run.
+    """
+    ckpt = load(Path(path), map_location=map_location)
+    return model_from_payload(ckpt, str(path))
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain state dict from a local weights file (e.g. torchvision's .pth), or the
+    `state_dict` of a pipeline checkpoint; loaded with weights_only=True."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: pretrained weights file not found (model.pretrained)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{p}: unreadable weights file ({first[:160]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: expected a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}

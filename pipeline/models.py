@@ -1,0 +1,332 @@
+"""The networks of the papers, their construction from data, and MAC/parameter counts.
+
+Architectures are described by a plain dict (`arch`: {"name", "num_classes", ...}) so a
+checkpoint can rebuild them without pickled code. A pruned model is the same
+architecture with narrower layers: `build_model(arch)` makes the dense network and
+`shrink_to(model, state_dict)` narrows every layer to the shapes stored in the state
+dict, after which `load_state_dict(strict=True)` succeeds. `pipeline.load_model(path)`
+does both from a checkpoint file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import opt
+
+CIFAR_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32,
+                       "resnet44": 44, "resnet56": 56, "resnet110": 110, "resnet1202": 1202}
+CIFAR_VGG = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512],
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("resnet20", "network name: resnet20/32/44/56/110 (CIFAR), vgg16 (CIFAR, BN), "
+                    "or any torchvision classification model (resnet18, resnet50, ...)")
+    shortcut: Literal["A", "B"] = opt(
+        "A", "CIFAR ResNet shortcut: A = zero-padding identity (the papers'), B = 1x1 projection")
+    pretrained: str | None = opt(None, "local file of weights to load into the dense model")
+    zero_init_residual: bool = opt(False, "init the last BN gamma of every residual block to 0")
+
+
+# --------------------------------------------------------------------------- CIFAR ResNet
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample spatially and place input channels among zero channels.
+
+    Input channel `in_index[k]` goes to output channel `out_index[k]`; every other
+    output channel is zero. The maps and sizes are buffers, so a pruned shortcut (fewer
+    input or output channels) is stored and rebuilt as data.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        pad = (out_planes - in_planes) // 2
+        self.stride = stride
+        self.in_channels, self.out_channels = in_planes, out_planes
+        self.register_buffer("in_index", torch.arange(in_planes))
+        self.register_buffer("out_index", torch.arange(in_planes) + pad)
+        self.register_buffer("sizes", torch.tensor([in_planes, out_planes]))
+
+    def set_maps(self, pairs: list[tuple[int, int]], in_channels: int, out_channels: int) -> None:
+        """Replace the channel maps (used by the pruner)."""
+        dev = self.in_index.device
+        self.in_index = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=dev)
+        self.out_index = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dev)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.sizes = torch.tensor([in_channels, out_channels], device=dev)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x[:, :, :: self.stride, :: self.stride]
+        if self.in_index.numel() != x.shape[1]:
+            xs = xs.index_select(1, self.in_index)
+        out = xs.new_zeros(xs.shape[0], self.out_channels, xs.shape[2], xs.shape[3])
+        return out.index_copy(1, self.out_index, xs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.in_channels, self.out_channels = (int(v) for v in self.sizes.tolist())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_channels}, out={self.out_channels}, stride={self.stride}"
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if shortcut == "A":
+                self.shortcut = PadShortcut(in_planes, planes, stride)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs (He et al. 2016, sec. 4.2): depth = 6n + 2."""
+
+    def __init__(self, depth: int, num_classes: int = 10, shortcut: str = "A"):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+class CifarVGG(nn.Module):
+    """VGG with BN for 32x32 inputs, as in Li et al. 2017 and Liu et al. 2019 (Rethinking)."""
+
+    def __init__(self, cfg: list, num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(in_ch, v, 3, padding=1, bias=False), nn.BatchNorm2d(v),
+                           nn.ReLU(inplace=True)]
+                in_ch = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_ch, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 0.5)  # as in the Rethinking code
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(x)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def known_archs() -> list[str]:
+    return sorted(CIFAR_RESNET_DEPTHS) + sorted(CIFAR_VGG) + torchvision_names()
+
+
+def check_arch(name: str) -> str | None:
+    """None when `name` is a known architecture, else a message listing the known ones."""
+    if name in CIFAR_RESNET_DEPTHS or name in CIFAR_VGG or name in torchvision_names():
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(name, known_archs(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    cifar = ", ".join(sorted(CIFAR_RESNET_DEPTHS) + sorted(CIFAR_VGG))
+    return f"unknown architecture {name!r}{hint}; known: {cifar}, or a torchvision model name"
+
+
+def arch_spec(cfg: ModelConfig, num_classes: int) -> dict:
+    """The plain-data description of the dense network that `build_model` rebuilds."""
+    return {"name": cfg.arch, "num_classes": int(num_classes), "shortcut": cfg.shortcut}
+
+
+def build_model(arch: dict, zero_init_residual: bool = False) -> nn.Module:
+    """Dense network from its plain-data description."""
+    name, nc = arch["name"], int(arch["num_classes"])
+    if name in CIFAR_RESNET_DEPTHS:
+        model: nn.Module = CifarResNet(CIFAR_RESNET_DEPTHS[name], nc, arch.get("shortcut", "A"))
+    elif name in CIFAR_VGG:
+        model = CifarVGG(CIFAR_VGG[name], nc)
+    else:
+        import torchvision
+
+        if name not in torchvision_names():
+            raise ValueError(check_arch(name))
+        model = torchvision.models.get_model(name, weights=None, num_classes=nc)
+    if zero_init_residual:
+        zero_init_last_bn(model)
+    return model
+
+
+def residual_last_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The last BN of the residual branch of every residual block (CIFAR and torchvision)."""
+    import torchvision.models.resnet as tvr
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, BasicBlock) or isinstance(m, tvr.BasicBlock):
+            out.append(m.bn2)
+        elif isinstance(m, tvr.Bottleneck):
+            out.append(m.bn3)
+    return out
+
+
+def zero_init_last_bn(model: nn.Module) -> int:
+    """Bag of Tricks: gamma = 0 in each block's last BN, so blocks start as identities."""
+    bns = residual_last_bns(model)
+    for bn in bns:
+        nn.init.zeros_(bn.weight)
+    return len(bns)
+
+
+# --------------------------------------------------------------------------- pruned shapes
+
+
+def shrink_to(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Narrow every layer of `model` to the parameter shapes in `state_dict` (in place).
+
+    This is how a pruned architecture is rebuilt from data: the state dict's tensor
+    shapes are the per-layer widths. Conv, BatchNorm, Linear and option-A shortcut
+    attributes are updated to match.
+    """
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for pname, tensor in list(module.named_parameters(recurse=False)):
+            stored = state_dict.get(prefix + pname)
+            if stored is not None and stored.shape != tensor.shape:
+                new = nn.Parameter(torch.empty(stored.shape, dtype=tensor.dtype),
+                                   requires_grad=tensor.requires_grad)
+                setattr(module, pname, new)
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            stored = state_dict.get(prefix + bname)
+            if buf is not None and stored is not None and stored.shape != buf.shape:
+                module._buffers[bname] = torch.empty(stored.shape, dtype=buf.dtype)
+        _fix_attributes(module)
+    return model
+
+
+def _fix_attributes(m: nn.Module) -> None:
+    if isinstance(m, nn.Conv2d):
+        out_c, in_per_group = m.weight.shape[:2]
+        if m.groups > 1 and m.groups == m.in_channels == m.out_channels:  # depthwise
+            m.groups = out_c
+        m.out_channels, m.in_channels = out_c, in_per_group * m.groups
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        ref = m.weight if m.weight is not None else m.running_mean
+        m.num_features = ref.shape[0]
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, PadShortcut):
+        m.in_channels = m.out_channels = -1  # set from the `sizes` buffer on load
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """Multiply-accumulates for one image, the papers' way: convolutions and linear layers.
+
+    Returns {"conv": ..., "linear": ..., "total": conv + linear}.
+    """
+    counts = {"conv": 0, "linear": 0}
+
+    def conv_hook(m: nn.Conv2d, inp, out):
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        counts["conv"] += out.shape[1] * out.shape[2] * out.shape[3] * k
+
+    def linear_hook(m: nn.Linear, inp, out):
+        counts["linear"] += m.in_features * m.out_features
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        model(torch.zeros((1, *input_size), device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    counts["total"] = counts["conv"] + counts["linear"]
+    return counts
+
+
+def count_tp_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """torch-pruning's MAC count (adds BN, ReLU and pooling to conv and linear)."""
+    import torch_pruning as tp
+
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        macs, _ = tp.utils.count_ops_and_params(
+            model, torch.zeros((1, *input_size), device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+    return int(macs)

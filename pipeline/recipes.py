@@ -1,0 +1,141 @@
+"""Training recipe pieces (Bag of Tricks, He et al. 2019, and friends), each off by default.
+
+Optimizers with or without weight decay on biases/BN, label smoothing, mixup and
+cutmix with the loss on the mixed targets, knowledge distillation from a frozen
+teacher, and a model EMA. The trainer composes them; each is tested on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import opt
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = opt("sgd", "optimizer")
+    momentum: float = opt(0.9, "SGD momentum", min=0, lt=1)
+    nesterov: bool = opt(False, "SGD Nesterov momentum")
+    weight_decay: float = opt(5e-4, "weight decay (L2 for SGD, decoupled for AdamW)", min=0)
+    no_bias_decay: bool = opt(False, "no weight decay on biases and BN parameters (1-D tensors)")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas", min=0, lt=1)
+    eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+
+
+@dataclass
+class DistillConfig:
+    from_: str = opt(key="from", help="stage whose model is the teacher (kept frozen, eval mode)")
+    temperature: float = opt(4.0, "softmax temperature T", gt=0)
+    alpha: float = opt(0.5, "weight of the distillation term; 1 - alpha on the label loss",
+                       min=0, max=1)
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
+    """One group, or two when biases and BN parameters (every 1-D tensor) get no decay."""
+    if not no_bias_decay:
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.no_bias_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                       smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against hard labels (N,) or a soft target distribution (N, C)."""
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target, label_smoothing=smoothing)
+    if smoothing:
+        target = target * (1 - smoothing) + smoothing / logits.shape[1]
+    return torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), chosen with equal odds when
+    both are on. Returns the mixed images and the mixed one-hot targets. A coefficient
+    drawn from Beta(alpha, alpha); alpha 0 disables the method."""
+    modes = [m for m, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0]
+    onehot = F.one_hot(y, num_classes).to(torch.float32)
+    if not modes:
+        return x, onehot
+    pick = int(torch.randint(len(modes), (1,), generator=generator))
+    mode = modes[pick]
+    alpha = mixup if mode == "mixup" else cutmix
+    lam = _beta(alpha, generator)
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    if mode == "mixup":
+        xm = lam * x + (1 - lam) * x[perm]
+    else:
+        h, w = x.shape[2], x.shape[3]
+        cut = math.sqrt(1 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy = int(torch.randint(h, (1,), generator=generator))
+        cx = int(torch.randint(w, (1,), generator=generator))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        xm = x.clone()
+        xm[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    return xm, lam * onehot + (1 - lam) * onehot[perm]
+
+
+def _beta(alpha: float, g: torch.Generator) -> float:
+    """Beta(alpha, alpha) from two Gamma draws via a seeded generator (resume-exact)."""
+    # torch's Gamma sampler has no generator argument; use numpy seeded from g
+    import numpy as np
+
+    seed = int(torch.randint(2**31 - 1, (1,), generator=g))
+    rng = np.random.default_rng(seed)
+    return float(rng.beta(alpha, alpha))
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """Hinton et al. 2015: KL(teacher_T || student_T) * T^2."""
+    return F.kl_div(F.log_softmax(student / T, dim=1), F.softmax(teacher / T, dim=1),
+                    reduction="batchmean") * T * T
+
+
+class ModelEMA:
+    """Exponential moving average of the weights; BN buffers copied, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self._param_names = {k for k, _ in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        msd = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            src = msd[k]
+            if k in self._param_names:
+                v.mul_(self.decay).add_(src.detach(), alpha=1 - self.decay)
+            else:
+                v.copy_(src)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd, strict=True)

@@ -1,0 +1,115 @@
+"""The run config: top-level keys, the stage mapping, and cross-stage validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import ConfigError, Loader, apply_overrides, opt, read_yaml
+from .data import DataConfig
+from .models import ModelConfig, check_arch
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = opt(False, "also write TensorBoard scalars to <stage>/tb")
+    progress: Literal["auto", "on", "off"] = opt(
+        "auto", "per-epoch progress bar: auto = only on a terminal and not under CI")
+
+
+@dataclass
+class RunConfig:
+    name: str = opt(help="run name: the run directory is <out_dir>/<name>")
+    out_dir: str = opt("checkpoints", "folder that holds run directories")
+    seed: int = opt(0, "seed of weights init, data order and augmentation", min=0)
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "default mixed precision of every training stage (fp16 needs CUDA)")
+    data: DataConfig = opt(DataConfig, "data set")
+    model: ModelConfig = opt(ModelConfig, "network")
+    stages: dict[str, Any] = opt({}, "stage name -> stage spec, run in the order written")
+    logging: LoggingConfig = opt(LoggingConfig, "what the run shows and logs")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def stage_registry() -> dict:
+    from stages import REGISTRY
+
+    return REGISTRY
+
+
+def parse(data: dict, source: str) -> RunConfig:
+    """Plain YAML data -> validated RunConfig (raises ConfigError)."""
+    loader = Loader(source)
+    raw_stages = data.get("stages")
+    body = {k: v for k, v in data.items() if k != "stages"}
+    cfg: RunConfig = loader.load(RunConfig, body, "")
+    if "name" not in body:
+        loader.fail("name", "missing required key (the run's name)")
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        loader.fail("name", f"expected a plain folder name, got {cfg.name!r}")
+    if raw_stages is None or raw_stages == {}:
+        loader.fail("stages", "at least one stage is required")
+    if not isinstance(raw_stages, dict):
+        loader.fail("stages", f"expected a mapping of stage name -> spec, got {raw_stages!r}")
+    registry = stage_registry()
+    stages: dict[str, Any] = {}
+    for name, spec in raw_stages.items():
+        key = f"stages.{name}"
+        if not isinstance(spec, dict):
+            loader.fail(key, f"expected a mapping with a 'type', got {spec!r}")
+        kind = spec.get("type")
+        if kind is None:
+            loader.fail(f"{key}.type", f"missing; one of {sorted(registry)}")
+        if kind not in registry:
+            close = difflib.get_close_matches(str(kind), list(registry), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            loader.fail(f"{key}.type", f"unknown stage type {kind!r}{hint}; known: "
+                        f"{sorted(registry)}")
+        stages[str(name)] = loader.load(registry[kind].Config, spec, key)
+    cfg.stages = stages
+    _check_links(cfg, loader)
+    problem = check_arch(cfg.model.arch)
+    if problem:
+        loader.fail("model.arch", problem)
+    for name, spec in stages.items():
+        check = getattr(registry[spec.type], "check", None)
+        if check is not None:
+            check(spec, name, cfg, loader)
+    return cfg
+
+
+def _check_links(cfg: RunConfig, loader: Loader) -> None:
+    names = list(cfg.stages)
+    registry = stage_registry()
+    for i, (name, spec) in enumerate(cfg.stages.items()):
+        earlier = names[:i]
+        needs_input = getattr(registry[spec.type], "NEEDS_INPUT", False)
+        if spec.from_ is None:
+            if needs_input:
+                loader.fail(f"stages.{name}.from",
+                            f"a {spec.type} stage needs an input stage; earlier stages: {earlier}")
+            continue
+        if spec.from_ not in earlier:
+            close = difflib.get_close_matches(spec.from_, earlier, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            what = "a later stage" if spec.from_ in names else "no stage"
+            loader.fail(f"stages.{name}.from", f"{spec.from_!r} names {what}{hint}; "
+                        f"a stage can only take its input from an earlier one: {earlier}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, dict]:
+    """Read, merge `base:`, apply --set overrides, validate. Returns (config, plain data)."""
+    path = Path(path)
+    data = read_yaml(path)
+    data = apply_overrides(data, list(overrides or []), str(path))
+    return parse(data, str(path)), data
+
+
+__all__ = ["RunConfig", "LoggingConfig", "load_config", "parse", "ConfigError", "dataclasses"]

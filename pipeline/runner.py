@@ -1,0 +1,236 @@
+"""Runs the stages of a config in order: skip what is complete, resume what was cut off.
+
+Run directory:
+  <out_dir>/<name>/config.yaml          the resolved config
+  <out_dir>/<name>/log.txt              the run's log (rank 0)
+  <out_dir>/<name>/<stage>/             checkpoints (last.pt, best.pt, model.pt),
+                                        metrics.csv and summary.json per stage
+A stage is complete when its summary.json says `"status": "completed"`; a completed
+stage is only ever replaced by a successful re-run (`--restart` trains into
+`<stage>.restart/` and swaps it in at the end).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from . import distributed as D
+from .checkpoint import CheckpointError
+from .config import ConfigError, to_plain
+from .data import DataError, check_available, describe
+from .pruning import PruningError
+from .runconfig import RunConfig, load_config
+from .trainer import TrainingError
+
+log = logging.getLogger("pipeline")
+
+USAGE_ERRORS = (ConfigError, DataError)
+
+
+class UsageError(RuntimeError):
+    """A user mistake found at run time (a stage's missing input...): exit code 2."""
+
+
+def read_summary(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((stage_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(stage_dir: Path) -> bool:
+    s = read_summary(stage_dir)
+    return bool(s) and s.get("status") == "completed"
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def plain_config(cfg: RunConfig) -> dict:
+    return to_plain(cfg)
+
+
+def stage_hash(cfg: RunConfig, name: str) -> str:
+    """Hash of everything that determines a stage's result: shared settings, its spec and
+    the specs of every stage upstream of it."""
+    plain = plain_config(cfg)
+    chain, cur = [], name
+    while cur is not None:
+        chain.append({cur: plain["stages"][cur]})
+        cur = cfg.stages[cur].from_
+    spec = cfg.stages[name]
+    distill = getattr(spec, "distill", None)
+    if distill is not None:
+        chain.append({"teacher": distill.from_})
+    key = {"seed": cfg.seed, "data": plain["data"], "model": plain["model"],
+           "precision": cfg.precision, "chain": chain}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def setup_logging(run_dir: Path | None, is_main: bool) -> None:
+    logger = logging.getLogger("pipeline")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(h)
+    for name in ("pipeline.data", "pipeline.pruning"):
+        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.ERROR)
+    if run_dir is not None and is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "log.txt")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(fh)
+
+
+def run(config_path: str, overrides: list[str], stage: str | None = None,
+        restart: bool = False, show_progress: bool | None = None) -> list[dict]:
+    """Run (or resume) the pipeline; returns the summaries of the stages it ran or skipped."""
+    cfg, _ = load_config(config_path, overrides)
+    if stage is not None and stage not in cfg.stages:
+        import difflib
+
+        close = difflib.get_close_matches(stage, list(cfg.stages), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{config_path}: --stage {stage}: no such stage{hint}; stages: "
+                          f"{list(cfg.stages)}")
+    info = D.env_info()
+    device = D.resolve_device(cfg.device, info)
+    _check_precision(cfg, device, config_path)
+    check_available(cfg.data)
+    num_classes, input_size = describe(cfg.data)
+    run_dir = cfg.run_dir
+    D.init(info, device)
+    try:
+        setup_logging(run_dir, info.is_main)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(cfg, run_dir / "config.yaml")
+            from .provenance import record_provenance
+
+            record_provenance(run_dir, cfg, config_path, overrides, device)
+        D.barrier()
+        if show_progress is None:
+            show_progress = {"on": True, "off": False}.get(cfg.logging.progress)
+        names = [stage] if stage else list(cfg.stages)
+        summaries = []
+        for name in names:
+            summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
+                                        restart, show_progress, num_classes, input_size,
+                                        only=stage is not None))
+        return summaries
+    finally:
+        D.shutdown()
+
+
+def _check_precision(cfg: RunConfig, device, source: str) -> None:
+    if device.type == "cuda":
+        return
+    if cfg.precision == "fp16":
+        raise ConfigError(f"{source}: precision: fp16 needs CUDA; use bf16 on the CPU")
+    for name, spec in cfg.stages.items():
+        if getattr(spec, "precision", None) == "fp16":
+            raise ConfigError(f"{source}: stages.{name}.precision: fp16 needs CUDA; use bf16 "
+                              "on the CPU")
+
+
+def _write_config(cfg: RunConfig, path: Path) -> None:
+    text = yaml.safe_dump(plain_config(cfg), sort_keys=False)
+    tmp = path.with_name(".config.yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: str,
+               restart: bool, show_progress, num_classes: int, input_size, only: bool) -> dict:
+    from stages import REGISTRY
+    from stages.base import StageContext
+
+    spec = cfg.stages[name]
+    stage_dir = run_dir / name
+    digest = stage_hash(cfg, name)
+    done = read_summary(stage_dir)
+    if done and done.get("status") == "completed" and not restart:
+        if done.get("config_hash") not in (None, digest):
+            log.warning("stage %s: completed with a different config or upstream (hash %s, now "
+                        "%s); keeping its results. Re-run it with --restart --stage %s",
+                        name, done.get("config_hash"), digest, name)
+        else:
+            log.info("stage %s: already completed (top-1 %s); skipping", name,
+                     _fmt(done.get("top1")))
+        return done
+    if spec.from_ is not None and not is_complete(run_dir / spec.from_):
+        raise UsageError(
+            f"stage '{name}' needs stage '{spec.from_}' to be completed first ({run_dir / spec.from_}"
+            f" has no completed summary): run `python -m pipeline run {source} --stage "
+            f"{spec.from_}`" + ("" if only else ""))
+    distill = getattr(spec, "distill", None)
+    if distill is not None and not is_complete(run_dir / distill.from_):
+        raise UsageError(f"stage '{name}' distills from stage '{distill.from_}', which is not "
+                         f"completed: run `python -m pipeline run {source} --stage "
+                         f"{distill.from_}` first")
+    work_dir = stage_dir
+    if done and done.get("status") == "completed" and restart:
+        work_dir = run_dir / f"{name}.restart"
+    if restart and info.is_main and work_dir.exists():
+        shutil.rmtree(work_dir)  # never a completed stage: that one is swapped at the end
+    D.barrier()
+    if info.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    ctx = StageContext(run=cfg, name=name, run_dir=run_dir, stage_dir=work_dir, device=device,
+                       dist=info, source=source, show_progress=show_progress,
+                       extra={"num_classes": num_classes, "input_size": input_size})
+    log.info("stage %s [%s]%s: starting", name, spec.type,
+             f" from {spec.from_}" if spec.from_ else "")
+    t0 = time.time()
+    try:
+        result = REGISTRY[spec.type].run(spec, ctx)
+    except Exception as err:
+        if info.is_main:
+            write_json(work_dir / "summary.json", {
+                "stage": name, "type": spec.type, "from": spec.from_, "status": "failed",
+                "error": str(err).splitlines()[0] if str(err) else type(err).__name__,
+                "config_hash": digest, "wall_seconds": round(time.time() - t0, 3)})
+        raise
+    summary = {"stage": name, "type": spec.type, "from": spec.from_, "status": "completed",
+               "top1": result.pop("top1", None), "top5": result.pop("top5", None),
+               "params": result.pop("params", None), "macs": result.pop("macs", None),
+               "epochs": result.pop("epochs", getattr(spec, "epochs", 0)),
+               "wall_seconds": round(time.time() - t0, 3), **result,
+               "config_hash": digest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if info.is_main:
+        write_json(work_dir / "summary.json", summary)
+        if work_dir != stage_dir:
+            old = run_dir / f"{name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(stage_dir, old)
+            os.replace(work_dir, stage_dir)
+            shutil.rmtree(old)
+    D.barrier()
+    log.info("stage %s: completed in %.1fs (top-1 %s, params %s, MACs %s)", name,
+             summary["wall_seconds"], _fmt(summary["top1"]), summary["params"], summary["macs"])
+    return summary
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+__all__ = ["run", "UsageError", "USAGE_ERRORS", "CheckpointError", "PruningError",
+           "TrainingError"]

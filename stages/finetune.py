@@ -1,0 +1,50 @@
+"""finetune: train the pruned network from its pruned weights.
+
+Default lr: the lowest lr the upstream training schedule reached (the source notes:
+"finetune at the lowest lr of the original schedule"; 0.001 after 0.1 x0.1 x0.1),
+held constant unless the stage sets a schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import opt
+from pipeline.trainer import TrainConfig
+
+from . import training
+from .base import StageBase, StageContext, upstream_training_stage
+
+NEEDS_INPUT = True
+
+
+@dataclass
+class Config(StageBase, TrainConfig):
+    type: str = opt("finetune", "stage kind")
+
+
+def check(spec: Config, name: str, run, loader) -> None:
+    if spec.lr is None and upstream_training_stage(run, name) is None:
+        loader.fail(f"stages.{name}.lr", "required: no training stage upstream to take the "
+                    "lowest lr from")
+    if spec.distill is not None and spec.distill.from_ not in list(run.stages)[
+            :list(run.stages).index(name)]:
+        loader.fail(f"stages.{name}.distill.from",
+                    f"{spec.distill.from_!r} names no earlier stage")
+
+
+def base_lr(spec: Config, run, name: str) -> float:
+    from .plan import lowest_lr_of
+
+    if spec.lr is not None:
+        return spec.resolved_lr(0.0)
+    return lowest_lr_of(run, upstream_training_stage(run, name))
+
+
+def run(spec: Config, ctx: StageContext) -> dict:
+    model, payload = ctx.load_input(spec.from_)
+    teacher = None
+    if spec.distill is not None:
+        teacher, _ = ctx.load_input(spec.distill.from_)
+    lr = base_lr(spec, ctx.run, ctx.name)
+    return training.train(ctx, spec, model, payload["arch"], lr, teacher=teacher)

@@ -147,7 +147,8 @@ class Trainer:
                  arch: dict, device: torch.device, dist: D.DistInfo, seed: int,
                  precision: str, base_lr: float, num_classes: int,
                  teacher: nn.Module | None = None, meta: dict | None = None,
-                 show_progress: bool | None = None, tensorboard: bool = False):
+                 show_progress: bool | None = None, tensorboard: bool = False,
+                 epoch_end_hooks: list | None = None):
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.arch, self.device, self.dist, self.seed = arch, device, dist, seed
         self.precision, self.base_lr, self.num_classes = precision, base_lr, num_classes
@@ -155,6 +156,9 @@ class Trainer:
         self.teacher = teacher
         self.show_progress = show_progress
         self.tensorboard = tensorboard and dist.is_main
+        # callables hook(trainer) run after each epoch's training steps, before evaluation
+        # and checkpointing (e.g. soft filter pruning); must be deterministic across ranks
+        self.epoch_end_hooks = list(epoch_end_hooks or [])
         self.model = model.to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -364,6 +368,8 @@ class Trainer:
                     self.save(self.last_path)
             self._check_finite()
             progress.close()
+            for hook in self.epoch_end_hooks:
+                hook(self)
             train_loss, correct, n = self.acc[:3].tolist()
             D.all_reduce_sum(t := torch.tensor([train_loss, correct, n], dtype=torch.float64))
             train_loss, correct, n = t.tolist()

@@ -23,7 +23,8 @@ def eval_batch(spec: TrainConfig) -> int:
 
 
 def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, base_lr: float,
-          teacher: nn.Module | None = None, meta: dict | None = None) -> dict:
+          teacher: nn.Module | None = None, meta: dict | None = None,
+          epoch_end_hooks: list | None = None) -> dict:
     """Train `model` under `spec` in ctx.stage_dir; write model.pt; return the summary."""
     t0 = time.perf_counter()
     data = ctx.extra.get("data_override") or build_data(
@@ -33,7 +34,7 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
                       dist=ctx.dist, seed=ctx.run.seed, precision=precision_of(spec, ctx),
                       base_lr=base_lr, num_classes=arch["num_classes"], teacher=teacher,
                       meta={"stage": ctx.name, **(meta or {})}, show_progress=ctx.show_progress,
-                      tensorboard=ctx.run.logging.tensorboard)
+                      tensorboard=ctx.run.logging.tensorboard, epoch_end_hooks=epoch_end_hooks)
     result = trainer.fit()
     final = trainer.final_model()
     if ctx.dist.is_main:

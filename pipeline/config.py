@@ -197,13 +197,19 @@ def _check_range(loader: Loader, f: dataclasses.Field, value: Any, key: str) -> 
         if "lt" in md and v >= md["lt"]:
             bounds.append(f"< {md['lt']}")
         if bounds:
-            rng = _describe_range(md)
-            loader.fail(key, f"expected a value {rng}, got {v}")
+            kind = "an integer" if isinstance(v, int) else "a number"
+            loader.fail(key, f"expected {kind} {_describe_range(md)}, got {v}")
 
 
 def _describe_range(md: dict) -> str:
-    lo = f"[{md['min']}" if "min" in md else f"({md['gt']}" if "gt" in md else "(-inf"
-    hi = f"{md['max']}]" if "max" in md else f"{md['lt']})" if "lt" in md else "inf)"
+    has_lo = "min" in md or "gt" in md
+    has_hi = "max" in md or "lt" in md
+    if has_lo and not has_hi:
+        return f">= {md['min']}" if "min" in md else f"> {md['gt']}"
+    if has_hi and not has_lo:
+        return f"<= {md['max']}" if "max" in md else f"< {md['lt']}"
+    lo = f"[{md['min']}" if "min" in md else f"({md['gt']}"
+    hi = f"{md['max']}]" if "max" in md else f"{md['lt']})"
     return f"in {lo}, {hi}"
 
 

@@ -1,0 +1,125 @@
+"""Broken configs: each is exit code 2 and one error line naming the file and the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, deep_update
+
+CASES = [
+    # (description, update to the tiny config, text the error must contain)
+    ("unknown top-level key", {"sed": 1}, ["sed", "did you mean 'seed'"]),
+    ("unknown stage key", {"stages": {"pretrain": {"epochz": 3}}},
+     ["stages.pretrain.epochz", "did you mean 'epochs'"]),
+    ("wrong type", {"stages": {"pretrain": {"epochs": "ten"}}},
+     ["stages.pretrain.epochs", "expected an integer"]),
+    ("ratio out of range", {"stages": {"prune": {"ratio": 1.5}}}, ["stages.prune.ratio", "1.5"]),
+    ("from names no stage", {"stages": {"finetune": {"from": "prun"}}},
+     ["stages.finetune.from", "did you mean 'prune'"]),
+    ("unknown stage type", {"stages": {"prune": {"type": "prunee"}}},
+     ["stages.prune.type", "did you mean 'prune'"]),
+    ("unknown architecture", {"model": {"arch": "resnet57"}}, ["model.arch", "resnet56"]),
+    ("bad choice", {"data": {"dataset": "cifar11"}}, ["data.dataset", "cifar10"]),
+    ("negative lr", {"stages": {"pretrain": {"lr": -0.1}}}, ["stages.pretrain.lr"]),
+    ("zero batch", {"stages": {"pretrain": {"batch_size": 0}}},
+     ["stages.pretrain.batch_size", ">= 1"]),
+    ("unknown method", {"stages": {"prune": {"method": "fpgn"}}},
+     ["stages.prune.method", "did you mean 'fpgm'"]),
+    ("not a bool", {"data": {"download": "maybe"}}, ["data.download", "true/false"]),
+    ("milestones decreasing", {"stages": {"pretrain": {"schedule": {"milestones": [2, 1]}}}},
+     ["stages.pretrain.schedule.milestones", "increasing"]),
+    ("unknown optimizer key", {"stages": {"pretrain": {"optimizer": {"momentun": 0.9}}}},
+     ["stages.pretrain.optimizer.momentun", "did you mean 'momentum'"]),
+    ("fp16 on the CPU", {"precision": "fp16"}, ["precision", "fp16"]),
+    ("finetune without input", {"stages": {"finetune": {"from": None}}},
+     ["stages.finetune.from", "needs an input"]),
+]
+
+
+@pytest.mark.parametrize("desc,update,needles", CASES, ids=[c[0] for c in CASES])
+def test_broken_config(desc, update, needles, tmp_path, cli):
+    import yaml
+
+    cfg = deep_update(TINY, update)
+    cfg["out_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    code, out, err = cli("run", path)
+    assert code == 2, (desc, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines()]
+    assert len(lines) == 1, err
+    assert str(path) in lines[0]
+    for needle in needles:
+        assert needle in lines[0], (desc, lines[0])
+    assert not (tmp_path / "runs").exists(), "no work may start before validation"
+
+
+def test_stage_referencing_a_later_stage(tmp_path, cli):
+    import yaml
+
+    cfg = deep_update(TINY, {"out_dir": str(tmp_path / "runs")})
+    stages = cfg["stages"]
+    cfg["stages"] = {"finetune": stages["finetune"], "pretrain": stages["pretrain"],
+                     "prune": stages["prune"]}
+    path = tmp_path / "order.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    code, _, err = cli("run", path)
+    assert code == 2
+    assert "stages.finetune.from" in err and "later stage" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "stages.pretrain.epochs"], "KEY=VALUE"),
+    (["--set", "stages.pretrain.epoch=3"], "did you mean 'epochs'"),
+    (["--set", "seed=[1"], "not valid YAML"),
+    (["--stage", "finetun"], "did you mean 'finetune'"),
+])
+def test_bad_command_line(args, needle, tiny_config, cli):
+    code, _, err = cli("run", tiny_config(), *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_invalid_yaml_and_missing_file(tmp_path, cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: [unclosed\n")
+    code, _, err = cli("run", bad)
+    assert code == 2 and "invalid YAML" in err and "line" in err
+    code, _, err = cli("run", tmp_path / "nope.yaml")
+    assert code == 2 and "not found" in err
+
+
+def test_missing_data_folder(tiny_config, cli, tmp_path):
+    cfg = tiny_config({"data": {"dataset": "imagefolder", "root": str(tmp_path / "nodata")}})
+    code, _, err = cli("run", cfg)
+    assert code == 2
+    assert str(tmp_path / "nodata") in err and len(err.strip().splitlines()) == 1
+
+
+def test_dry_run_resolves_without_running(tiny_config, cli, tmp_path):
+    import json
+
+    code, out, err = cli("run", tiny_config(), "--dry-run", "--format", "json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert [s["name"] for s in plan["stages"]] == ["pretrain", "prune", "finetune"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_base_file_and_override(tmp_path, cli):
+    import json
+
+    import yaml
+
+    base = deep_update(TINY, {"out_dir": str(tmp_path / "runs")})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    (tmp_path / "child.yaml").write_text(
+        "base: base.yaml\nname: child\nstages:\n  pretrain:\n    epochs: 5\n")
+    code, out, err = cli("run", tmp_path / "child.yaml", "--dry-run", "--format", "json",
+                         "--set", "stages.finetune.epochs=3")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["name"] == "child"
+    epochs = {s["name"]: s.get("epochs") for s in plan["stages"]}
+    assert epochs["pretrain"] == 5 and epochs["finetune"] == 3

@@ -24,9 +24,10 @@ class Config(StageBase, TrainConfig):
 
 
 def check(spec: Config, name: str, run, loader) -> None:
-    if spec.lr is None and upstream_training_stage(run, name) is None:
-        loader.fail(f"stages.{name}.lr", "required: no training stage upstream to take the "
-                    "lowest lr from")
+    from .plan import finetune_default_problem
+
+    if spec.lr is None and (problem := finetune_default_problem(run, name)):
+        loader.fail(f"stages.{name}.lr", problem)
     if spec.distill is not None and spec.distill.from_ not in list(run.stages)[
             :list(run.stages).index(name)]:
         loader.fail(f"stages.{name}.distill.from",

@@ -6,10 +6,9 @@ counted files for an ImageFolder tree, the subset size when one is set).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from pipeline.schedules import Schedule
+from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
 
 from .base import upstream_training_stage
 
@@ -36,9 +35,10 @@ def train_size(run) -> tuple[int, str]:
 
 
 def steps_per_epoch(run, batch_size: int) -> int:
+    """Global batches per epoch, by the loaders' rule (a last partial batch of >= 2 counts)."""
     n, _ = train_size(run)
     full, rest = divmod(n, batch_size)
-    return max(full + (1 if rest >= 2 else 0), 1)
+    return full + (1 if rest >= 2 or full == 0 else 0)
 
 
 def stage_lr(run, name: str) -> float:
@@ -50,15 +50,29 @@ def stage_lr(run, name: str) -> float:
 
 
 def schedule_of(run, name: str) -> Schedule:
+    """The resolved schedule of training stage `name` (Scratch-B: before its MACs scaling)."""
     spec = run.stages[name]
     return Schedule(spec.schedule, stage_lr(run, name), spec.epochs,
                     steps_per_epoch(run, spec.batch_size))
 
 
 def lowest_lr_of(run, name: str | None) -> float:
+    """The lowest lr of stage `name`'s decay (what a finetune after it starts from)."""
     if name is None:
         raise ValueError("no upstream training stage")
     return schedule_of(run, name).lowest_lr()
+
+
+def finetune_default_problem(run, name: str) -> str | None:
+    """Why stage `name` cannot default its lr to the lowest upstream lr, or None."""
+    up = upstream_training_stage(run, name)
+    if up is None:
+        return "required: no training stage upstream to take the lowest lr from"
+    sched = run.stages[up].schedule
+    if sched.type in AFTER_WARMUP and sched.min_lr == 0:
+        return (f"required: the upstream stage '{up}' decays to 0 ({sched.type}, min_lr 0), so "
+                "its lowest lr is no finetune lr; set this lr or the upstream min_lr")
+    return None
 
 
 def _fmt(x: float) -> float:
@@ -66,6 +80,7 @@ def _fmt(x: float) -> float:
 
 
 def build_plan(run) -> dict:
+    """The resolved run as plain data: what `--dry-run --format json` prints."""
     n, how = train_size(run)
     plan = {"name": run.name, "run_dir": str(run.run_dir), "seed": run.seed,
             "device": run.device, "precision": run.precision,
@@ -83,31 +98,7 @@ def build_plan(run) -> dict:
                 entry["fpgm"] = {"norm_ratio": spec.fpgm.norm_ratio,
                                  "distance_ratio": spec.fpgm.distance_ratio}
         else:
-            sched = schedule_of(run, name)
-            o = spec.optimizer
-            entry.update(
-                epochs=spec.epochs, batch_size=spec.batch_size,
-                steps_per_epoch=sched.steps_per_epoch, total_steps=sched.total_steps,
-                precision=spec.precision or run.precision,
-                lr=_fmt(sched.base_lr),
-                lr_source=_lr_source(run, name),
-                optimizer={"name": o.name, "momentum": o.momentum, "nesterov": o.nesterov,
-                           "weight_decay": o.weight_decay, "no_bias_decay": o.no_bias_decay},
-                schedule={"type": spec.schedule.type, "milestones": spec.schedule.milestones,
-                          "gamma": spec.schedule.gamma, "step_size": spec.schedule.step_size,
-                          "min_lr": spec.schedule.min_lr,
-                          "warmup": {"type": spec.schedule.warmup.type,
-                                     "epochs": spec.schedule.warmup.epochs,
-                                     "steps": sched.warmup_steps,
-                                     "start_lr": _fmt(sched.warmup_start())
-                                     if sched.warmup_steps else None}},
-                lr_by_epoch={str(c["epoch"]): c["lr"] for c in sched.epoch_changes()},
-                lr_key_steps=_key_steps(sched),
-                recipe={"label_smoothing": spec.label_smoothing, "mixup": spec.mixup,
-                        "cutmix": spec.cutmix, "ema_decay": spec.ema_decay,
-                        "distill": None if spec.distill is None else spec.distill.from_,
-                        "zero_init_residual": getattr(spec, "zero_init_residual", None)},
-            )
+            entry.update(_training_entry(run, name, spec))
             if spec.type == "scratch":
                 entry["budget"] = spec.budget
                 if spec.budget == "B":
@@ -117,36 +108,61 @@ def build_plan(run) -> dict:
     return plan
 
 
+def _training_entry(run, name: str, spec) -> dict:
+    sched = schedule_of(run, name)
+    o, c, w = spec.optimizer, spec.schedule, spec.schedule.warmup
+    spe = max(sched.steps_per_epoch, 1)
+    warm = sched.warmup_steps
+    optimizer = {"name": o.name, "weight_decay": o.weight_decay, "no_bias_decay": o.no_bias_decay}
+    if o.name == "sgd":
+        optimizer.update(momentum=o.momentum, nesterov=o.nesterov)
+    else:
+        optimizer.update(betas=list(o.betas), eps=o.eps)
+    return dict(
+        epochs=spec.epochs, batch_size=spec.batch_size,
+        steps_per_epoch=sched.steps_per_epoch, total_steps=sched.total_steps,
+        precision=spec.precision or run.precision,
+        lr=_fmt(sched.base_lr),
+        lr_source=_lr_source(run, name),
+        optimizer=optimizer,
+        schedule={"type": c.type, "milestones": c.milestones,
+                  "milestone_steps": sched.milestone_steps() if c.type == "multistep" else [],
+                  "gamma": c.gamma, "step_size": c.step_size, "min_lr": c.min_lr,
+                  "decay_axis": ("after warmup" if c.type in AFTER_WARMUP
+                                 else "from the start of the run"),
+                  "warmup": {"type": w.type, "epochs": w.epochs, "steps": warm,
+                             "start_lr": _fmt(sched.warmup_start()) if warm else None,
+                             "target_lr": _fmt(sched.warmup_target()) if warm else None},
+                  "description": sched.describe()},
+        lr_by_epoch={str(ch["epoch"]): ch["lr"] for ch in sched.epoch_changes()},
+        lr_key_steps=[{"step": k["step"], "epoch": _fmt(k["step"] / spe),
+                       "lr": _fmt(sched.lr(k["step"])), "what": k["what"]}
+                      for k in sched.key_steps()],
+        lowest_lr=_fmt(sched.lowest_lr()),
+        warnings=sched.warnings(),
+        recipe={"label_smoothing": spec.label_smoothing, "mixup": spec.mixup,
+                "cutmix": spec.cutmix, "ema_decay": spec.ema_decay,
+                "distill": None if spec.distill is None else {
+                    "from": spec.distill.from_, "temperature": spec.distill.temperature,
+                    "alpha": spec.distill.alpha},
+                "zero_init_residual": getattr(spec, "zero_init_residual", None)},
+    )
+
+
 def _lr_source(run, name: str) -> str:
     spec = run.stages[name]
     if spec.lr is None:
         if spec.type == "finetune":
             return f"lowest lr of '{upstream_training_stage(run, name)}'"
         return "default"
-    if hasattr(spec.lr, "per_batch"):
-        return f"linear scaling: {spec.lr.base} x {spec.batch_size} / {spec.lr.per_batch}"
+    if isinstance(spec.lr, LinearScaling):
+        return (f"linear scaling: {spec.lr.base:g} x {spec.batch_size} / {spec.lr.per_batch} "
+                f"= {_fmt(spec.lr.resolve(spec.batch_size)):g}")
     return "config"
 
 
-def _key_steps(sched: Schedule) -> list[dict]:
-    """lr at the steps that matter: start, warmup end, each milestone, the last step."""
-    total = sched.total_steps
-    steps = {0, max(total - 1, 0)}
-    if sched.warmup_steps:
-        steps |= {sched.warmup_steps - 1, sched.warmup_steps}
-    if sched.cfg.type == "multistep":
-        for m in sched.cfg.milestones:
-            s = sched._steps(m)
-            if s < total:
-                steps |= {max(s - 1, 0), s}
-    if sched.cfg.type == "cosine":
-        steps.add(total // 2)
-    spe = max(sched.steps_per_epoch, 1)
-    return [{"step": s, "epoch": _fmt(s / spe), "lr": _fmt(sched.lr(s))}
-            for s in sorted(x for x in steps if 0 <= x < max(total, 1))]
-
-
 def format_text(plan: dict) -> str:
+    """The plan for people: one block per stage."""
     lines = [f"run {plan['name']} -> {plan['run_dir']}  (seed {plan['seed']}, device "
              f"{plan['device']}, precision {plan['precision']})",
              f"data: {plan['data']['dataset']} ({plan['data']['train_images']} train images, "
@@ -159,31 +175,50 @@ def format_text(plan: dict) -> str:
                     else f"target MAC reduction {s['target_macs_reduction']}")
             lines.append(f"    {s['method']} {what}, policy {s['policy']}")
             continue
-        o = s["optimizer"]
-        lines.append(f"    epochs {s['epochs']}, batch {s['batch_size']} "
-                     f"({s['steps_per_epoch']} steps/epoch), {s['precision']}")
-        opt_line = f"    {o['name']} lr {s['lr']} ({s['lr_source']})"
-        if o["name"] == "sgd":
-            opt_line += f", momentum {o['momentum']}{' nesterov' if o['nesterov'] else ''}"
-        opt_line += f", weight decay {o['weight_decay']}"
-        if o["no_bias_decay"]:
-            opt_line += " (not on bias/BN)"
-        lines.append(opt_line)
-        w = s["schedule"]["warmup"]
-        if w["type"] != "none":
-            lines.append(f"    warmup {w['type']} {w['epochs']} epochs ({w['steps']} steps) "
-                         f"from {w['start_lr']}")
-        changes = ", ".join(f"epoch {e}: {lr:g}" for e, lr in s["lr_by_epoch"].items())
-        if len(s["lr_by_epoch"]) > 12:
-            items = list(s["lr_by_epoch"].items())
-            changes = ", ".join(f"epoch {e}: {lr:g}" for e, lr in items[:6]) + ", ... , " + \
-                ", ".join(f"epoch {e}: {lr:g}" for e, lr in items[-4:])
-        lines.append(f"    lr at epoch start: {changes}")
-        keys = ", ".join(f"step {k['step']}: {k['lr']:g}" for k in s["lr_key_steps"])
-        lines.append(f"    lr at key steps: {keys}")
-        if s.get("note"):
-            lines.append(f"    {s['note']}")
+        lines += _training_lines(s)
     return "\n".join(lines)
 
 
-__all__ = ["build_plan", "format_text", "lowest_lr_of", "math"]
+def _training_lines(s: dict) -> list[str]:
+    o, sch = s["optimizer"], s["schedule"]
+    lines = [f"    epochs {s['epochs']}, batch {s['batch_size']} "
+             f"({s['steps_per_epoch']} steps/epoch, {s['total_steps']} steps), {s['precision']}",
+             f"    lr {s['lr']:g} ({s['lr_source']})"]
+    opt_line = f"    {o['name']}"
+    if o["name"] == "sgd":
+        opt_line += f" momentum {o['momentum']:g}{' nesterov' if o['nesterov'] else ''},"
+    opt_line += f" weight decay {o['weight_decay']:g}"
+    if o["no_bias_decay"]:
+        opt_line += " (none on biases/BN: every 1-D parameter)"
+    lines.append(opt_line)
+    lines.append(f"    schedule: {sch['description']}")
+    lines.append("    lr at key steps:")
+    for k in s["lr_key_steps"]:
+        lines.append(f"      step {k['step']:<8} epoch {k['epoch']:<9g} lr {k['lr']:<12.6g}"
+                     f"{k['what']}")
+    items = list(s["lr_by_epoch"].items())
+    shown = items if len(items) <= 12 else items[:6] + [("...", None)] + items[-4:]
+    changes = ", ".join("..." if lr is None else f"{e}: {lr:g}" for e, lr in shown)
+    lines.append(f"    lr at epoch start (where it changes): {changes}")
+    if sch["type"] in AFTER_WARMUP and sch["min_lr"] == 0:
+        lines.append(f"    lowest lr {s['lowest_lr']:g} (decays to 0: a finetune after this "
+                     "stage must set its lr)")
+    else:
+        lines.append(f"    lowest lr {s['lowest_lr']:g} (a finetune after this stage defaults "
+                     "to it)")
+    r = s["recipe"]
+    on = [f"label smoothing {r['label_smoothing']:g}" if r["label_smoothing"] else "",
+          f"mixup {r['mixup']:g}" if r["mixup"] else "",
+          f"cutmix {r['cutmix']:g}" if r["cutmix"] else "",
+          f"EMA {r['ema_decay']:g}" if r["ema_decay"] else "",
+          (f"distill from {r['distill']['from']} (T {r['distill']['temperature']:g}, alpha "
+           f"{r['distill']['alpha']:g})") if r["distill"] else "",
+          "zero-init residual BN" if r["zero_init_residual"] else ""]
+    lines.append(f"    recipe: {', '.join(x for x in on if x) or 'plain'}")
+    lines += [f"    warning: {w}" for w in s["warnings"]]
+    if s.get("note"):
+        lines.append(f"    {s['note']}")
+    return lines
+
+
+__all__ = ["build_plan", "format_text", "lowest_lr_of", "finetune_default_problem"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import opt
+from .config import Invalid, opt
 
 
 @dataclass
@@ -29,6 +29,12 @@ class OptimizerConfig:
     betas: list[float] = opt([0.9, 0.999], "AdamW betas", min=0, lt=1)
     eps: float = opt(1e-8, "AdamW epsilon", gt=0)
 
+    def validate(self) -> None:
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise Invalid("nesterov", "needs momentum > 0")
+        if len(self.betas) != 2:
+            raise Invalid("betas", f"expected two values [beta1, beta2], got {self.betas}")
+
 
 @dataclass
 class DistillConfig:
@@ -39,19 +45,21 @@ class DistillConfig:
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
-    """One group, or two when biases and BN parameters (every 1-D tensor) get no decay."""
+    """One group, or with `no_bias_decay` two: weights with decay, and every 1-D tensor
+    (biases, BN/LayerNorm weights and biases) with weight decay 0 (Bag of Tricks sec. 3.1).
+    Empty groups are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if not no_bias_decay:
-        return [{"params": [p for p in model.parameters() if p.requires_grad],
-                 "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum, optionally Nesterov; L2 decay) or AdamW (decoupled decay)."""
     groups = param_groups(model, cfg.weight_decay, cfg.no_bias_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -109,13 +117,21 @@ def _beta(alpha: float, g: torch.Generator) -> float:
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
-    """Hinton et al. 2015: KL(teacher_T || student_T) * T^2."""
+    """Hinton et al. 2015: KL(softmax(teacher/T) || softmax(student/T)) * T^2.
+
+    The T^2 keeps the soft term's gradient scale independent of T; the trainer mixes it
+    as (1 - alpha) * label loss + alpha * this, so alpha 0 is plain training."""
     return F.kl_div(F.log_softmax(student / T, dim=1), F.softmax(teacher / T, dim=1),
                     reduction="batchmean") * T * T
 
 
 class ModelEMA:
-    """Exponential moving average of the weights; BN buffers copied, not averaged."""
+    """Exponential moving average of the weights (evaluated and saved in place of the model).
+
+    Parameters: ema = decay * ema + (1 - decay) * weights after every optimizer step.
+    Buffers (BN running mean/var, counters, option-A channel maps) are copied, not averaged:
+    the EMA weights are evaluated with the live model's statistics.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -127,12 +143,15 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         msd = model.state_dict()
+        ema_p, src_p = [], []
         for k, v in self.module.state_dict().items():
-            src = msd[k]
-            if k in self._param_names:
-                v.mul_(self.decay).add_(src.detach(), alpha=1 - self.decay)
+            if k in self._param_names and v.is_floating_point():
+                ema_p.append(v)
+                src_p.append(msd[k].detach())
             else:
-                v.copy_(src)
+                v.copy_(msd[k])
+        if ema_p:
+            torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

@@ -296,6 +296,8 @@ class Trainer:
             logits = self.net(x)
             loss = soft_cross_entropy(logits.float(), target, cfg.label_smoothing)
             if self.teacher is not None and cfg.distill is not None and cfg.distill.alpha > 0:
+                if self.teacher.training:  # the teacher never updates BN statistics
+                    self.teacher.eval()
                 with torch.no_grad():
                     t_logits = self.teacher(x)
                 kd = distillation_loss(logits.float(), t_logits.float(), cfg.distill.temperature)

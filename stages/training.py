@@ -27,6 +27,8 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
           epoch_end_hooks: list | None = None) -> dict:
     """Train `model` under `spec` in ctx.stage_dir; write model.pt; return the summary."""
     t0 = time.perf_counter()
+    if teacher is None and getattr(spec, "distill", None) is not None:
+        teacher, _ = ctx.load_input(spec.distill.from_)  # pretrain/scratch distill too
     data = ctx.extra.get("data_override") or build_data(
         ctx.run.data, spec.batch_size, eval_batch(spec), ctx.run.seed, ctx.device,
         ctx.dist.rank, ctx.dist.world_size, spec.channels_last)

@@ -1,0 +1,295 @@
+"""Schedules: closed forms, Goyal warmup, agreement with torch's schedulers, exact resume.
+
+Table-driven on a one-parameter model: the lr is read back from the optimizer of the
+real `Trainer` after `_set_lr(step)`, the path training takes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.optim import lr_scheduler as tls
+
+from pipeline.config import ConfigError, Loader
+from pipeline.distributed import DistInfo
+from pipeline.schedules import LinearScaling, Schedule, ScheduleConfig, WarmupConfig
+from pipeline.trainer import Trainer, TrainConfig
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sched_cfg(**kw) -> ScheduleConfig:
+    """A ScheduleConfig through the strict loader, as a YAML file would give it."""
+    return Loader("test.yaml").load(ScheduleConfig, kw, "schedule")
+
+
+class StubLoader:
+    """`steps` batches of 2 random 1-feature samples; the trainer's loader interface."""
+
+    def __init__(self, steps: int):
+        self.steps, self.epoch = steps, 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def iterate(self, start: int = 0):
+        for b in range(start, self.steps):
+            g = torch.Generator().manual_seed(self.epoch * 1000 + b)
+            yield torch.randn(2, 1, generator=g), torch.randint(2, (2,), generator=g)
+
+
+def one_param_trainer(tmp_path, schedule: ScheduleConfig, base_lr: float, epochs: int,
+                      steps_per_epoch: int, **train_kw) -> Trainer:
+    """The real Trainer around a one-parameter network (Linear(1, 2) without bias: 2 weights
+    in one tensor) so `_set_lr`, `state()` and resume are exercised as in training."""
+    torch.manual_seed(0)
+    model = nn.Linear(1, 2, bias=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=2, schedule=schedule, **train_kw)
+    data = SimpleNamespace(train=StubLoader(steps_per_epoch), test=[])
+    return Trainer(model, cfg, data, tmp_path, arch={"name": "stub", "num_classes": 2},
+                   device=torch.device("cpu"), dist=DistInfo(), seed=0, precision="fp32",
+                   base_lr=base_lr, num_classes=2, show_progress=False)
+
+
+def trainer_lrs(trainer: Trainer, steps) -> list[float]:
+    out = []
+    for s in steps:
+        trainer._set_lr(s)
+        (lr,) = {g["lr"] for g in trainer.optimizer.param_groups}
+        out.append(lr)
+    return out
+
+
+def cos_decay(lr, floor, u):
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * u))
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+# base lr 0.1, 10 epochs x 10 steps = 100 steps; (schedule, {step: closed form})
+CLOSED_FORMS = [
+    ("constant", {"type": "constant"}, {0: 0.1, 57: 0.1, 99: 0.1}),
+    ("step", {"type": "step", "step_size": 3, "gamma": 0.5},
+     {0: 0.1, 29: 0.1, 30: 0.05, 59: 0.05, 60: 0.025, 99: 0.0125}),
+    ("multistep epochs", {"type": "multistep", "milestones": [5, 8]},
+     {0: 0.1, 49: 0.1, 50: 0.1 * 0.1, 79: 0.1 * 0.1, 80: 0.1 * 0.1**2, 99: 0.1 * 0.1**2}),
+    ("multistep fractions", {"type": "multistep", "milestones": [0.5, 0.75], "gamma": 0.2},
+     {49: 0.1, 50: 0.1 * 0.2, 74: 0.1 * 0.2, 75: 0.1 * 0.2**2}),
+    ("cosine", {"type": "cosine", "min_lr": 0.001},
+     {s: cos_decay(0.1, 0.001, s / 100) for s in (0, 1, 25, 50, 99)}),
+    ("linear", {"type": "linear"}, {s: 0.1 * (1 - s / 100) for s in (0, 10, 50, 99)}),
+    # gradual warmup 2 epochs (20 steps) from 0.1 * 0.1; cosine over the remaining 80 steps
+    ("gradual + cosine", {"type": "cosine", "warmup": {"type": "gradual", "epochs": 2}},
+     {0: 0.01, 5: 0.01 + 0.09 * 5 / 20, 19: 0.01 + 0.09 * 19 / 20, 20: 0.1,
+      60: cos_decay(0.1, 0.0, 40 / 80), 99: cos_decay(0.1, 0.0, 79 / 80)}),
+    ("gradual + linear", {"type": "linear", "min_lr": 0.02,
+                          "warmup": {"type": "gradual", "epochs": 2, "start_lr": 0.0}},
+     {0: 0.0, 10: 0.05, 20: 0.1, 60: 0.1 + (0.02 - 0.1) * 0.5}),
+    # milestones count from the start of the run, warmup included (Goyal et al.)
+    ("gradual + multistep", {"type": "multistep", "milestones": [5],
+                             "warmup": {"type": "gradual", "epochs": 2, "start_factor": 0.5}},
+     {0: 0.05, 10: 0.075, 20: 0.1, 49: 0.1, 50: 0.01, 99: 0.01}),
+    ("constant warmup + step", {"type": "step", "step_size": 4,
+                                "warmup": {"type": "constant", "epochs": 1, "start_lr": 0.005}},
+     {0: 0.005, 9: 0.005, 10: 0.1, 39: 0.1, 40: 0.01, 80: 0.001}),
+]
+
+
+@pytest.mark.parametrize("name,kw,expected", CLOSED_FORMS, ids=[c[0] for c in CLOSED_FORMS])
+def test_lr_equals_closed_form(tmp_path, name, kw, expected):
+    trainer = one_param_trainer(tmp_path, sched_cfg(**kw), 0.1, epochs=10, steps_per_epoch=10)
+    got = trainer_lrs(trainer, list(expected))
+    assert got == pytest.approx(list(expected.values()), rel=1e-12, abs=1e-15)
+
+
+def test_goyal_gradual_warmup_reaches_k_times_lr_exactly():
+    """Goyal et al.: batch k*n with lr k*eta, warmup from eta (= target / k) over 5 epochs,
+    linear per iteration, then x0.1 at epochs 30, 60, 80 (absolute) of 90."""
+    k, spe = 32, 40
+    lr = LinearScaling(base=0.1, per_batch=256).resolve(256 * k)
+    assert lr == pytest.approx(3.2)
+    cfg = sched_cfg(type="multistep", milestones=[30, 60, 80],
+                    warmup={"type": "gradual", "epochs": 5, "start_factor": 1 / k})
+    s = Schedule(cfg, lr, epochs=90, steps_per_epoch=spe)
+    n = 5 * spe
+    ramp = [s.lr(i) for i in range(n + 1)]
+    assert ramp[0] == pytest.approx(lr / k, rel=1e-12)
+    assert ramp[n] == lr  # exactly the target at the end of warmup, not approximately
+    assert all(r < lr for r in ramp[:n])
+    steps = [b - a for a, b in zip(ramp, ramp[1:], strict=False)]
+    assert steps == pytest.approx([(lr - lr / k) / n] * n, rel=1e-9)  # linear per iteration
+    assert s.lr(30 * spe - 1) == lr and s.lr(30 * spe) == pytest.approx(lr * 0.1)
+    assert s.lr(80 * spe) == pytest.approx(lr * 1e-3)
+
+
+def test_constant_warmup_holds_then_jumps():
+    cfg = sched_cfg(type="constant", warmup={"type": "constant", "epochs": 5, "start_factor": 0.25})
+    s = Schedule(cfg, 0.4, epochs=10, steps_per_epoch=7)
+    assert {s.lr(i) for i in range(35)} == {0.1}
+    assert {s.lr(i) for i in range(35, 70)} == {0.4}
+
+
+def test_cosine_after_warmup_peaks_at_end_of_warmup_and_hits_the_floor_at_the_end():
+    cfg = sched_cfg(type="cosine", min_lr=0.01, warmup={"type": "gradual", "epochs": 3})
+    s = Schedule(cfg, 1.0, epochs=13, steps_per_epoch=10)
+    lrs = [s.lr(i) for i in range(131)]
+    assert max(lrs) == lrs[30] == 1.0
+    assert lrs[130] == pytest.approx(0.01)  # one past the last step
+    assert all(a >= b for a, b in zip(lrs[30:], lrs[31:], strict=False))
+
+
+# ----------------------------------------------------------------------------- torch schedulers
+
+
+def torch_lrs(make, steps: int, lr: float) -> list[float]:
+    """lr of each iteration under a torch scheduler stepped once per iteration."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=lr)
+    sched = make(opt)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+    return out
+
+
+E, SPE, LR = 12, 9, 0.3
+T = E * SPE
+W = 2 * SPE
+TORCH_CASES = [
+    ("multistep", {"type": "multistep", "milestones": [4, 9], "gamma": 0.2},
+     lambda o: tls.MultiStepLR(o, [4 * SPE, 9 * SPE], gamma=0.2)),
+    ("step", {"type": "step", "step_size": 5, "gamma": 0.5},
+     lambda o: tls.StepLR(o, 5 * SPE, gamma=0.5)),
+    ("cosine", {"type": "cosine", "min_lr": 0.003},
+     lambda o: tls.CosineAnnealingLR(o, T_max=T, eta_min=0.003)),
+    ("linear", {"type": "linear"},
+     lambda o: tls.LinearLR(o, start_factor=1.0, end_factor=0.0, total_iters=T)),
+    ("warmup + cosine", {"type": "cosine", "warmup": {"type": "gradual", "epochs": 2}},
+     lambda o: tls.SequentialLR(o, [tls.LinearLR(o, 0.1, 1.0, total_iters=W),
+                                    tls.CosineAnnealingLR(o, T_max=T - W)], milestones=[W])),
+    ("warmup + multistep", {"type": "multistep", "milestones": [6, 10],
+                            "warmup": {"type": "gradual", "epochs": 2, "start_factor": 0.25}},
+     lambda o: tls.ChainedScheduler([tls.LinearLR(o, 0.25, 1.0, total_iters=W),
+                                     tls.MultiStepLR(o, [6 * SPE, 10 * SPE])])),
+]
+
+
+@pytest.mark.parametrize("name,kw,make", TORCH_CASES, ids=[c[0] for c in TORCH_CASES])
+def test_matches_torch_scheduler_stepped_per_iteration(tmp_path, name, kw, make):
+    trainer = one_param_trainer(tmp_path, sched_cfg(**kw), LR, epochs=E, steps_per_epoch=SPE)
+    ours = trainer_lrs(trainer, range(T))
+    assert ours == pytest.approx(torch_lrs(make, T, LR), rel=1e-9, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- resume
+
+RESUME_CASES = [
+    {"type": "cosine", "warmup": {"type": "gradual", "epochs": 1.5}},
+    {"type": "multistep", "milestones": [0.5, 0.75], "warmup": {"type": "constant", "epochs": 1}},
+    {"type": "step", "step_size": 1},
+]
+
+
+@pytest.mark.parametrize("kw", RESUME_CASES, ids=["cosine", "multistep", "step"])
+@pytest.mark.parametrize("stop", [7, 13, 20])  # mid-warmup, mid-epoch, an epoch boundary
+def test_restored_at_step_s_continues_the_same_lr_sequence(tmp_path, kw, stop):
+    spe, epochs = 5, 4
+    total = spe * epochs
+
+    def run(trainer, until):
+        lrs = []
+        for epoch in range(trainer.epoch, epochs):
+            trainer.data.train.set_epoch(epoch)
+            for x, y in trainer.data.train.iterate(trainer.step_in_epoch):
+                if trainer.global_step >= until:
+                    return lrs
+                trainer.train_step(x, y)
+                lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            trainer.epoch, trainer.step_in_epoch = epoch + 1, 0
+        return lrs
+
+    straight = one_param_trainer(tmp_path / "a", sched_cfg(**kw), 0.1, epochs, spe)
+    full = run(straight, total)
+    first = one_param_trainer(tmp_path / "b", sched_cfg(**kw), 0.1, epochs, spe)
+    head = run(first, stop)
+    first.save(first.last_path)  # through the checkpoint file, weights_only load
+    resumed = one_param_trainer(tmp_path / "b", sched_cfg(**kw), 0.1, epochs, spe)
+    assert resumed.try_resume() and resumed.global_step == stop
+    tail = run(resumed, total)
+    assert len(full) == total and head + tail == full  # exactly, not approximately
+    assert torch.equal(resumed.module.weight, straight.module.weight)
+
+
+# ----------------------------------------------------------------------------- lowest lr
+
+LOWEST = [
+    # the source notes' FPGM CIFAR setting: 0.1, x0.1 at 150 and 225 of 300 epochs -> 0.001
+    ({"type": "multistep", "milestones": [150, 225]}, 300, 0.001),
+    ({"type": "multistep", "milestones": [0.5, 0.75]}, 160, 0.001),
+    ({"type": "multistep", "milestones": [150, 300]}, 300, 0.01),  # 300 of 300 never fires
+    ({"type": "step", "step_size": 30}, 100, 0.1 * 0.1**3),
+    ({"type": "constant", "warmup": {"type": "gradual", "epochs": 5, "start_lr": 0.0}}, 20, 0.1),
+    ({"type": "multistep", "milestones": [10],
+      "warmup": {"type": "gradual", "epochs": 2, "start_lr": 0.0}}, 20, 0.01),  # not the 0 start
+]
+
+
+@pytest.mark.parametrize("kw,epochs,expected", LOWEST)
+def test_lowest_lr_is_the_end_of_the_decay(kw, epochs, expected):
+    s = Schedule(sched_cfg(**kw), 0.1, epochs, steps_per_epoch=3)
+    assert s.lowest_lr() == pytest.approx(expected, rel=1e-12)
+
+
+def test_lowest_lr_of_cosine_is_its_last_step():
+    s = Schedule(sched_cfg(type="cosine", min_lr=0.002), 0.1, 10, steps_per_epoch=4)
+    assert s.lowest_lr() == s.lr(39) == pytest.approx(cos_decay(0.1, 0.002, 39 / 40))
+    assert not s.decays_to_zero
+    assert Schedule(sched_cfg(type="linear"), 0.1, 10, 4).decays_to_zero
+
+
+def test_warnings_for_milestones_that_never_fire_or_fall_in_warmup():
+    s = Schedule(sched_cfg(type="multistep", milestones=[1, 5, 40],
+                           warmup={"type": "gradual", "epochs": 2}), 0.1, 10, 4)
+    text = " | ".join(s.warnings())
+    assert "milestone 40 is at or past the end" in text
+    assert "milestone 1 falls inside warmup" in text
+    assert "milestone 5" not in text
+
+
+# ----------------------------------------------------------------------------- config errors
+
+BAD = [
+    ({"warmup": {"type": "gradual"}}, "schedule.warmup.epochs", "needs epochs > 0"),
+    ({"warmup": {"epochs": 5}}, "schedule.warmup.type", "has no effect"),
+    ({"milestones": [0.5, 100]}, "schedule.milestones", "mixes fractions"),
+    ({"milestones": [80, 30]}, "schedule.milestones", "increasing"),
+    ({"type": "cosinus"}, "schedule.type", "did you mean 'cosine'"),
+    ({"warmup": {"type": "gradual", "epochs": 1, "start_factor": 2}},
+     "schedule.warmup.start_factor", "in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("kw,key,msg", BAD)
+def test_bad_schedule_config_names_the_key(kw, key, msg):
+    with pytest.raises(ConfigError) as err:
+        sched_cfg(**kw)
+    assert f"test.yaml: {key}: " in str(err.value) and msg in str(err.value)
+
+
+def test_linear_scaling_through_train_config():
+    cfg = TrainConfig(batch_size=1024, lr=LinearScaling(base=0.1, per_batch=256))
+    assert cfg.resolved_lr(0.5) == pytest.approx(0.4)
+    assert TrainConfig(batch_size=1024).resolved_lr(0.5) == 0.5
+    assert isinstance(sched_cfg().warmup, WarmupConfig)

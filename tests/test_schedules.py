@@ -18,7 +18,7 @@ from torch.optim import lr_scheduler as tls
 from pipeline.config import ConfigError, Loader
 from pipeline.distributed import DistInfo
 from pipeline.schedules import LinearScaling, Schedule, ScheduleConfig, WarmupConfig
-from pipeline.trainer import Trainer, TrainConfig
+from pipeline.trainer import TrainConfig, Trainer
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -10,6 +10,9 @@ does both from a checkpoint file.
 
 from __future__ import annotations
 
+import difflib
+import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,15 +31,25 @@ CIFAR_VGG = {
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512],
 }
+# the same features with the classifier of Li et al. 2017 (Rethinking's l1-norm-pruning):
+# Linear(512, 512) + BN + ReLU + Linear(512, classes); plain `vggN` has one Linear (as
+# network slimming and Rethinking's other CIFAR VGGs)
+CIFAR_VGG_L1 = {f"{k}_l1": v for k, v in CIFAR_VGG.items()}
+TORCHVISION_PREFIX = "torchvision."  # `torchvision.vgg16` reaches torchvision's ImageNet VGG
 
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("resnet20", "network name: resnet20/32/44/56/110 (CIFAR), vgg16 (CIFAR, BN), "
-                    "or any torchvision classification model (resnet18, resnet50, ...)")
+    arch: str = opt(
+        "resnet20", "network name: resnet20/32/44/56/110 (CIFAR), vgg11/13/16/19 (CIFAR, BN, one "
+        "linear classifier), vgg16_l1 (CIFAR, the L1 paper's two-layer classifier), or any "
+        "torchvision classification model (resnet18, resnet50, ...; `torchvision.NAME` where a "
+        "CIFAR name shadows it, e.g. torchvision.vgg16)")
     shortcut: Literal["A", "B"] = opt(
         "A", "CIFAR ResNet shortcut: A = zero-padding identity (the papers'), B = 1x1 projection")
-    pretrained: str | None = opt(None, "local file of weights to load into the dense model")
+    pretrained: str | None = opt(
+        None, "local file of weights (a state dict such as torchvision's .pth, or a pipeline "
+        "checkpoint) loaded strictly into the dense model before pretraining")
     zero_init_residual: bool = opt(False, "init the last BN gamma of every residual block to 0")
 
 
@@ -137,7 +150,7 @@ class CifarResNet(nn.Module):
 class CifarVGG(nn.Module):
     """VGG with BN for 32x32 inputs, as in Li et al. 2017 and Liu et al. 2019 (Rethinking)."""
 
-    def __init__(self, cfg: list, num_classes: int = 10):
+    def __init__(self, cfg: list, num_classes: int = 10, two_layer_classifier: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = 3
@@ -149,12 +162,15 @@ class CifarVGG(nn.Module):
                            nn.ReLU(inplace=True)]
                 in_ch = v
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(in_ch, num_classes)
+        self.classifier: nn.Module = nn.Linear(in_ch, num_classes)
+        if two_layer_classifier:  # Li et al. 2017
+            self.classifier = nn.Sequential(nn.Linear(in_ch, 512), nn.BatchNorm1d(512),
+                                            nn.ReLU(inplace=True), nn.Linear(512, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 0.5)  # as in the Rethinking code
+                nn.init.constant_(m.weight, 0.5)  # as in the Rethinking code (BN1d keeps 1)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
@@ -170,25 +186,39 @@ class CifarVGG(nn.Module):
 
 
 def torchvision_names() -> list[str]:
+    """torchvision's classification models (by the name `get_model` takes)."""
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def cifar_names() -> list[str]:
+    return sorted(CIFAR_RESNET_DEPTHS, key=CIFAR_RESNET_DEPTHS.get) + sorted(CIFAR_VGG) + sorted(
+        CIFAR_VGG_L1)
+
+
 def known_archs() -> list[str]:
-    return sorted(CIFAR_RESNET_DEPTHS) + sorted(CIFAR_VGG) + torchvision_names()
+    return cifar_names() + torchvision_names()
+
+
+def _torchvision_name(name: str) -> str | None:
+    """The torchvision model a name refers to, or None (CIFAR names take precedence)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        name = name[len(TORCHVISION_PREFIX):]
+        return name if name in torchvision_names() else None
+    if name in CIFAR_RESNET_DEPTHS or name in CIFAR_VGG or name in CIFAR_VGG_L1:
+        return None
+    return name if name in torchvision_names() else None
 
 
 def check_arch(name: str) -> str | None:
     """None when `name` is a known architecture, else a message listing the known ones."""
-    if name in CIFAR_RESNET_DEPTHS or name in CIFAR_VGG or name in torchvision_names():
+    if name in cifar_names() or _torchvision_name(name) is not None:
         return None
-    import difflib
-
-    close = difflib.get_close_matches(name, known_archs(), n=1)
+    close = difflib.get_close_matches(name.removeprefix(TORCHVISION_PREFIX), known_archs(), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    cifar = ", ".join(sorted(CIFAR_RESNET_DEPTHS) + sorted(CIFAR_VGG))
-    return f"unknown architecture {name!r}{hint}; known: {cifar}, or a torchvision model name"
+    return (f"unknown architecture {name!r}{hint}; known: CIFAR {', '.join(cifar_names())}; "
+            f"torchvision {', '.join(torchvision_names())}")
 
 
 def arch_spec(cfg: ModelConfig, num_classes: int) -> dict:
@@ -197,20 +227,69 @@ def arch_spec(cfg: ModelConfig, num_classes: int) -> dict:
 
 
 def build_model(arch: dict, zero_init_residual: bool = False) -> nn.Module:
-    """Dense network from its plain-data description."""
+    """Dense network from its plain-data description (randomly initialized)."""
     name, nc = arch["name"], int(arch["num_classes"])
     if name in CIFAR_RESNET_DEPTHS:
         model: nn.Module = CifarResNet(CIFAR_RESNET_DEPTHS[name], nc, arch.get("shortcut", "A"))
     elif name in CIFAR_VGG:
         model = CifarVGG(CIFAR_VGG[name], nc)
+    elif name in CIFAR_VGG_L1:
+        model = CifarVGG(CIFAR_VGG_L1[name], nc, two_layer_classifier=True)
     else:
         import torchvision
 
-        if name not in torchvision_names():
+        tv_name = _torchvision_name(name)
+        if tv_name is None:
             raise ValueError(check_arch(name))
-        model = torchvision.models.get_model(name, weights=None, num_classes=nc)
+        extra = {}
+        if tv_name in ("googlenet", "inception_v3"):  # a plain logits output, like the rest
+            extra = {"aux_logits": False, "init_weights": True}
+        model = torchvision.models.get_model(tv_name, weights=None, num_classes=nc, **extra)
     if zero_init_residual:
         zero_init_last_bn(model)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a local weights file into `model`, strictly: every tensor must exist in both
+    with the same shape. Any problem is one CheckpointError line naming the file."""
+    import zipfile
+
+    from .checkpoint import CheckpointError, load_weights_file
+
+    p = os.fspath(path)
+    if os.path.isfile(p) and not zipfile.is_zipfile(p):
+        with open(p, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # torch's pre-1.6 pickle format
+        if not legacy:
+            raise CheckpointError(f"{p}: not a torch weights file (model.pretrained)")
+    state = load_weights_file(p)  # weights_only=True; one-line errors of its own
+    own = model.state_dict()
+    bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    if bad_shape:
+        k = bad_shape[0]
+        problems.append(f"{len(bad_shape)} tensor(s) of another shape, e.g. {k} "
+                        f"{tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} here")
+    if missing:
+        problems.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if problems:
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        hint = ""
+        if last and any(k.endswith("weight") and state[k].dim() == 2 for k in bad_shape):
+            hint = (f"; the model has {last[-1].out_features} classes: are these weights for "
+                    "another data set or architecture?")
+        raise CheckpointError(f"{path}: weights do not fit the model (model.pretrained): "
+                              f"{'; '.join(problems)}{hint}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # dtype or other problems the checks above missed
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the model ({first})") from None
     return model
 
 
@@ -280,27 +359,30 @@ def _fix_attributes(m: nn.Module) -> None:
 
 
 def count_params(model: nn.Module) -> int:
+    """All parameters (BN affine included, buffers excluded), as the papers count them."""
     return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
-    """Multiply-accumulates for one image, the papers' way: convolutions and linear layers.
+    """Multiply-accumulates for one image, the papers' way: convolutions and linear layers
+    only (no BN, activation, pooling or bias additions).
 
     Returns {"conv": ..., "linear": ..., "total": conv + linear}.
     """
     counts = {"conv": 0, "linear": 0}
 
-    def conv_hook(m: nn.Conv2d, inp, out):
-        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
-        counts["conv"] += out.shape[1] * out.shape[2] * out.shape[3] * k
+    def conv_hook(m: nn.modules.conv._ConvNd, inp, out):
+        per_output = math.prod(m.kernel_size) * (m.in_channels // m.groups)
+        counts["conv"] += out[0].numel() * per_output
 
     def linear_hook(m: nn.Linear, inp, out):
-        counts["linear"] += m.in_features * m.out_features
+        positions = out[0].numel() // m.out_features  # tokens, for sequence inputs
+        counts["linear"] += m.in_features * m.out_features * positions
 
     hooks = []
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.modules.conv._ConvNd):
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
@@ -330,3 +412,36 @@ def count_tp_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
     finally:
         model.train(was_training)
     return int(macs)
+
+
+def complexity(model: nn.Module, input_size: tuple[int, ...],
+               torch_pruning: bool = True) -> dict[str, int]:
+    """Parameters and MACs per image, both ways, under explicit keys:
+
+    params       all parameters
+    conv_macs    convolutions only
+    macs         conv + linear (the papers' convention: ResNet-56 125.49M, ResNet-50 4.09G)
+    tp_macs      torch-pruning's count (also BN, ReLU, pooling); with torch_pruning=True
+    """
+    m = count_macs(model, input_size)
+    out = {"params": count_params(model), "conv_macs": m["conv"], "linear_macs": m["linear"],
+           "macs": m["total"]}
+    if torch_pruning:
+        out["tp_macs"] = count_tp_macs(model, input_size)
+    return out
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def format_complexity(c: dict[str, int]) -> str:
+    """One labelled line, e.g. 'params 0.85M, MACs 125.49M (conv+linear), 126.55M
+    (torch-pruning: +BN/ReLU/pool)'."""
+    text = f"params {_human(c['params'])}, MACs {_human(c['macs'])} (conv+linear)"
+    if "tp_macs" in c:
+        text += f", {_human(c['tp_macs'])} (torch-pruning: +BN/ReLU/pool)"
+    return text

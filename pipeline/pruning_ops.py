@@ -10,13 +10,17 @@ independently, which is what `policy: all` needs on an option-A ResNet.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from .models import PadShortcut
+
+
+def _pairs(layer: PadShortcut) -> list[tuple[int, int]]:
+    """(input channel, output channel) of every channel the shortcut carries."""
+    return list(zip(layer.in_index.tolist(), layer.out_index.tolist(), strict=True))
 
 
 class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
@@ -26,8 +30,7 @@ class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
         removed = set(int(i) for i in idxs)
         keep = [c for c in range(layer.out_channels) if c not in removed]
         new_pos = {old: new for new, old in enumerate(keep)}
-        pairs = [(int(i), new_pos[int(o)]) for i, o in zip(layer.in_index, layer.out_index)
-                 if int(o) in new_pos]
+        pairs = [(int(i), new_pos[int(o)]) for i, o in _pairs(layer) if int(o) in new_pos]
         layer.set_maps(pairs, layer.in_channels, len(keep))
         return layer
 
@@ -35,8 +38,7 @@ class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
         removed = set(int(i) for i in idxs)
         keep = [c for c in range(layer.in_channels) if c not in removed]
         new_id = {old: new for new, old in enumerate(keep)}
-        pairs = [(new_id[int(i)], int(o)) for i, o in zip(layer.in_index, layer.out_index)
-                 if int(i) in new_id]
+        pairs = [(new_id[int(i)], int(o)) for i, o in _pairs(layer) if int(i) in new_id]
         layer.set_maps(pairs, len(keep), layer.out_channels)
         return layer
 
@@ -48,7 +50,8 @@ class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
 
 
 def customized_pruners() -> dict:
+    """The custom pruners to pass to torch-pruning's DependencyGraph."""
     return {PadShortcut: PadShortcutPruner()}
 
 
-__all__ = ["PadShortcutPruner", "customized_pruners", "torch"]
+__all__ = ["PadShortcutPruner", "customized_pruners"]

@@ -1,18 +1,37 @@
-"""pretrain: train the dense network from initialization (or from local pretrained weights)."""
+"""pretrain: train the dense network from initialization (or from local pretrained weights).
+
+With `prune_during_training` the stage does soft filter pruning the FPGM/SFP way:
+after every epoch (every `every_epochs`, and after the last) the criterion selects
+filters on the current weights and they are zeroed; the zeroed filters keep training
+and the selection is redone next time. The output model.pt keeps the dense shapes, with
+the last selection zeroed and recorded in its meta (`soft_pruning`); the hard removal
+happens in the downstream prune stage, which removes exactly those filters (so the MAC
+and accuracy-before-recovery bookkeeping lives in one place for both ways of pruning).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import opt
+from pipeline.config import opt, to_plain
 from pipeline.models import arch_spec, build_model
+from pipeline.pruning import (
+    SoftPruner,
+    SoftPruneSpec,
+    build_graph,
+    candidate_groups,
+    zero_pattern_record,
+)
 from pipeline.trainer import TrainConfig
 
 from . import training
-from .base import StageBase, StageContext
+from .base import MODEL_FILE, StageBase, StageContext
+
+log = logging.getLogger("pipeline")
 
 DEFAULT_LR = 0.1
 NEEDS_INPUT = False
@@ -23,6 +42,9 @@ class Config(StageBase, TrainConfig):
     type: str = opt("pretrain", "stage kind")
     zero_init_residual: bool | None = opt(
         None, "init each residual block's last BN gamma to 0 (default: model.zero_init_residual)")
+    prune_during_training: SoftPruneSpec | None = opt(
+        None, "soft filter pruning (FPGM/SFP): after every epoch zero the filters the criterion "
+        "selects and re-select next time; a downstream prune stage removes them")
 
 
 def base_lr(spec: Config, ctx_run, name: str) -> float:
@@ -44,4 +66,50 @@ def run(spec: Config, ctx: StageContext) -> dict:
     if zero is None:
         zero = ctx.run.model.zero_init_residual
     model, arch = dense_model(ctx, zero)
-    return training.train(ctx, spec, model, arch, base_lr(spec, ctx.run, ctx.name))
+    soft = spec.prune_during_training
+    if soft is None:
+        return training.train(ctx, spec, model, arch, base_lr(spec, ctx.run, ctx.name))
+    meta: dict = {}
+    example = torch.zeros((1, *ctx.input_size))
+    pruner = SoftPruner(model, soft, example, seed=ctx.run.seed,
+                        mask_gradients=soft.mask_gradients)
+
+    def soft_prune(trainer) -> None:
+        done = trainer.epoch + 1
+        if done % soft.every_epochs and done != trainer.cfg.epochs:
+            return
+        copies = [trainer.ema.module] if trainer.ema is not None else []
+        record = pruner.step(*copies)
+        meta["soft_pruning"] = trainer.meta["soft_pruning"] = {
+            "spec": to_plain(soft), "epoch": done, "record": record}
+        log.info("soft pruning after epoch %d: %d filters zeroed in %d groups", done,
+                 sum(len(e["removed"]) for e in record), len(record))
+
+    result = training.train(ctx, spec, model, arch, base_lr(spec, ctx.run, ctx.name),
+                            meta=meta, epoch_end_hooks=[soft_prune])
+    if "soft_pruning" not in meta:  # resumed after the last epoch: read the zeros back
+        _record_from_zeros(ctx, soft)
+    record = _stored_record(ctx)
+    result["soft_pruned_filters"] = sum(len(e["removed"]) for e in record)
+    result["soft_pruned_groups"] = len(record)
+    return result
+
+
+def _stored_record(ctx: StageContext) -> list[dict]:
+    if not ctx.dist.is_main:
+        return []
+    payload = ckpt.load(ctx.stage_dir / MODEL_FILE)
+    return payload["meta"].get("soft_pruning", {}).get("record", [])
+
+
+def _record_from_zeros(ctx: StageContext, soft: SoftPruneSpec) -> None:
+    if not ctx.dist.is_main:
+        return
+    path = ctx.stage_dir / MODEL_FILE
+    payload = ckpt.load(path)
+    model = ckpt.model_from_payload(payload, str(path))
+    example = torch.zeros((1, *ctx.input_size))
+    groups = candidate_groups(model, build_graph(model, example), soft)
+    payload["meta"]["soft_pruning"] = {"spec": to_plain(soft), "epoch": None,
+                                       "record": zero_pattern_record(groups)}
+    ckpt.atomic_save(payload, path)

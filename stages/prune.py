@@ -1,13 +1,21 @@
 """prune: remove whole filters from the input model by FPGM / L1 / L2 / random.
 
-Writes model.pt (the pruned network as data: its state dict's shapes are the widths),
-`layers.json` (per-layer widths before and after) and a summary with params, MACs
-before and after, and the pruned model's accuracy before any recovery.
+Writes model.pt (the pruned network as data: its state dict's shapes are the widths;
+`pipeline.load_model(path)` rebuilds it), `layers.json` (per pruned group: name, layer
+number, the coupled convs, widths before and after, the removed filter indices in the
+dense numbering) and a summary with params, MACs before and after, and the pruned
+model's accuracy before any recovery (`top1`, `top5`, `test_loss`).
+
+After soft pruning (`prune_during_training` of the input stage) this stage is where
+the filters are removed: it removes exactly the filters soft pruning zeroed after the
+last epoch (recorded in the input's model.pt), so its selection keys must be left out
+or equal those of `prune_during_training` (`use_soft_mask: false` selects anew).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,10 +25,12 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
-from pipeline.pruning import PruneSpec, prune_model
+from pipeline.pruning import SELECTION_KEYS, PruneSpec, PruningError, prune_model, remove_filters
 from pipeline.trainer import evaluate
 
 from .base import MODEL_FILE, StageBase, StageContext
+
+log = logging.getLogger("pipeline")
 
 NEEDS_INPUT = True
 
@@ -30,6 +40,29 @@ class Config(StageBase, PruneSpec):
     type: str = opt("prune", "stage kind")
     evaluate: bool = opt(True, "measure the pruned model's accuracy before recovery")
     eval_batch_size: int = opt(256, "batch size of that evaluation", min=1)
+    use_soft_mask: bool | None = opt(
+        None, "remove exactly the filters the input stage's prune_during_training zeroed "
+        "(default: when the input has them); false: select anew with this stage's keys")
+
+
+def check(spec: Config, name: str, run, loader) -> None:
+    """Coherence with soft pruning upstream (see the module docstring)."""
+    up = run.stages.get(spec.from_) if spec.from_ else None
+    soft = getattr(up, "prune_during_training", None)
+    if spec.use_soft_mask and soft is None:
+        loader.fail(f"stages.{name}.use_soft_mask", f"stage {spec.from_!r} does no soft "
+                    "pruning (set its prune_during_training)")
+    if soft is None or spec.use_soft_mask is False:
+        return
+    defaults = Config(type="prune")
+    defaults.validate()
+    for key in (*SELECTION_KEYS, "target_macs_reduction"):
+        mine, theirs = getattr(spec, key), getattr(soft, key)
+        if mine != theirs and mine != getattr(defaults, key):
+            loader.fail(f"stages.{name}.{key}",
+                        f"{mine!r} differs from stages.{spec.from_}.prune_during_training."
+                        f"{key} {theirs!r}; after soft pruning this stage removes the filters "
+                        "soft pruning zeroed (leave the key out, or set use_soft_mask: false)")
 
 
 def run(spec: Config, ctx: StageContext) -> dict:
@@ -41,21 +74,32 @@ def run(spec: Config, ctx: StageContext) -> dict:
     before_params = count_params(model)
     example = torch.zeros((1, *size))
     seed = ctx.run.seed if spec.seed is None else spec.seed
+    soft = (payload.get("meta") or {}).get("soft_pruning")
+    if spec.use_soft_mask and not soft:
+        raise PruningError(f"stage '{ctx.name}': use_soft_mask is set but the input model "
+                           f"({ctx.input_path(spec.from_)}) carries no soft-pruning record")
+    t1 = time.perf_counter()
     # identical on every rank: deterministic criteria on identical weights
-    report = prune_model(model, spec, example, seed=seed)
+    if soft and spec.use_soft_mask is not False:
+        report = remove_filters(model, soft["record"], example)
+        how = soft.get("spec", {})
+        selection = f"soft pruning of stage '{spec.from_}'"
+        method, ratio, policy = how.get("method"), how.get("ratio"), how.get("policy")
+    else:
+        report = prune_model(model, spec, example, seed=seed)
+        selection = "criterion"
+        method, ratio, policy = spec.method, spec.ratio, spec.policy
+    prune_seconds = time.perf_counter() - t1
     after_macs = count_macs(model, size)
-    with torch.no_grad():
-        out = model.eval()(example)
-    if out.shape[1] != arch["num_classes"]:
-        raise RuntimeError(f"pruned model's output has {out.shape[1]} classes, expected "
-                           f"{arch['num_classes']}")
     summary = {
         "params_before": before_params, "params": count_params(model),
         "macs_before": before_macs["total"], "macs": after_macs["total"],
         "conv_macs_before": before_macs["conv"], "conv_macs": after_macs["conv"],
         "mac_reduction": 1 - after_macs["total"] / before_macs["total"],
         "conv_mac_reduction": 1 - after_macs["conv"] / before_macs["conv"],
-        "method": spec.method, "ratio": spec.ratio, "policy": spec.policy,
+        "mac_ratio": before_macs["total"] / max(after_macs["total"], 1),
+        "method": method, "ratio": ratio, "policy": policy, "selection": selection,
+        "target_macs_reduction": spec.target_macs_reduction, "steps": report.steps,
         "pruned_layers": len(report.layers), "epochs": 0,
     }
     if spec.evaluate:
@@ -64,11 +108,16 @@ def run(spec: Config, ctx: StageContext) -> dict:
         metrics = evaluate(model.to(ctx.device), data.test, ctx.device, ctx.run.precision)
         summary.update(top1=metrics["top1"], top5=metrics["top5"], test_loss=metrics["test_loss"])
         model.cpu()
-    meta = {"stage": ctx.name, "method": spec.method, "ratio": spec.ratio,
+    meta = {"stage": ctx.name, "method": method, "ratio": ratio, "policy": policy,
+            "selection": selection, "macs_before": before_macs["total"],
             "layers": report.layers}
     if ctx.dist.is_main:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
         ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch, meta)
         (ctx.stage_dir / "layers.json").write_text(json.dumps(report.layers, indent=1))
-    summary["prune_seconds"] = time.perf_counter() - t0
+    log.info("pruned %d group(s): MACs %.4g -> %.4g (%.1f%% fewer), params %d -> %d",
+             len(report.layers), before_macs["total"], after_macs["total"],
+             100 * summary["mac_reduction"], before_params, summary["params"])
+    summary["prune_seconds"] = prune_seconds
+    summary["stage_seconds"] = time.perf_counter() - t0
     return summary

@@ -1,27 +1,43 @@
 """scratch: the pruned architecture re-initialized and trained from scratch.
 
 Liu et al. 2019 ("Rethinking the Value of Network Pruning"): Scratch-E trains for the
-same epochs as the dense model's pretraining; Scratch-B for the same computation
-budget: epochs x (dense MACs / pruned MACs), with the milestones scaled with them
-(ImageNet capped at 2x, as there).
+given epochs (set them to the dense model's pretraining epochs); Scratch-B for the same
+computation budget: epochs x (dense MACs / pruned MACs), rounded down as their code does
+(`int(epochs * ratio)`), with the milestones (and a step schedule's step size) scaled by
+the same factor; milestones written as fractions of the run scale by themselves. Their
+ImageNet code caps the factor at 2 (`max_scale: 2`). Warmup is not scaled.
+
+The re-initialization is the architecture's own scheme applied at the pruned widths
+(what constructing the narrow network with its constructor would do; see `reinitialize`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn as nn
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import opt
-from pipeline.models import build_model, count_macs, shrink_to, zero_init_last_bn
+from pipeline.models import (
+    CIFAR_RESNET_DEPTHS,
+    CIFAR_VGG,
+    PadShortcut,
+    build_model,
+    count_macs,
+    shrink_to,
+    zero_init_last_bn,
+)
 from pipeline.trainer import TrainConfig
 
 from . import training
 from .base import StageBase, StageContext, upstream_of_type
+
+log = logging.getLogger("pipeline")
 
 NEEDS_INPUT = True
 DEFAULT_LR = 0.1
@@ -30,86 +46,138 @@ DEFAULT_LR = 0.1
 @dataclass
 class Config(StageBase, TrainConfig):
     type: str = opt("scratch", "stage kind")
-    budget: Literal["E", "B"] = opt("E", "E: the given epochs; B: epochs x MACs ratio")
-    max_scale: float | None = opt(None, "cap of the Scratch-B epoch multiplier (ImageNet: 2)",
-                                  min=1)
-    zero_init_residual: bool | None = opt(None, "init each block's last BN gamma to 0")
+    budget: Literal["E", "B"] = opt(
+        "E", "E: the given epochs; B: epochs x (dense MACs / pruned MACs), milestones scaled")
+    max_scale: float | None = opt(None, "cap of the Scratch-B multiplier (Rethinking's "
+                                  "ImageNet code: 2)", min=1)
+    zero_init_residual: bool | None = opt(None, "init each block's last BN gamma to 0 "
+                                          "(default: model.zero_init_residual)")
 
 
-def scaled(spec: Config, dense_macs: int, pruned_macs: int) -> tuple[Config, float]:
-    """Scratch-B: epochs and milestones multiplied by the MACs ratio (capped)."""
+def budget_factor(spec: Config, dense_macs: int, pruned_macs: int) -> float:
+    """Scratch-B's multiplier: dense / pruned MACs, capped at max_scale; 1 for Scratch-E."""
     if spec.budget == "E":
-        return spec, 1.0
+        return 1.0
     factor = dense_macs / max(pruned_macs, 1)
     if spec.max_scale:
         factor = min(factor, spec.max_scale)
-    epochs = int(math.ceil(spec.epochs * factor - 1e-9))
+    return max(factor, 1.0)
+
+
+def scaled(spec: Config, dense_macs: int, pruned_macs: int) -> tuple[Config, float]:
+    """The stage's training config under its budget, and the factor applied."""
+    factor = budget_factor(spec, dense_macs, pruned_macs)
+    if factor == 1.0:
+        return spec, 1.0
+    epochs = max(1, int(spec.epochs * factor + 1e-9))
     sched = spec.schedule
     milestones = [m if 0 < m < 1 else m * factor for m in sched.milestones]
-    warm = sched.warmup
     new_sched = dataclasses.replace(sched, milestones=milestones,
-                                    step_size=sched.step_size * factor, warmup=warm)
+                                    step_size=sched.step_size * factor)
     return dataclasses.replace(spec, epochs=epochs, schedule=new_sched), factor
+
+
+def dense_macs_of(ctx: StageContext, arch: dict) -> int:
+    """The unpruned network's MACs: the upstream prune stage's `macs_before`, else the
+    dense architecture's count."""
+    prune_name = upstream_of_type(ctx.run, ctx.name, "prune")
+    if prune_name is not None:
+        try:
+            s = json.loads((ctx.run_dir / prune_name / "summary.json").read_text())
+            if s.get("macs_before"):
+                return int(s["macs_before"])
+        except (OSError, ValueError):
+            pass
+    return count_macs(build_model(arch), ctx.input_size)["total"]
 
 
 def run(spec: Config, ctx: StageContext) -> dict:
     pruned, payload = ctx.load_input(spec.from_)
     arch = payload["arch"]
-    size = ctx.input_size
-    dense_name = upstream_of_type(ctx.run, ctx.name, "prune")
-    dense_macs = count_macs(build_model(arch), size)["total"]
-    if dense_name is not None:
-        prune_dir = ctx.run_dir / dense_name
-        summary = _read_summary(prune_dir)
-        dense_macs = summary.get("macs_before", dense_macs)
-    pruned_macs = count_macs(pruned, size)["total"]
+    dense_macs = dense_macs_of(ctx, arch)
+    pruned_macs = count_macs(pruned, ctx.input_size)["total"]
     eff, factor = scaled(spec, dense_macs, pruned_macs)
-    torch.manual_seed(ctx.run.seed)
-    model = build_model(arch)  # fresh initialization, then narrowed to the pruned widths
+    if spec.budget == "B":
+        log.info("Scratch-B: MACs ratio %.3f -> factor %.3f: %d epochs, milestones %s",
+                 dense_macs / max(pruned_macs, 1), factor, eff.epochs, eff.schedule.milestones)
+    model = build_model(arch)
     shrink_to(model, payload["state_dict"])
-    _reinit_like(model, payload["state_dict"], ctx.run.seed)
+    model.load_state_dict(payload["state_dict"], strict=True)  # widths and channel maps
+    reinitialize(model, arch["name"], ctx.run.seed)
     zero = spec.zero_init_residual if spec.zero_init_residual is not None else \
         ctx.run.model.zero_init_residual
     if zero:
         zero_init_last_bn(model)
-    result = training.train(ctx, eff, model, arch, eff.resolved_lr(DEFAULT_LR),
-                            meta={"budget": spec.budget, "budget_factor": factor})
-    result.update(budget=spec.budget, budget_factor=factor, epochs=eff.epochs)
+    meta = {"budget": spec.budget, "budget_factor": factor, "dense_macs": dense_macs}
+    result = training.train(ctx, eff, model, arch, eff.resolved_lr(DEFAULT_LR), meta=meta)
+    result.update(budget=spec.budget, budget_factor=factor, epochs=eff.epochs,
+                  milestones=list(eff.schedule.milestones), dense_macs=dense_macs)
     return result
 
 
-def _read_summary(stage_dir) -> dict:
-    import json
+@torch.no_grad()
+def reinitialize(model: nn.Module, arch_name: str, seed: int) -> str:
+    """Fresh weights by the architecture's own init scheme at the current (pruned) widths;
+    BN running statistics reset; buffers that describe the structure (option-A channel
+    maps) kept. Returns the scheme's name.
 
-    try:
-        return json.loads((stage_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _reinit_like(model: torch.nn.Module, state_dict: dict, seed: int) -> None:
-    """Initialize the narrowed model's layers the way the architecture initializes them."""
-    import torch.nn as nn
-
-    g = torch.Generator().manual_seed(seed)
+      cifar_resnet  conv and linear kaiming_normal_ (fan_in), BN 1/0 (models.CifarResNet)
+      cifar_vgg     conv kaiming_normal_ (fan_out, relu), BN 0.5/0, linear N(0, 0.01)/0
+      torchvision   resnet/resnext/wide_resnet, vgg, mobilenet, regnet: conv
+                    kaiming_normal_ (fan_out, relu), BN 1/0; linear PyTorch's default
+                    (resnet family) or N(0, 0.01)/0 (the others), as their constructors do;
+                    any other model: every layer's reset_parameters() (PyTorch's
+                    default), with a warning
+    """
+    torch.manual_seed(seed)
+    scheme = _scheme(arch_name)
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            std = math.sqrt(2.0 / fan_in)
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
-                if m.bias is not None:
-                    m.bias.zero_()
+        if isinstance(m, nn.Conv2d):
+            if scheme == "cifar_resnet":
+                nn.init.kaiming_normal_(m.weight)
+            elif scheme == "default":
+                m.reset_parameters()
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None and scheme != "default":
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
             m.reset_running_stats()
-    # buffers that are not statistics (e.g. option-A channel maps) keep the stored values
-    sd = model.state_dict()
-    for k, v in state_dict.items():
-        if k.endswith(("in_index", "out_index", "sizes")):
-            sd[k].copy_(v)
-    model.load_state_dict(sd, strict=True)
+            if m.affine:
+                nn.init.constant_(m.weight, 0.5 if scheme == "cifar_vgg" else 1.0)
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()  # PyTorch's default, then the scheme's weight init
+            if scheme == "cifar_resnet":
+                nn.init.kaiming_normal_(m.weight)
+            elif scheme in ("cifar_vgg", "tv_vgg", "tv_mobilenet", "tv_regnet"):
+                nn.init.normal_(m.weight, 0, 0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        elif isinstance(m, PadShortcut):
+            pass  # channel maps are structure, not weights
+        elif hasattr(m, "reset_parameters") and not list(m.children()):
+            m.reset_parameters()
+    if scheme == "default":
+        log.warning("scratch: no known init scheme for %r; layers re-initialized with "
+                    "PyTorch's defaults", arch_name)
+    return scheme
+
+
+def _scheme(name: str) -> str:
+    if name in CIFAR_RESNET_DEPTHS:
+        return "cifar_resnet"
+    if name in CIFAR_VGG:
+        return "cifar_vgg"
+    if name.startswith(("resnet", "resnext", "wide_resnet")):
+        return "tv_resnet"
+    if name.startswith("regnet"):
+        return "tv_regnet"
+    if name.startswith("vgg"):
+        return "tv_vgg"
+    if name.startswith("mobilenet"):
+        return "tv_mobilenet"
+    return "default"
 
 
 def base_lr(spec: Config, run, name: str) -> float:

@@ -6,10 +6,15 @@ Two kinds share one schema:
              stage hands to the next, and what `pipeline.load_model` rebuilds;
   trainer    the above plus optimizer, scaler, EMA, epoch, global step, best metric,
              RNG states and the data order's position: what exact resume needs.
+
+`save()` adds a content digest (blake2b over every key and tensor byte) that `load()`
+checks: torch's zip reader notices a truncated file but not flipped bytes inside a
+tensor, and a silently corrupt `last.pt` must not be resumed from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -37,11 +42,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the plain module's state dict: no `module.` / `_orig_mod.` prefix."""
     return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace."""
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash
+    leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,6 +64,53 @@ def atomic_save(obj: Any, path: Path) -> None:
         except OSError:
             pass
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); best effort elsewhere."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def digest(obj: Any) -> str:
+    """A content hash of a checkpoint dict: keys, numbers, strings and tensor bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: hashlib._Hash, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k, v in obj.items():
+            h.update(f"{k!r}:".encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)};".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def save(payload: dict, path: Path) -> None:
+    """Atomically write a pipeline checkpoint dict with its content digest."""
+    body = {k: v for k, v in payload.items() if k != "digest"}
+    atomic_save({**body, "digest": digest(body)}, path)
 
 
 def load(path: Path, map_location: Any = "cpu") -> dict:
@@ -69,21 +123,26 @@ def load(path: Path, map_location: Any = "cpu") -> dict:
     except Exception as err:  # truncated zip, pickle error, disallowed global...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: unreadable checkpoint ({first[:160]})") from None
-    if not isinstance(obj, dict) or "schema" not in obj:
+    if not isinstance(obj, dict) or not isinstance(obj.get("schema"), int):
         raise CheckpointError(f"{path}: not a pipeline checkpoint (no schema version)")
     if obj["schema"] > SCHEMA_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint schema {obj['schema']} is newer than this code's {SCHEMA_VERSION}")
+    stored = obj.pop("digest", None)
+    if stored is not None and stored != digest(obj):
+        raise CheckpointError(f"{path}: corrupt checkpoint (content digest mismatch)")
     return obj
 
 
 def model_payload(model: nn.Module, arch: dict, meta: dict | None = None) -> dict:
+    """The `model` checkpoint dict of a network; the trainer's state extends it."""
     return {"schema": SCHEMA_VERSION, "kind": "model", "arch": dict(arch),
             "state_dict": state_dict_of(model), "meta": dict(meta or {})}
 
 
 def save_model(path: Path, model: nn.Module, arch: dict, meta: dict | None = None) -> None:
-    atomic_save(model_payload(model, arch, meta), path)
+    """Write a stage's output network (unwrapped from DDP / torch.compile) as model.pt."""
+    save(model_payload(model, arch, meta), path)
 
 
 def model_from_payload(ckpt: dict, source: str = "checkpoint") -> nn.Module:

@@ -1,8 +1,13 @@
 """Process-group set-up for torchrun, and the few collective helpers the trainer needs.
 
-Launched with `torchrun --nproc_per_node N -m pipeline run CONFIG`, each process reads
-RANK / WORLD_SIZE / LOCAL_RANK from the environment; nccl is used on CUDA, gloo on CPU.
-A plain `python -m pipeline run` is a world of one and needs no process group.
+Launched with `torchrun --nproc_per_node N -m pipeline run CONFIG` (multi-node through
+torchrun's own rendezvous options), each process reads RANK / WORLD_SIZE / LOCAL_RANK from
+the environment; nccl is used on CUDA, gloo on CPU. A plain `python -m pipeline run` is a
+world of one and needs no process group: every helper here is then a no-op.
+
+Batch sizes in configs are global: each rank takes a contiguous share of every global
+batch (see `pipeline.data`), so a run's result does not depend on the number of processes
+beyond floating-point summation order and per-rank BatchNorm statistics (`sync_bn`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class DistInfo:
 
 
 def env_info() -> DistInfo:
+    """This process's place in the torchrun world (a world of one without torchrun)."""
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -47,6 +53,7 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
 
 
 def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group torchrun set up: nccl on CUDA, gloo on the CPU."""
     if not info.enabled or dist.is_initialized():
         return
     if device.type == "cuda":
@@ -60,13 +67,26 @@ def shutdown() -> None:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    """Wait for every rank (e.g. until rank 0 has written a checkpoint)."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":  # name the device, or nccl guesses (and warns)
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (on its own device: nccl needs CUDA tensors)."""
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum of `t` over ranks, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
 
 

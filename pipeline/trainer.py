@@ -1,16 +1,24 @@
 """The one trainer every training stage (pretrain, finetune, scratch) runs through.
 
 Read top to bottom: `TrainConfig` (what a stage may set), then `Trainer.fit()`: set up
-(model on device, DDP, optimizer, schedule), resume from `last.pt` if present, then the
-epoch loop (train steps, evaluation, metrics row, checkpoints).
+(model on device, SyncBatchNorm, optimizer, schedule, DDP, torch.compile), resume from
+`last.pt` if present, then the epoch loop (train steps, evaluation, metrics row,
+checkpoints).
 
 Invariants:
   * the lr is a pure function of the global step (`pipeline.schedules`);
   * no host sync per step: loss sums and correct counts accumulate on the device and
-    are read once per log interval / epoch;
-  * a checkpoint holds everything exact resume needs, the data position included;
-    `last.pt` is replaced atomically, so a crash never leaves a half-written file;
-  * only rank 0 writes files.
+    are read once per log interval (`log_interval`) and at the end of the epoch;
+  * a checkpoint holds everything exact resume needs, the data position included, and
+    the plain module (unwrapped from DDP and torch.compile); `last.pt` is replaced
+    atomically and the previous one kept as `last.prev.pt`, so a crash or a corrupt
+    newest file falls back to the one before;
+  * only rank 0 writes files, and the other ranks wait for it at a barrier;
+  * metrics are sums over ranks of what each rank saw (each sample counted once).
+
+Files in the stage folder: last.pt, last.prev.pt, best.pt (by test top-1), metrics.csv
+(one row per epoch), train_log.csv (one row per log interval: step, lr, loss, accuracy,
+images/s) and, with `logging.tensorboard`, tb/.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +43,29 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import opt
-from .recipes import (DistillConfig, ModelEMA, OptimizerConfig, build_optimizer,
-                      distillation_loss, mix_batch, soft_cross_entropy)
+from .config import ConfigError, opt
+from .recipes import (
+    DistillConfig,
+    ModelEMA,
+    OptimizerConfig,
+    build_optimizer,
+    distillation_loss,
+    mix_batch,
+    soft_cross_entropy,
+)
 from .schedules import LinearScaling, Schedule, ScheduleConfig
 
 log = logging.getLogger("pipeline")
 
 Precision = Literal["fp32", "bf16", "fp16"]
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "top1", "top5", "seconds"]
+TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "acc", "images_per_s"]
+TRAINER_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "best_top1", "best_epoch",
+                "epoch_acc", "rng", "steps_per_epoch")
+# test-only fault injection: "<stage>:step:<k>" kills the process (SIGKILL) right after
+# optimizer step k, before any checkpoint of it; "<stage>:checkpoint:<k>" right after the
+# checkpoint holding step k is written. Used by the exact-resume tests.
+FAULT_ENV = "PIPELINE_TEST_FAULT"
 
 
 class TrainingError(RuntimeError):
@@ -69,9 +93,11 @@ class TrainConfig:
     distill: DistillConfig | None = opt(None, "knowledge distillation from an earlier stage")
     channels_last: bool = opt(False, "NHWC memory format")
     compile: bool = opt(False, "torch.compile the model (after pruning; uncompiled one saved)")
-    sync_bn: bool = opt(False, "SyncBatchNorm under DDP")
+    sync_bn: bool = opt(False, "SyncBatchNorm under DDP (CUDA only; ignored with a warning "
+                        "on the CPU)")
     checkpoint_every_steps: int | None = opt(None, "also save last.pt every N steps", min=1)
-    log_interval: int = opt(50, "steps between progress updates and non-finite checks", min=1)
+    log_interval: int = opt(50, "steps between progress updates, train_log.csv rows and "
+                            "non-finite checks (the only host syncs inside an epoch)", min=1)
 
     def resolved_lr(self, default: float) -> float:
         if self.lr is None:
@@ -86,6 +112,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def autocast_context(device: torch.device, precision: str):
+    """Autocast for bf16/fp16 (forward and loss; evaluation too); nothing for fp32."""
     dtype = autocast_dtype(precision)
     if dtype is None:
         return nullcontext()
@@ -93,21 +120,30 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def rng_state() -> dict:
-    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-             "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
-             "torch": torch.get_rng_state()}
+    """Python, numpy, torch and CUDA generator states as checkpoint-safe tensors/numbers."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": torch.tensor(py[1], dtype=torch.int64), "python_gauss": py[2],
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "numpy_has_gauss": int(np_state[3]),
+             "numpy_gauss": float(np_state[4]), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32),
-                         state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # resumed on another machine: nothing in training draws from it anyway
+            log.warning("checkpoint has CUDA RNG states of %d devices, this machine has %d; "
+                        "not restoring them", len(cuda), torch.cuda.device_count())
 
 
 def seed_everything(seed: int) -> None:
@@ -118,7 +154,8 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> dict:
-    """Top-1/top-5/loss over the whole test set, summed across ranks without duplicates."""
+    """Top-1/top-5/loss over the whole test set, summed across ranks (each sample once:
+    the loaders split every batch without padding)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
@@ -141,29 +178,42 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
 
 
 class Trainer:
-    """Trains `model` under `cfg`, writing checkpoints and metrics into `out_dir`."""
+    """Trains `model` under `cfg`, writing checkpoints and metrics into `out_dir`.
+
+    `model` is the plain (possibly pruned) network; the trainer wraps it in DDP and
+    torch.compile itself and always saves the plain module.
+    """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, data, out_dir: Path, *,
                  arch: dict, device: torch.device, dist: D.DistInfo, seed: int,
                  precision: str, base_lr: float, num_classes: int,
                  teacher: nn.Module | None = None, meta: dict | None = None,
                  show_progress: bool | None = None, tensorboard: bool = False,
-                 epoch_end_hooks: list | None = None):
+                 epoch_end_hooks: list[Callable[[Trainer], None]] | None = None):
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.arch, self.device, self.dist, self.seed = arch, device, dist, seed
         self.precision, self.base_lr, self.num_classes = precision, base_lr, num_classes
         self.meta = dict(meta or {})
+        self.stage = str(self.meta.get("stage", self.out_dir.name))
         self.teacher = teacher
         self.show_progress = show_progress
         self.tensorboard = tensorboard and dist.is_main
         # callables hook(trainer) run after each epoch's training steps, before evaluation
         # and checkpointing (e.g. soft filter pruning); must be deterministic across ranks
         self.epoch_end_hooks = list(epoch_end_hooks or [])
+        if cfg.batch_size < 2 * dist.world_size:
+            raise ConfigError(f"stages.{self.stage}.batch_size: {cfg.batch_size} is the global "
+                              f"batch; {dist.world_size} processes need at least "
+                              f"{2 * dist.world_size}")
         self.model = model.to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if dist.enabled and cfg.sync_bn:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            if device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            elif dist.is_main:
+                log.warning("stages.%s.sync_bn: SyncBatchNorm needs CUDA; on the CPU each "
+                            "process keeps its own BatchNorm statistics", self.stage)
         self.module = self.model  # the unwrapped module, what gets saved
         self.optimizer = build_optimizer(self.module, cfg.optimizer, base_lr)
         self.group_scale = [1.0 for _ in self.optimizer.param_groups]
@@ -172,7 +222,7 @@ class Trainer:
             precision == "fp16" and device.type == "cuda") else None
         self.steps_per_epoch = len(data.train)
         self.schedule = Schedule(cfg.schedule, base_lr, cfg.epochs, self.steps_per_epoch)
-        self.net: nn.Module = self.module
+        self.net: nn.Module = self.module  # what the training step calls
         if dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -185,8 +235,13 @@ class Trainer:
         # progress state (restored on resume)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_top1, self.best_epoch = -1.0, -1
-        self.acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, n, -
+        # on-device sums since the start of the epoch: loss * n, correct, n (this rank's)
+        self.acc = torch.zeros(3, dtype=torch.float64, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.saved_step: int | None = None  # global step of the newest checkpoint on disk
+        self._fault = _Fault.from_env(self.stage)
+        self._mark = _Mark()
+        self._tb = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -194,7 +249,12 @@ class Trainer:
     def last_path(self) -> Path:
         return self.out_dir / "last.pt"
 
+    @property
+    def prev_path(self) -> Path:
+        return self.out_dir / "last.prev.pt"
+
     def state(self) -> dict:
+        """The checkpoint dict (a collective under DDP: the epoch sums are reduced)."""
         payload = ckpt.model_payload(self.module, self.arch, self.meta)
         payload.update({
             "kind": "trainer", "optimizer": self.optimizer.state_dict(),
@@ -202,87 +262,166 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "best_top1": self.best_top1,
-            "best_epoch": self.best_epoch, "epoch_acc": self.acc.cpu(), "rng": rng_state(),
-            "steps_per_epoch": self.steps_per_epoch,
+            "best_epoch": self.best_epoch, "epoch_acc": self._global_acc().cpu(),
+            "rng": rng_state(), "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.dist.world_size, "precision": self.precision,
         })
         return payload
 
-    def save(self, path: Path) -> None:
+    def _save(self, best: bool = False) -> None:
+        """Write last.pt (the previous one kept as last.prev.pt) and, if asked, best.pt."""
+        state = self.state()
         if self.dist.is_main:
-            ckpt.atomic_save(self.state(), path)
+            if best:
+                ckpt.save(state, self.out_dir / "best.pt")
+            if self.last_path.exists():
+                os.replace(self.last_path, self.prev_path)
+            ckpt.save(state, self.last_path)
         D.barrier()
+        self.saved_step = self.global_step
+        self._fault.after_checkpoint(self.global_step)
 
     def try_resume(self) -> bool:
-        """Load last.pt (or the previous good one) if present. False: start afresh."""
-        for path in (self.last_path, self.out_dir / "last.prev.pt"):
+        """Restore last.pt, or last.prev.pt when last.pt is unreadable; False: start afresh.
+
+        A corrupt file is reported in one line and moved aside (`*.corrupt`); a readable
+        checkpoint that does not fit this config (other batch size, other widths) is a
+        CheckpointError: resuming it would silently train something else.
+        """
+        found = self._find_checkpoint() if self.dist.is_main else None
+        path, error = D.broadcast_object(found[:2] if found else (None, None))
+        if error:
+            raise ckpt.CheckpointError(error)
+        if path is None:
+            return False
+        state = found[2] if found else ckpt.load(Path(path))
+        try:
+            self._restore(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise ckpt.CheckpointError(f"{path}: cannot resume from it ({_first_line(err)}); "
+                                       f"{self._restart_hint()}") from None
+        self.saved_step = self.global_step
+        log.info("resumed from %s at epoch %d, step %d (of %d)", path, self.epoch,
+                 self.global_step, self.cfg.epochs * self.steps_per_epoch)
+        return True
+
+    def _find_checkpoint(self) -> tuple[str | None, str | None, dict | None] | None:
+        """Rank 0: (path, None, state) of the newest good checkpoint, (None, error, None)
+        for an incompatible one, None when there is none."""
+        corrupt = []
+        for path in (self.last_path, self.prev_path):
             if not path.exists():
                 continue
             try:
                 state = ckpt.load(path)
-                self._restore(state)
-            except (ckpt.CheckpointError, KeyError, RuntimeError, ValueError) as err:
-                msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-                log.warning("%s: cannot resume from it (%s); trying an older checkpoint", path, msg)
+                missing = [k for k in TRAINER_KEYS if k not in state]
+                if missing:
+                    raise ckpt.CheckpointError(f"{path}: not a trainer checkpoint (lacks "
+                                               f"{missing[0]!r})")
+            except ckpt.CheckpointError as err:
+                log.warning("%s; falling back to an older checkpoint", _first_line(err))
+                corrupt.append(path)
                 continue
-            log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
-            return True
-        return False
+            problem = self._incompatibility(state)
+            if problem:
+                return None, f"{path}: cannot resume: {problem}; {self._restart_hint()}", None
+            self._set_aside(corrupt)
+            return str(path), None, state
+        if corrupt:
+            log.warning("stage %s: no readable checkpoint left; starting the stage afresh",
+                        self.stage)
+            self._set_aside(corrupt)
+        return None
+
+    @staticmethod
+    def _set_aside(paths: list[Path]) -> None:
+        """Move corrupt checkpoints out of the rotation (kept for inspection)."""
+        for p in paths:
+            os.replace(p, p.with_name(p.name + ".corrupt"))
+
+    def _restart_hint(self) -> str:
+        return f"start the stage afresh with `--restart --stage {self.stage}`"
+
+    def _incompatibility(self, s: dict) -> str | None:
+        """Why checkpoint `s` cannot continue this run, or None."""
+        if s["steps_per_epoch"] != self.steps_per_epoch:
+            return (f"it has {s['steps_per_epoch']} steps per epoch, this config "
+                    f"{self.steps_per_epoch} (data or batch size changed)")
+        ours = self.module.state_dict()
+        theirs = s.get("state_dict", {})
+        if set(ours) != set(theirs):
+            diff = sorted(set(ours) ^ set(theirs))
+            return f"its model has other layers ({diff[0]!r} differs)"
+        for k, v in ours.items():
+            if tuple(theirs[k].shape) != tuple(v.shape):
+                return f"{k} has shape {tuple(theirs[k].shape)}, the model {tuple(v.shape)}"
+        groups = s["optimizer"].get("param_groups", [])
+        if [len(g["params"]) for g in groups] != [
+                len(g["params"]) for g in self.optimizer.param_groups]:
+            return "its optimizer has other parameter groups (optimizer settings changed)"
+        if bool(self.ema) != (s.get("ema") is not None):
+            return "ema_decay was switched " + ("on" if self.ema else "off")
+        return None
 
     def _restore(self, s: dict) -> None:
-        if s.get("steps_per_epoch") != self.steps_per_epoch:
-            raise ValueError(f"steps per epoch changed ({s.get('steps_per_epoch')} -> "
-                             f"{self.steps_per_epoch}); the data or batch size differ")
         self.module.load_state_dict(s["state_dict"], strict=True)
         self.optimizer.load_state_dict(s["optimizer"])
         if self.scaler and s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
-        if self.ema and s.get("ema"):
+        if self.ema:
             self.ema.load_state_dict(s["ema"])
-        self.epoch, self.step_in_epoch = s["epoch"], s["step_in_epoch"]
-        self.global_step = s["global_step"]
-        self.best_top1, self.best_epoch = s["best_top1"], s["best_epoch"]
-        self.acc = s["epoch_acc"].to(self.device)
+        self.epoch, self.step_in_epoch = int(s["epoch"]), int(s["step_in_epoch"])
+        self.global_step = int(s["global_step"])
+        self.best_top1, self.best_epoch = float(s["best_top1"]), int(s["best_epoch"])
+        # the stored sums are over all ranks: rank 0 carries them, the others start at 0
+        acc = s["epoch_acc"].to(self.device, torch.float64)[:3]
+        self.acc = acc if self.dist.is_main else torch.zeros_like(acc)
         set_rng_state(s["rng"])
 
-    # ------------------------------------------------------------------ metrics file
+    # ------------------------------------------------------------------ log files
 
     def _metrics_path(self) -> Path:
         return self.out_dir / "metrics.csv"
 
-    def _trim_metrics(self) -> None:
-        """Drop rows of epochs not yet covered by the checkpoint (no duplicates on resume)."""
-        path = self._metrics_path()
-        if not self.dist.is_main or not path.exists():
-            return
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit()
-                    and int(r["epoch"]) < self.epoch]
-        self._write_rows(rows)
+    def _train_log_path(self) -> Path:
+        return self.out_dir / "train_log.csv"
 
-    def _write_rows(self, rows: list[dict]) -> None:
-        tmp = self._metrics_path().with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self._metrics_path())
-
-    def _append_row(self, row: dict) -> None:
+    def _trim_logs(self) -> None:
+        """Drop rows after the checkpoint we start from: no duplicates after a resume."""
         if not self.dist.is_main:
             return
-        path = self._metrics_path()
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow({k: row[k] for k in METRIC_FIELDS})
+        _trim_csv(self._metrics_path(), METRIC_FIELDS, lambda r: int(r["epoch"]) < self.epoch)
+        _trim_csv(self._train_log_path(), TRAIN_LOG_FIELDS,
+                  lambda r: int(r["step"]) <= self.global_step)
+
+    def _append(self, path: Path, fields: list[str], row: dict) -> None:
+        if self.dist.is_main:
+            _append_csv(path, fields, row)
+
+    def _open_tb(self, resumed: bool):
+        if not self.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("logging.tensorboard: the tensorboard package is not installed "
+                        "(pip install tensorboard); skipping TensorBoard scalars")
+            return None
+        # purge what a killed run logged after the checkpoint we resumed from
+        return SummaryWriter(str(self.out_dir / "tb"),
+                             purge_step=self.global_step + 1 if resumed else None)
+
+    def _tb_scalars(self, prefix: str, row: dict, step: int) -> None:
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
     # ------------------------------------------------------------------ training
 
     def _set_lr(self, step: int) -> float:
         lr = self.schedule.lr(step)
-        for g, s in zip(self.optimizer.param_groups, self.group_scale):
+        for g, s in zip(self.optimizer.param_groups, self.group_scale, strict=True):
             g["lr"] = lr * s
         return lr
 
@@ -296,8 +435,6 @@ class Trainer:
             logits = self.net(x)
             loss = soft_cross_entropy(logits.float(), target, cfg.label_smoothing)
             if self.teacher is not None and cfg.distill is not None and cfg.distill.alpha > 0:
-                if self.teacher.training:  # the teacher never updates BN statistics
-                    self.teacher.eval()
                 with torch.no_grad():
                     t_logits = self.teacher(x)
                 kd = distillation_loss(logits.float(), t_logits.float(), cfg.distill.temperature)
@@ -305,6 +442,7 @@ class Trainer:
         return logits, loss
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step; statistics stay on the device (no host sync)."""
         step = self.global_step
         self._set_lr(step)
         logits, loss = self._loss(x, y, step)
@@ -324,106 +462,141 @@ class Trainer:
         if self.ema:
             self.ema.update(self.module)
         with torch.no_grad():
-            n = y.numel()
-            finite = torch.isfinite(loss)
-            self.bad_step = torch.where((self.bad_step < 0) & ~finite,
-                                        torch.full_like(self.bad_step, step), self.bad_step)
-            self.acc[0] += loss.detach().double() * n
-            self.acc[1] += (logits.argmax(1) == y).sum()
+            n = y.shape[0]
+            loss = loss.detach()
+            # first non-finite step, kept on the device until the next check
+            self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
+                                        step, self.bad_step)
+            self.acc[0] += loss.double() * n
+            self.acc[1] += (logits.detach().argmax(1) == y).sum()
             self.acc[2] += n
         self.global_step += 1
         self.step_in_epoch += 1
 
-    def _check_finite(self) -> None:
-        bad = int(self.bad_step)  # one host sync per log interval
-        if bad >= 0:
-            epoch, k = divmod(bad, self.steps_per_epoch)
-            raise TrainingError(
-                f"non-finite loss at step {bad} (epoch {epoch}, batch {k}); stopped, the last "
-                f"good checkpoint is kept in {self.out_dir} (lower the lr or use grad_clip)")
+    def _global_acc(self) -> torch.Tensor:
+        """The epoch's sums over all ranks (a collective under DDP)."""
+        return D.all_reduce_sum(self.acc.clone())
+
+    def _sync(self) -> list[float]:
+        """The one host sync of a log interval: epoch sums over ranks, and stop on the
+        first non-finite loss any rank saw."""
+        t = torch.cat([self.acc, torch.where(self.bad_step < 0, math.inf,
+                                             self.bad_step.double()).view(1)])
+        D.all_reduce_sum(t[:3])
+        D.all_reduce_min(t[3:])
+        *sums, bad = t.tolist()
+        if math.isfinite(bad):
+            self._fail_non_finite(int(bad))
+        return sums
+
+    def _fail_non_finite(self, bad: int) -> None:
+        epoch, k = divmod(bad, self.steps_per_epoch)
+        kept = (f"the last good checkpoint ({self.last_path}, step {self.saved_step}) is kept"
+                if self.saved_step is not None else "no checkpoint was written yet")
+        raise TrainingError(
+            f"stage {self.stage}: non-finite loss at step {bad} (epoch {epoch + 1}, batch "
+            f"{k + 1}); stopped, {kept}; lower the lr or set grad_clip")
+
+    def _log_interval(self, progress: _Progress) -> list[float]:
+        """Check for non-finite losses, write a train_log.csv row, update the bar."""
+        sums = self._sync()
+        now = time.perf_counter()
+        mark = self._mark
+        loss, correct, n = (a - b for a, b in zip(sums, mark.sums, strict=True))
+        row = {"step": self.global_step, "epoch": self.epoch,
+               "lr": self.schedule.lr(self.global_step - 1), "loss": loss / max(n, 1),
+               "acc": 100 * correct / max(n, 1),
+               "images_per_s": n / max(now - mark.time, 1e-9)}
+        if n > 0:
+            row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            self._append(self._train_log_path(), TRAIN_LOG_FIELDS, row)
+            self._tb_scalars("train", row, self.global_step)
+        progress.update(self.step_in_epoch, sums, row["lr"], row["images_per_s"])
+        self._mark = _Mark(sums, now)
+        return sums
 
     def fit(self) -> dict:
         """Run (or resume) the whole schedule; returns the final metrics."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
         if not resumed:
             seed_everything(self.seed)
-        self._trim_metrics()
-        cfg, last_metrics = self.cfg, {}
+        self._trim_logs()
         progress = _Progress(self.dist.is_main and self._progress_enabled())
-        while self.epoch < cfg.epochs:
-            t0 = time.perf_counter()
-            self.data.train.set_epoch(self.epoch)
-            self.net.train()
-            start = self.step_in_epoch
-            if start == 0:
-                self.acc.zero_()
-            progress.start(self.epoch, cfg.epochs, self.steps_per_epoch, start)
-            for i, (x, y) in enumerate(self.data.train.iterate(start), start=start):
-                self.train_step(x, y)
-                every = cfg.checkpoint_every_steps
-                if (i + 1) % cfg.log_interval == 0:
-                    self._check_finite()
-                    progress.update(i + 1, self.acc, self.schedule.lr(self.global_step - 1))
-                if every and self.global_step % every == 0 and i + 1 < self.steps_per_epoch:
-                    self._check_finite()
-                    self.save(self.last_path)
-            self._check_finite()
+        self._tb = self._open_tb(resumed)
+        last_metrics, images, seconds = {}, 0.0, 0.0
+        try:
+            while self.epoch < self.cfg.epochs:
+                last_metrics, n, t = self._epoch(progress)
+                images, seconds = images + n, seconds + t
+        finally:
             progress.close()
-            for hook in self.epoch_end_hooks:
-                hook(self)
-            train_loss, correct, n = self.acc[:3].tolist()
-            D.all_reduce_sum(t := torch.tensor([train_loss, correct, n], dtype=torch.float64))
-            train_loss, correct, n = t.tolist()
-            eval_model = self.ema.module if self.ema else self.module
-            metrics = evaluate(eval_model, self.data.test, self.device, self.precision)
-            row = {"epoch": self.epoch, "lr": self.schedule.lr(self.epoch * self.steps_per_epoch),
-                   "train_loss": train_loss / max(n, 1), "train_acc": 100 * correct / max(n, 1),
-                   **metrics, "seconds": time.perf_counter() - t0}
-            row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-            self._append_row(row)
-            self._tb_write(row)
-            if self.dist.is_main:
-                log.info("epoch %d/%d  lr %.4g  loss %.4f  acc %.2f  test loss %.4f  top1 %.2f  "
-                         "top5 %.2f  %.1fs", self.epoch + 1, cfg.epochs, row["lr"],
-                         row["train_loss"], row["train_acc"], row["test_loss"], row["top1"],
-                         row["top5"], row["seconds"])
-            improved = metrics["top1"] > self.best_top1
-            if improved:
-                self.best_top1, self.best_epoch = metrics["top1"], self.epoch
-            self.epoch += 1
-            self.step_in_epoch = 0
-            if improved:
-                self.save(self.out_dir / "best.pt")
-            self._rotate_last()
-            self.save(self.last_path)
-            last_metrics = row
+            if self._tb is not None:
+                self._tb.close()
         if not last_metrics:  # resumed after the final epoch: evaluate for the summary
-            eval_model = self.ema.module if self.ema else self.module
-            last_metrics = evaluate(eval_model, self.data.test, self.device, self.precision)
+            last_metrics = evaluate(self.final_model(), self.data.test, self.device,
+                                    self.precision)
         return {"top1": last_metrics["top1"], "top5": last_metrics["top5"],
                 "test_loss": last_metrics["test_loss"], "best_top1": self.best_top1,
-                "best_epoch": self.best_epoch, "epochs": cfg.epochs,
-                "global_steps": self.global_step}
+                "best_epoch": self.best_epoch, "epochs": self.cfg.epochs,
+                "global_steps": self.global_step,
+                "images_per_s": round(images / seconds, 1) if seconds else None}
 
-    def _tb_write(self, row: dict) -> None:
-        if not self.tensorboard:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.warning("logging.tensorboard: the tensorboard package is not installed "
-                        "(pip install tensorboard); skipping TensorBoard scalars")
-            self.tensorboard = False
-            return
-        with SummaryWriter(str(self.out_dir / "tb")) as w:
-            for k in ("lr", "train_loss", "train_acc", "test_loss", "top1", "top5"):
-                w.add_scalar(k, row[k], row["epoch"])
-
-    def _rotate_last(self) -> None:
-        """Keep the previous good `last` so a corrupt newest one can fall back to it."""
-        if self.dist.is_main and self.last_path.exists():
-            os.replace(self.last_path, self.out_dir / "last.prev.pt")
+    def _epoch(self, progress: _Progress) -> tuple[dict, float, float]:
+        """Train one epoch (from `step_in_epoch` on), evaluate, log and checkpoint.
+        Returns the metrics row, the images trained and the training seconds."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        t0 = time.perf_counter()
+        self.data.train.set_epoch(self.epoch)
+        self.net.train()
+        start = self.step_in_epoch
+        if start == 0:
+            self.acc.zero_()
+        # rank 0 holds the epoch's global sums after a resume, the others zeros
+        self._mark = _Mark(tuple(self.acc.tolist()) if start else (0.0, 0.0, 0.0), t0)
+        n0 = self._mark.sums[2]  # images of this epoch trained before a resume
+        progress.start(self.epoch, cfg.epochs, spe, start)
+        every = cfg.checkpoint_every_steps
+        for x, y in self.data.train.iterate(start):
+            self.train_step(x, y)
+            self._fault.after_step(self.global_step)
+            if self.step_in_epoch >= spe:
+                break
+            if self.step_in_epoch % cfg.log_interval == 0:
+                self._log_interval(progress)
+            if every and self.global_step % every == 0:
+                self._sync()  # never checkpoint a diverged model
+                self._save()
+        if self.step_in_epoch != spe:
+            raise TrainingError(f"stage {self.stage}: the training loader gave "
+                                f"{self.step_in_epoch} batches in epoch {self.epoch + 1}, "
+                                f"expected {spe}")
+        sums = self._log_interval(progress)
+        progress.close()
+        train_seconds = time.perf_counter() - t0
+        for hook in self.epoch_end_hooks:
+            hook(self)
+        train_loss, correct, n = sums
+        metrics = evaluate(self.final_model(), self.data.test, self.device, self.precision)
+        row = {"epoch": self.epoch, "lr": self.schedule.lr(self.epoch * spe),
+               "train_loss": train_loss / max(n, 1), "train_acc": 100 * correct / max(n, 1),
+               **metrics, "seconds": time.perf_counter() - t0}
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        self._append(self._metrics_path(), METRIC_FIELDS, row)
+        self._tb_scalars("epoch", row, self.global_step)
+        ips = (n - n0) / max(train_seconds, 1e-9)
+        log.info("epoch %d/%d  lr %.4g  loss %.4f  acc %.2f  test loss %.4f  top1 %.2f  "
+                 "top5 %.2f  %.0f img/s  %.1fs", self.epoch + 1, cfg.epochs, row["lr"],
+                 row["train_loss"], row["train_acc"], row["test_loss"], row["top1"],
+                 row["top5"], ips, row["seconds"])
+        improved = metrics["top1"] > self.best_top1
+        if improved:
+            self.best_top1, self.best_epoch = metrics["top1"], self.epoch
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._save(best=improved)
+        return row, n - n0, train_seconds
 
     def final_model(self) -> nn.Module:
         """The weights a stage hands downstream: the EMA when kept, else the model."""
@@ -433,6 +606,14 @@ class Trainer:
         if self.show_progress is not None:
             return self.show_progress
         return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@dataclass
+class _Mark:
+    """Epoch sums (loss * n, correct, n over all ranks) and time at the last log point."""
+
+    sums: tuple = (0.0, 0.0, 0.0)
+    time: float = 0.0
 
 
 class _Progress:
@@ -448,22 +629,80 @@ class _Progress:
 
         self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}",
                         leave=False, dynamic_ncols=True, unit="step")
-        self.t0, self.s0 = time.perf_counter(), initial
 
-    def update(self, done: int, acc: torch.Tensor, lr: float) -> None:
+    def update(self, done: int, sums: list[float], lr: float, images_per_s: float) -> None:
         if self.bar is None:
             return
-        loss, correct, n = acc[:3].tolist()
-        rate = (done - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
-        ips = rate * (n / max(done, 1))
+        loss, correct, n = sums
         self.bar.set_postfix(loss=f"{loss / max(n, 1):.3f}", acc=f"{100 * correct / max(n, 1):.1f}",
-                             lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+                             lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}", refresh=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class _Fault:
+    """Test-only: kill this process abruptly at a chosen point (see FAULT_ENV)."""
+
+    def __init__(self, event: str | None = None, step: int = -1):
+        self.event, self.step = event, step
+
+    @classmethod
+    def from_env(cls, stage: str) -> _Fault:
+        spec = os.environ.get(FAULT_ENV, "")
+        parts = spec.split(":")
+        if len(parts) == 3 and parts[0] == stage and parts[1] in ("step", "checkpoint"):
+            return cls(parts[1], int(parts[2]))
+        return cls()
+
+    def after_step(self, step: int) -> None:
+        if self.event == "step" and step == self.step:
+            _kill_self()
+
+    def after_checkpoint(self, step: int) -> None:
+        if self.event == "checkpoint" and step == self.step:
+            _kill_self()
+
+
+def _kill_self() -> None:
+    sys.stderr.flush()
+    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _trim_csv(path: Path, fields: list[str], keep: Callable[[dict], bool]) -> None:
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = []
+        for r in csv.DictReader(f):
+            try:
+                if keep(r):
+                    rows.append(r)
+            except (KeyError, ValueError, TypeError):
+                continue  # a half-written line of a killed run
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _append_csv(path: Path, fields: list[str], row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def is_finite_number(x: float) -> bool:

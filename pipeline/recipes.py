@@ -125,6 +125,25 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) ->
                     reduction="batchmean") * T * T
 
 
+class FrozenTeacher(nn.Module):
+    """A distillation teacher pinned to eval mode (BN statistics and dropout frozen) whose
+    forward never builds an autograd graph, whatever `.train()` calls reach it."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        for p in net.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.net(x)
+
+
 class ModelEMA:
     """Exponential moving average of the weights (evaluated and saved in place of the model).
 

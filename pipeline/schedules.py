@@ -225,7 +225,8 @@ class Schedule:
         if n:
             w = c.warmup
             how = ("linear per iteration" if w.type == "gradual" else "held")
-            parts.append(f"{w.type} warmup {w.epochs:g} epochs ({n} steps) from "
+            parts.append(f"{w.type} warmup {w.epochs:g} epoch{'' if w.epochs == 1 else 's'} "
+                         f"({n} steps) from "
                          f"{self.warmup_start():g} to {self.warmup_target():g} ({how})")
         if c.type == "constant":
             parts.append(f"constant {self.base_lr:g}")

@@ -9,7 +9,8 @@ import torch.nn as nn
 from pipeline import checkpoint as ckpt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
-from pipeline.trainer import Trainer, TrainConfig
+from pipeline.recipes import FrozenTeacher
+from pipeline.trainer import TrainConfig, Trainer
 
 from .base import MODEL_FILE, StageContext
 
@@ -29,6 +30,8 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
     t0 = time.perf_counter()
     if teacher is None and getattr(spec, "distill", None) is not None:
         teacher, _ = ctx.load_input(spec.distill.from_)  # pretrain/scratch distill too
+    if teacher is not None:
+        teacher = FrozenTeacher(teacher)  # eval mode and no_grad, whatever calls .train()
     data = ctx.extra.get("data_override") or build_data(
         ctx.run.data, spec.batch_size, eval_batch(spec), ctx.run.seed, ctx.device,
         ctx.dist.rank, ctx.dist.world_size, spec.channels_last)

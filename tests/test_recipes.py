@@ -20,6 +20,7 @@ from pipeline.distributed import DistInfo
 from pipeline.models import build_model, residual_last_bns
 from pipeline.recipes import (
     DistillConfig,
+    FrozenTeacher,
     ModelEMA,
     OptimizerConfig,
     build_optimizer,
@@ -271,9 +272,10 @@ def test_distillation_mixes_kd_with_the_label_loss(tmp_path, alpha):
     torch.manual_seed(1)
     teacher = RecordingTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)))
     student = small_net()
-    t = trainer_for(student, tmp_path, teacher=teacher,
+    # the stages hand the trainer a FrozenTeacher (stages/training.py)
+    t = trainer_for(student, tmp_path, teacher=FrozenTeacher(teacher),
                     distill=DistillConfig(from_="pretrain", temperature=2.0, alpha=alpha))
-    teacher.train()  # whatever mode it is handed in, it runs in eval mode
+    t.teacher.train()  # whatever calls .train() on it, it runs in eval mode
     x, y = t.data.train.x, t.data.train.y
     logits, loss = t._loss(x, y, step=0)
     plain = F.cross_entropy(student(x), y)

@@ -429,11 +429,16 @@ def _select_in_group(spec: PruneSpec, g: Group, ratio: float, seed: int) -> list
         return []
     weights = g.weights()
     if spec.method == "fpgm" and spec.fpgm.is_mix:
+        # the official counts: int(N * (1 - rate_norm)) by norm, int(N * rate_dist) by
+        # distance; with round_to the distance share fills up torch-pruning's total
         n_norm = int(math.floor(spec.fpgm.norm_ratio * channels + 1e-9))
-        if spec.fpgm.distance_ratio is not None and not spec.round_to:
-            n_dist = int(math.floor(spec.fpgm.distance_ratio * channels + 1e-9))
-        else:
+        dist_ratio = spec.fpgm.distance_ratio
+        if dist_ratio is None:
+            dist_ratio = ratio - spec.fpgm.norm_ratio
+        if spec.round_to:
             n_dist = n - n_norm
+        else:
+            n_dist = int(math.floor(dist_ratio * channels + 1e-9))
         n_norm = min(n_norm, channels - 1)
         n_dist = max(0, min(n_dist, channels - n_norm - 1))
         return fpgm_mix_selection(weights, n_norm, n_dist)
@@ -636,20 +641,21 @@ def _prune_to_target(model: nn.Module, spec: PruneSpec, example: torch.Tensor, d
 
 
 class MacCounter:
-    """MACs (conv + linear, as `models.count_macs`) computed from the layers' current
-    widths and the output sizes recorded once: no forward pass per query."""
+    """MACs (conv + linear, as `models.count_macs` counts them) from the layers' current
+    widths and the output positions recorded once: no forward pass per query."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
-        self.convs: list[tuple[nn.Conv2d, int]] = []
-        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.layers: list[tuple[nn.Module, int]] = []  # (conv or linear, output positions)
         hooks = []
 
-        def conv_hook(m, inp, out):
-            self.convs.append((m, int(out.shape[2] * out.shape[3])))
+        def hook(m, inp, out):
+            channels = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) \
+                else m.out_features
+            self.layers.append((m, int(out[0].numel() // channels)))
 
         for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                hooks.append(m.register_forward_hook(conv_hook))
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                hooks.append(m.register_forward_hook(hook))
         try:
             _output_shape(model, example)
         finally:
@@ -657,9 +663,7 @@ class MacCounter:
                 h.remove()
 
     def total(self) -> int:
-        conv = sum(int(m.weight.shape[0]) * int(m.weight[0].numel()) * hw
-                   for m, hw in self.convs)
-        return conv + sum(int(m.weight.numel()) for m in self.linears)
+        return sum(int(m.weight.numel()) * positions for m, positions in self.layers)
 
 
 # --------------------------------------------------------------------------- records

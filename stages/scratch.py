@@ -26,6 +26,8 @@ from pipeline.config import opt
 from pipeline.models import (
     CIFAR_RESNET_DEPTHS,
     CIFAR_VGG,
+    CIFAR_VGG_L1,
+    TORCHVISION_PREFIX,
     PadShortcut,
     build_model,
     count_macs,
@@ -122,7 +124,8 @@ def reinitialize(model: nn.Module, arch_name: str, seed: int) -> str:
     maps) kept. Returns the scheme's name.
 
       cifar_resnet  conv and linear kaiming_normal_ (fan_in), BN 1/0 (models.CifarResNet)
-      cifar_vgg     conv kaiming_normal_ (fan_out, relu), BN 0.5/0, linear N(0, 0.01)/0
+      cifar_vgg     conv kaiming_normal_ (fan_out, relu), BN2d 0.5/0 (BN1d 1/0), linear
+                    N(0, 0.01)/0 (models.CifarVGG)
       torchvision   resnet/resnext/wide_resnet, vgg, mobilenet, regnet: conv
                     kaiming_normal_ (fan_out, relu), BN 1/0; linear PyTorch's default
                     (resnet family) or N(0, 0.01)/0 (the others), as their constructors do;
@@ -144,7 +147,8 @@ def reinitialize(model: nn.Module, arch_name: str, seed: int) -> str:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
             if m.affine:
-                nn.init.constant_(m.weight, 0.5 if scheme == "cifar_vgg" else 1.0)
+                vgg_bn = scheme == "cifar_vgg" and isinstance(m, nn.BatchNorm2d)
+                nn.init.constant_(m.weight, 0.5 if vgg_bn else 1.0)
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             m.reset_parameters()  # PyTorch's default, then the scheme's weight init
@@ -167,8 +171,9 @@ def reinitialize(model: nn.Module, arch_name: str, seed: int) -> str:
 def _scheme(name: str) -> str:
     if name in CIFAR_RESNET_DEPTHS:
         return "cifar_resnet"
-    if name in CIFAR_VGG:
+    if name in CIFAR_VGG or name in CIFAR_VGG_L1:
         return "cifar_vgg"
+    name = name.removeprefix(TORCHVISION_PREFIX)
     if name.startswith(("resnet", "resnext", "wide_resnet")):
         return "tv_resnet"
     if name.startswith("regnet"):

@@ -86,6 +86,11 @@ class ScheduleConfig:
     min_lr: float = opt(0.0, "cosine/linear: the floor, reached at the end of the run", min=0)
     warmup: WarmupConfig = opt(WarmupConfig, "warmup in front of the schedule")
 
+    @property
+    def decays_to_zero(self) -> bool:
+        """cosine/linear with floor 0: the lowest lr is ~0, useless as a finetune lr."""
+        return self.type in AFTER_WARMUP and self.min_lr == 0
+
     def validate(self) -> None:
         ms = list(self.milestones)
         if sorted(ms) != ms:
@@ -181,8 +186,7 @@ class Schedule:
 
     @property
     def decays_to_zero(self) -> bool:
-        """cosine/linear with floor 0: the lowest lr is ~0, useless as a finetune lr."""
-        return self.cfg.type in AFTER_WARMUP and self.cfg.min_lr == 0
+        return self.cfg.decays_to_zero
 
     def epoch_changes(self) -> list[dict]:
         """[{epoch, lr}] at the start of every epoch where the lr differs from the last."""

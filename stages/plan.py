@@ -69,7 +69,7 @@ def finetune_default_problem(run, name: str) -> str | None:
     if up is None:
         return "required: no training stage upstream to take the lowest lr from"
     sched = run.stages[up].schedule
-    if sched.type in AFTER_WARMUP and sched.min_lr == 0:
+    if sched.decays_to_zero:
         return (f"required: the upstream stage '{up}' decays to 0 ({sched.type}, min_lr 0), so "
                 "its lowest lr is no finetune lr; set this lr or the upstream min_lr")
     return None
@@ -139,14 +139,24 @@ def _training_entry(run, name: str, spec) -> dict:
                        "lr": _fmt(sched.lr(k["step"])), "what": k["what"]}
                       for k in sched.key_steps()],
         lowest_lr=_fmt(sched.lowest_lr()),
+        decays_to_zero=sched.decays_to_zero,
         warnings=sched.warnings(),
         recipe={"label_smoothing": spec.label_smoothing, "mixup": spec.mixup,
                 "cutmix": spec.cutmix, "ema_decay": spec.ema_decay,
                 "distill": None if spec.distill is None else {
                     "from": spec.distill.from_, "temperature": spec.distill.temperature,
                     "alpha": spec.distill.alpha},
-                "zero_init_residual": getattr(spec, "zero_init_residual", None)},
+                "zero_init_residual": _zero_init(run, spec)},
     )
+
+
+def _zero_init(run, spec) -> bool | None:
+    """Whether the stage zero-inits residual BN gammas (None: it does not initialize)."""
+    if not hasattr(spec, "zero_init_residual"):
+        return None  # finetune starts from trained weights
+    if spec.zero_init_residual is not None:
+        return spec.zero_init_residual
+    return run.model.zero_init_residual
 
 
 def _lr_source(run, name: str) -> str:
@@ -200,7 +210,7 @@ def _training_lines(s: dict) -> list[str]:
     shown = items if len(items) <= 12 else items[:6] + [("...", None)] + items[-4:]
     changes = ", ".join("..." if lr is None else f"{e}: {lr:g}" for e, lr in shown)
     lines.append(f"    lr at epoch start (where it changes): {changes}")
-    if sch["type"] in AFTER_WARMUP and sch["min_lr"] == 0:
+    if s["decays_to_zero"]:
         lines.append(f"    lowest lr {s['lowest_lr']:g} (decays to 0: a finetune after this "
                      "stage must set its lr)")
     else:

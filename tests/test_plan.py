@@ -139,3 +139,17 @@ def test_plan_steps_per_epoch_match_the_loader(tiny_config, batch):
     cfg, _ = load_config(tiny_config())
     data = build_data(cfg.data, batch, 64, 0, torch.device("cpu"))
     assert steps_per_epoch(cfg, batch) == len(data.train)
+
+
+def test_plan_lists_the_recipe_switches_that_are_on(tiny_config, cli):
+    cfg = tiny_config({"model": {"zero_init_residual": True}, "stages": {
+        "pretrain": {"label_smoothing": 0.1, "mixup": 0.2, "ema_decay": 0.999,
+                     "optimizer": {"no_bias_decay": True, "nesterov": True}},
+        "finetune": {"distill": {"from": "pretrain", "temperature": 4, "alpha": 0.9}}}})
+    out = dry_text(cli, cfg)
+    pre, ft = out.split("- finetune")[0], out.split("- finetune")[1]
+    assert "recipe: label smoothing 0.1, mixup 0.2, EMA 0.999, zero-init residual BN" in pre
+    assert "sgd momentum 0.9 nesterov, weight decay 0.0005 (none on biases/BN" in pre
+    assert "recipe: distill from pretrain (T 4, alpha 0.9)" in ft
+    r = stage(dry_json(cli, cfg), "finetune")["recipe"]
+    assert r["distill"] == {"from": "pretrain", "temperature": 4.0, "alpha": 0.9}

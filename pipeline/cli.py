@@ -35,10 +35,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format of --dry-run and of the final summary")
     r.add_argument("--progress", choices=["auto", "on", "off"], default=None,
                    help="per-epoch progress bar (default: the config's logging.progress)")
-    c = sub.add_parser("compare", help="tabulate the stages of one or more run directories",
-                       description="One row per stage of each run directory (or glob).")
-    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or glob patterns")
-    c.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    c = sub.add_parser(
+        "compare", help="tabulate (and plot) the stages of one or more run directories",
+        description="One row per stage of each run directory (or glob): model, pruning "
+        "method and ratio, top-1/top-5 and the change against the run's baseline, params, "
+        "MACs, MAC reduction, model.pt size; optionally measured latency and speedup. Prints "
+        "the table and writes compare.md, compare.csv and compare.json (and the plots) into "
+        "--out.")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or glob patterns "
+                   "(quote globs: 'checkpoints/cifar10_*')")
+    c.add_argument("--format", choices=["md", "csv", "json"], default="md",
+                   help="what is printed (all three are written)")
+    c.add_argument("--out", metavar="DIR", help="where the report files go (default: "
+                   "<run dir>/report for one run, ./reports for several)")
+    c.add_argument("--latency", action="store_true",
+                   help="measure each stage's model.pt forward time on this machine and the "
+                        "speedup over the run's baseline")
+    c.add_argument("--latency-batch", type=int, default=32, metavar="N",
+                   help="batch size of the latency measurement (default 32)")
+    c.add_argument("--latency-device", metavar="DEVICE",
+                   help="device of the latency measurement (default: cuda when present, "
+                        "else cpu)")
+    c.add_argument("--plot", action="store_true",
+                   help="also write accuracy_vs_macs.png and curves_<run>.png")
+    c.add_argument("--provenance", action="store_true",
+                   help="also show each run's code version, library versions, device, seed, "
+                        "config hash and command")
+    c.add_argument("--baseline", metavar="STAGE_DIR",
+                   help="the dense model every run is compared with (a completed stage "
+                        "directory), instead of each run's own pretrain stage")
     return p
 
 
@@ -90,16 +115,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from . import report
+    from .provenance import command_line
 
     dirs = report.expand(args.runs)
     missing = [str(d) for d in dirs if not d.is_dir()]
     if not dirs or missing:
         return _fail(f"no such run directory: {', '.join(missing) or ' '.join(args.runs)}",
                      EXIT_USAGE)
-    rows = report.collect([str(d) for d in dirs])
-    out = {"md": report.to_markdown, "csv": report.to_csv, "json": report.to_json}[args.format]
-    print(out(rows))
+    if args.latency_batch < 1:
+        return _fail(f"--latency-batch: expected a positive integer, got {args.latency_batch}",
+                     EXIT_USAGE)
+    baseline = Path(args.baseline) if args.baseline else None
+    if baseline is not None and not (baseline / "summary.json").is_file():
+        return _fail(f"--baseline {baseline}: not a stage directory (no summary.json)",
+                     EXIT_USAGE)
+    options = report.Options(latency=args.latency, latency_batch=args.latency_batch,
+                             latency_device=args.latency_device, baseline=baseline,
+                             provenance=args.provenance)
+    rows = []
+    for d in dirs:
+        rows.extend(report.rows_for(d, options))
+    cols = report.columns_for(rows, options)
+    if args.format == "md":
+        print(report.to_markdown(rows, cols))
+        if args.provenance:
+            print()
+            print(report.provenance_markdown(dirs))
+    elif args.format == "csv":
+        print(report.to_csv(rows, cols + (report.PROVENANCE_COLUMNS if args.provenance
+                                          else [])), end="")
+    else:
+        print(report.to_json(rows))
+    out = Path(args.out) if args.out else report.default_out(dirs)
+    try:
+        written = report.write_report(rows, dirs, out, options, plot=args.plot,
+                                      command=command_line())
+    except OSError as err:
+        return _fail(f"--out {out}: cannot write the report ({err.strerror})", EXIT_FAILED)
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -1,76 +1,216 @@
-"""Provenance of a run: command line, code version, library versions, device, config hash."""
+"""Provenance of a run and of each stage: what produced these numbers, and are they stale?
+
+Run level (`<run_dir>/provenance.json`, rewritten by every invocation, and one line per
+invocation appended to `provenance.log.jsonl`): the command line, the git commit of the
+code and whether the tree had uncommitted changes, the versions of python, torch,
+torchvision and torch-pruning, the device, the world size, the seed and the hash of the
+resolved config.
+
+Stage level (fields merged into each completed stage's `summary.json` by the runner):
+`code` (commit, dirty flag and `code_id`, a hash of the code that computes results,
+uncommitted changes included), `model_sha256` (the stage's model.pt) and `input` (the
+upstream stage's `finished` time and model hash as this stage consumed them). From these,
+`stale_reasons` tells whether a completed stage still matches the code and its upstream:
+a stage whose code changed, or whose input stage was re-run after it, is reported instead
+of being silently mixed with fresh results.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import platform
+import shlex
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-import yaml
+log = logging.getLogger("pipeline")
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE_PATHS = ("pipeline", "stages")  # the code that computes results...
+NOT_RESULTS = ("pipeline/report.py", "pipeline/reference.py", "pipeline/provenance.py")
+# ...except the files that only read or describe results
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
+def _git(args: list[str], cwd: Path = ROOT) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def code_version() -> dict:
-    root = Path(__file__).resolve().parent.parent
-    commit = _git(["rev-parse", "HEAD"], root)
-    status = _git(["status", "--porcelain", "--untracked-files=no"], root)
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+def code_version() -> dict[str, Any]:
+    """The git commit, whether the tree has uncommitted changes (tracked files), and
+    `code_id`: a hash of the committed and uncommitted state of the code that computes
+    results (pipeline/ and stages/ without the reporting modules), so a commit that only
+    touches docs, configs or tests leaves it unchanged. All None outside a git checkout."""
+    commit = _git(["rev-parse", "HEAD"])
+    status = _git(["status", "--porcelain", "--untracked-files=no"])
+    tree = _git(["ls-tree", "-r", "HEAD", "--", *CODE_PATHS])
+    diff = _git(["diff", "HEAD", "--", *CODE_PATHS,
+                 *(f":(exclude){p}" for p in NOT_RESULTS)])
+    code_id = None
+    if tree is not None:
+        kept = [line for line in tree.splitlines() if line.split("\t")[-1] not in NOT_RESULTS]
+        code_id = _sha(("\n".join(kept) + "\n" + (diff or "")).encode())
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status),
+            "code_id": code_id}
 
 
-def versions() -> dict:
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def versions() -> dict[str, str | None]:
+    """Versions of the interpreter and the libraries that shape results."""
+    import numpy
     import torch
     import torchvision
 
     try:
-        import torch_pruning
+        from importlib.metadata import version
 
-        tp_version = getattr(torch_pruning, "__version__", None)
-        if tp_version is None:
-            from importlib.metadata import version
-
-            tp_version = version("torch-pruning")
-    except Exception:
+        tp_version: str | None = version("torch-pruning")
+    except Exception:  # not installed as a distribution
         tp_version = None
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "torch_pruning": tp_version,
+            "numpy": numpy.__version__, "cuda": torch.version.cuda,
+            "cudnn": str(torch.backends.cudnn.version()) if torch.cuda.is_available() else None,
             "platform": platform.platform()}
 
 
 def config_hash(plain: dict) -> str:
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Hash of a resolved config (plain data, YAML key names)."""
+    return _sha(json.dumps(plain, sort_keys=True, default=str).encode())
 
 
-def record_provenance(run_dir: Path, cfg, config_path: str, overrides: list[str], device) -> dict:
-    """Write <run_dir>/provenance.json (and append to provenance.log.jsonl)."""
-    from .config import to_plain
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed: `python -m pipeline ...` when run as a module."""
+    argv = list(sys.argv if argv is None else argv)
+    head = Path(argv[0]).name if argv else ""
+    if head == "__main__.py" and Path(argv[0]).parent.name == "pipeline":
+        argv = ["python", "-m", "pipeline", *argv[1:]]
+    return shlex.join(argv)
 
+
+def reproduce_command(config_path: str, overrides: list[str]) -> str:
+    """The `run` command that resolves to the same config."""
+    parts = ["python", "-m", "pipeline", "run", str(config_path)]
+    for o in overrides:
+        parts += ["--set", o]
+    return shlex.join(parts)
+
+
+def device_name(device) -> str:
     import torch
 
-    plain = to_plain(cfg)
-    info = {"command": [Path(sys.argv[0]).name, *sys.argv[1:]], "config_file": str(config_path),
-            "overrides": list(overrides), **code_version(), **versions(),
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "seed": cfg.seed, "config_hash": config_hash(plain)}
-    path = run_dir / "provenance.json"
+    if getattr(device, "type", None) == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def record_provenance(run_dir: Path, cfg, config_path: str, overrides: list[str],
+                      device) -> dict:
+    """Write <run_dir>/provenance.json and append it to provenance.log.jsonl."""
+    from .config import to_plain
+
+    info = {"command": command_line(), "reproduce": reproduce_command(config_path, overrides),
+            "config_file": str(config_path), "overrides": list(overrides),
+            **code_version(), **versions(), "device": str(device),
+            "device_name": device_name(device),
+            "world_size": int(os.environ.get("WORLD_SIZE", 1)), "seed": cfg.seed,
+            "config_hash": config_hash(to_plain(cfg)), "host": platform.node()}
+    path = Path(run_dir) / "provenance.json"
     tmp = path.with_name(".provenance.json.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(path)
-    with open(run_dir / "provenance.log.jsonl", "a") as f:
+    os.replace(tmp, path)
+    with open(Path(run_dir) / "provenance.log.jsonl", "a") as f:
         f.write(json.dumps(info) + "\n")
     return info
 
 
-__all__ = ["record_provenance", "code_version", "versions", "config_hash", "yaml"]
+def read_provenance(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def file_sha256(path: Path) -> str | None:
+    """Hash of a file's bytes (streamed), or None when it does not exist."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()[:16]
+
+
+def _read_summary(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(stage_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def input_record(run_dir: Path, upstream: str | None) -> dict | None:
+    """What a stage consumes from its input stage: its name, `finished` and model hash."""
+    if upstream is None:
+        return None
+    s = _read_summary(Path(run_dir) / upstream) or {}
+    return {"stage": upstream, "finished": s.get("finished"),
+            "model_sha256": s.get("model_sha256")}
+
+
+def stage_record(stage_dir: Path, run_dir: Path, upstream: str | None,
+                 consumed: dict | None = None) -> dict:
+    """Fields the runner adds to a completed stage's summary (see the module docstring).
+    `consumed` is the input record taken when the stage started."""
+    return {"code": code_version(), "model_sha256": file_sha256(Path(stage_dir) / "model.pt"),
+            "input": consumed if consumed is not None else input_record(run_dir, upstream)}
+
+
+def stale_reasons(summary: dict, run_dir: Path, code: dict | None = None) -> list[str]:
+    """Why a completed stage's results may no longer match the code or its input stage
+    (empty when they match, or when the summary predates these records)."""
+    reasons = []
+    then = summary.get("code") or {}
+    now = code if code is not None else code_version()
+    if then.get("code_id") and now.get("code_id") and then["code_id"] != now["code_id"]:
+        was, now_at = (then.get("git_commit") or "?")[:10], (now.get("git_commit") or "?")[:10]
+        dirty = " with uncommitted changes" if then.get("git_dirty") else ""
+        reasons.append(f"computed by other code (commit {was}{dirty}; now {now_at}"
+                       f"{' with uncommitted changes' if now.get('git_dirty') else ''})")
+    used = summary.get("input") or {}
+    if used.get("stage"):
+        up = _read_summary(Path(run_dir) / used["stage"]) or {}
+        if up.get("status") != "completed":
+            reasons.append(f"its input stage '{used['stage']}' is no longer completed")
+        elif used.get("model_sha256") and up.get("model_sha256"):
+            if used["model_sha256"] != up["model_sha256"]:
+                reasons.append(f"its input stage '{used['stage']}' was re-run after it "
+                               f"(finished {up.get('finished')}, this stage used the one "
+                               f"finished {used.get('finished')})")
+        elif used.get("finished") and up.get("finished") != used["finished"]:
+            reasons.append(f"its input stage '{used['stage']}' was re-run after it "
+                           f"(finished {up.get('finished')}, this stage used the one finished "
+                           f"{used.get('finished')})")
+    return reasons
+
+
+__all__ = ["record_provenance", "read_provenance", "code_version", "versions", "config_hash",
+           "command_line", "stage_record", "input_record", "stale_reasons", "file_sha256"]

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from . import distributed as D
+from . import provenance
 from .checkpoint import CheckpointError
 from .config import ConfigError, to_plain
 from .data import DataError, check_available, describe
@@ -169,6 +170,9 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
             log.warning("stage %s: completed with a different config or upstream (hash %s, now "
                         "%s); keeping its results. Re-run it with --restart --stage %s",
                         name, done.get("config_hash"), digest, name)
+        elif stale := provenance.stale_reasons(done, run_dir):
+            log.warning("stage %s: already completed, but %s; keeping its results. Re-run it "
+                        "with --restart --stage %s", name, "; ".join(stale), name)
         else:
             log.info("stage %s: already completed (top-1 %s); skipping", name,
                      _fmt(done.get("top1")))
@@ -183,6 +187,7 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
         raise UsageError(f"stage '{name}' distills from stage '{distill.from_}', which is not "
                          f"completed: run `python -m pipeline run {source} --stage "
                          f"{distill.from_}` first")
+    consumed = provenance.input_record(run_dir, spec.from_)  # the input as this run uses it
     work_dir = stage_dir
     if done and done.get("status") == "completed" and restart:
         work_dir = run_dir / f"{name}.restart"
@@ -214,6 +219,7 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
                "wall_seconds": round(time.time() - t0, 3), **result,
                "config_hash": digest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if info.is_main:
+        summary.update(provenance.stage_record(work_dir, run_dir, spec.from_, consumed))
         write_json(work_dir / "summary.json", summary)
         if work_dir != stage_dir:
             old = run_dir / f"{name}.old"

@@ -17,8 +17,9 @@ Invariants:
   * metrics are sums over ranks of what each rank saw (each sample counted once).
 
 Files in the stage folder: last.pt, last.prev.pt, best.pt (by test top-1), metrics.csv
-(one row per epoch), train_log.csv (one row per log interval: step, lr, loss, accuracy,
-images/s) and, with `logging.tensorboard`, tb/.
+(one row per epoch), train_log.csv (one row per log interval, rank 0, from sums over all
+ranks: step, lr, mean loss and accuracy over the interval, images, images/s) and, with
+`logging.tensorboard`, tb/.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ log = logging.getLogger("pipeline")
 
 Precision = Literal["fp32", "bf16", "fp16"]
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "top1", "top5", "seconds"]
-TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "acc", "images_per_s"]
+TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "acc", "images", "images_per_s"]
 TRAINER_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "best_top1", "best_epoch",
                 "epoch_acc", "rng", "steps_per_epoch")
 # test-only fault injection: "<stage>:step:<k>" kills the process (SIGKILL) right after
@@ -505,7 +506,7 @@ class Trainer:
         loss, correct, n = (a - b for a, b in zip(sums, mark.sums, strict=True))
         row = {"step": self.global_step, "epoch": self.epoch,
                "lr": self.schedule.lr(self.global_step - 1), "loss": loss / max(n, 1),
-               "acc": 100 * correct / max(n, 1),
+               "acc": 100 * correct / max(n, 1), "images": int(n),
                "images_per_s": n / max(now - mark.time, 1e-9)}
         if n > 0:
             row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}

@@ -18,8 +18,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from pipeline import checkpoint as ckpt
 from pipeline.trainer import FAULT_ENV
 
@@ -69,9 +69,8 @@ def log_rows(path) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run of the whole pipeline."""
-    from conftest import TINY, deep_update
-
     import yaml
+    from conftest import TINY, deep_update
 
     base = tmp_path_factory.mktemp("resume")
     cfg = deep_update(TINY, CONFIG)
@@ -107,7 +106,8 @@ def test_killed_pretrain_resumes_bitwise(reference, tmp_path, fault, at_step):
     killed_then_resumed(config, run_dir, fault, "pretrain", at_step)
     assert_bitwise_equal(weights(run_dir / "pretrain/model.pt"),
                          weights(ref_dir / "pretrain/model.pt"))
-    ref_last, last = ckpt.load(ref_dir / "pretrain/last.pt"), ckpt.load(run_dir / "pretrain/last.pt")
+    ref_last = ckpt.load(ref_dir / "pretrain/last.pt")
+    last = ckpt.load(run_dir / "pretrain/last.pt")
     assert_bitwise_equal(last["optimizer"]["state"][0], ref_last["optimizer"]["state"][0])
     assert (last["best_top1"], last["best_epoch"]) == (ref_last["best_top1"],
                                                        ref_last["best_epoch"])

@@ -1,0 +1,231 @@
+"""The trainer on its own (tiny resnet8, random 16 px batches held in memory) and through
+the CLI: host syncs, bf16 on the CPU, corrupt and incompatible checkpoints, non-finite
+losses, what a checkpoint holds, progress output."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError
+from pipeline.distributed import DistInfo
+from pipeline.models import build_model
+from pipeline.trainer import TrainConfig, Trainer, TrainingError, autocast_context, evaluate
+
+ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
+
+
+class Batches:
+    """The loader protocol (len, set_epoch, iterate(start)) over fixed in-memory batches."""
+
+    def __init__(self, n_batches: int, batch: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n_batches, batch, 3, 16, 16, generator=g)
+        self.y = torch.randint(4, (n_batches, batch), generator=g)
+        self.x += self.y.view(n_batches, batch, 1, 1, 1).float()  # learnable
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def iterate(self, start: int = 0):
+        for b in range(start, len(self)):
+            yield self.x[b], self.y[b]
+
+    def __iter__(self):
+        return self.iterate(0)
+
+
+def make_trainer(out_dir: Path, steps: int = 4, model: nn.Module | None = None,
+                 precision: str = "fp32", dist: DistInfo = DistInfo(), **over) -> Trainer:
+    cfg = TrainConfig(**{"epochs": 1, "batch_size": 16, "lr": 0.05, "log_interval": 100,
+                         **over})
+    torch.manual_seed(0)
+    data = SimpleNamespace(train=Batches(steps), test=Batches(2, seed=1))
+    return Trainer(model or build_model(ARCH), cfg, data, out_dir, arch=ARCH,
+                   device=torch.device("cpu"), dist=dist, seed=0, precision=precision,
+                   base_lr=0.05, num_classes=4, meta={"stage": "pretrain"},
+                   show_progress=False)
+
+
+def count_host_syncs(monkeypatch) -> list[str]:
+    """Record every Python-level tensor -> host read (item, tolist, bool/float/int)."""
+    calls: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
+def test_no_host_sync_per_step(tmp_path, monkeypatch):
+    """Host reads happen per epoch / log interval, never per step: 3 or 9 steps per
+    epoch make the same number of them."""
+    counts = []
+    for steps in (3, 9):
+        trainer = make_trainer(tmp_path / str(steps), steps=steps, epochs=2)
+        with monkeypatch.context() as m:
+            calls = count_host_syncs(m)
+            trainer.fit()
+        counts.append(len(calls))
+    assert counts[0] == counts[1] and counts[0] <= 12, counts
+
+
+def test_bf16_on_cpu_trains_and_reloads(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4, precision="bf16", epochs=2)
+    with autocast_context(torch.device("cpu"), "bf16"):
+        assert trainer.net(trainer.data.test.x[0]).dtype == torch.bfloat16
+    result = trainer.fit()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "nan" not in "".join(rows)
+    first, last = (float(r.split(",")[2]) for r in (rows[1], rows[2]))
+    assert last < first  # it learns
+    ckpt.save_model(tmp_path / "model.pt", trainer.final_model(), ARCH)
+    reloaded = ckpt.load_model(tmp_path / "model.pt")
+    assert all(v.dtype != torch.bfloat16 for v in reloaded.state_dict().values())
+    again = evaluate(reloaded, trainer.data.test, torch.device("cpu"), "bf16")
+    assert again["top1"] == pytest.approx(result["top1"], abs=1e-6)
+    assert again["test_loss"] == pytest.approx(result["test_loss"], abs=1e-6)
+    # and the bf16 trainer checkpoint resumes (here: already finished, nothing to train)
+    assert make_trainer(tmp_path, steps=4, precision="bf16", epochs=2).try_resume()
+
+
+def test_checkpoint_holds_what_exact_resume_needs(tmp_path):
+    trainer = make_trainer(tmp_path, steps=3, ema_decay=0.9)
+    trainer.fit()
+    state = ckpt.load(tmp_path / "last.pt")  # weights_only=True inside
+    assert state["schema"] == ckpt.SCHEMA_VERSION and state["kind"] == "trainer"
+    for key in ("state_dict", "arch", "optimizer", "scaler", "ema", "epoch", "global_step",
+                "step_in_epoch", "best_top1", "best_epoch", "steps_per_epoch", "epoch_acc"):
+        assert key in state, key
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert (state["epoch"], state["global_step"], state["step_in_epoch"]) == (1, 3, 0)
+    assert state["best_epoch"] == 0 and (tmp_path / "best.pt").is_file()
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["state_dict"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    class NanAt(nn.Module):
+        """resnet8 whose 6th training forward (step 5) returns NaN logits."""
+
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = build_model(ARCH), 0
+
+        def forward(self, x):
+            out = self.net(x)
+            if self.training:
+                self.calls += 1
+                if self.calls == 6:
+                    out = out * float("nan")
+            return out
+
+    trainer = make_trainer(tmp_path, steps=8, model=NanAt(), log_interval=3,
+                           checkpoint_every_steps=2)
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "non-finite loss at step 5 (epoch 1, batch 6)" in message
+    assert "step 4" in message and "last.pt" in message
+    last = ckpt.load(tmp_path / "last.pt")
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values()
+               if v.is_floating_point())
+    assert not (tmp_path / "metrics.csv").exists()  # the failed epoch wrote no row
+
+
+def test_all_checkpoints_corrupt_restarts_afresh(tmp_path, caplog):
+    make_trainer(tmp_path, steps=3, epochs=2).fit()
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    data = (tmp_path / "last.prev.pt").read_bytes()
+    (tmp_path / "last.prev.pt").write_bytes(data[: len(data) // 2])  # truncated
+    trainer = make_trainer(tmp_path, steps=3, epochs=2)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        assert trainer.try_resume() is False
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("last.pt" in m and "unreadable" in m for m in lines) == 1
+    assert sum("last.prev.pt" in m for m in lines) == 1
+    assert any("starting the stage afresh" in m for m in lines)
+    assert (tmp_path / "last.pt.corrupt").is_file() and not (tmp_path / "last.pt").exists()
+
+
+def test_corrupt_last_falls_back_then_config_change_is_refused(tiny_config, cli, tmp_path):
+    cfg = tiny_config({"stages": {"pretrain": {"epochs": 2}}})
+    stage = tmp_path / "runs" / "tiny" / "pretrain"
+    assert cli("run", cfg, "--stage", "pretrain")[0] == 0
+    size = (stage / "last.pt").stat().st_size
+    with open(stage / "last.pt", "r+b") as f:
+        f.truncate(size // 3)  # as if the disk filled up while copying the run
+    (stage / "summary.json").unlink()
+    code, _, err = cli("run", cfg, "--stage", "pretrain", "--set", "stages.pretrain.epochs=3")
+    assert code == 0, err
+    assert "Traceback" not in err
+    (warning,) = [line for line in err.splitlines() if "last.pt" in line and "unreadable" in line]
+    assert "falling back" in warning
+    assert "resumed from" in err and "last.prev.pt at epoch 1, step 3" in err
+    epochs = [r.split(",")[0] for r in (stage / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["0", "1", "2"]
+
+    # a readable checkpoint from another batch size: one line, exit 1, nothing overwritten
+    (stage / "summary.json").unlink()
+    before = (stage / "last.pt").read_bytes()
+    code, _, err = cli("run", cfg, "--stage", "pretrain", "--set", "stages.pretrain.epochs=3",
+                       "--set", "stages.pretrain.batch_size=16")
+    assert code == 1 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "steps per epoch" in line and "--restart --stage pretrain" in line
+    assert (stage / "last.pt").read_bytes() == before
+
+
+def test_failed_restart_never_overwrites_completed_stage(tiny_config, cli, tmp_path):
+    cfg = tiny_config({"stages": {"pretrain": {"epochs": 1}}})
+    stage = tmp_path / "runs" / "tiny" / "pretrain"
+    assert cli("run", cfg, "--stage", "pretrain")[0] == 0
+    model = (stage / "model.pt").read_bytes()
+    code, _, err = cli("run", cfg, "--stage", "pretrain", "--restart",
+                       "--set", "stages.pretrain.lr=1.0e+30", "--set",
+                       "stages.pretrain.log_interval=1")
+    assert code == 1 and "non-finite loss at step" in err and "Traceback" not in err
+    assert json.loads((stage / "summary.json").read_text())["status"] == "completed"
+    assert (stage / "model.pt").read_bytes() == model
+
+
+def test_channels_last_progress_and_missing_tensorboard(tmp_path, capsys, caplog):
+    trainer = make_trainer(tmp_path, steps=4, channels_last=True, log_interval=2)
+    trainer.show_progress, trainer.tensorboard = True, True
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        trainer.fit()
+    assert trainer.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    err = capsys.readouterr().err
+    assert "img_s=" in err and "lr=" in err  # the tqdm bar's postfix
+    try:
+        import tensorboard  # noqa: F401
+        assert any((tmp_path / "tb").iterdir())
+    except ImportError:
+        assert any("tensorboard" in r.getMessage() for r in caplog.records)
+    ckpt.save_model(tmp_path / "model.pt", trainer.module, ARCH)
+    plain = ckpt.load_model(tmp_path / "model.pt").eval()
+    x = trainer.data.test.x[0]
+    assert torch.allclose(plain(x), trainer.module.eval()(x), atol=1e-5)
+    log_rows = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert log_rows[0] == "step,epoch,lr,loss,acc,images,images_per_s"
+    assert [r.split(",")[0] for r in log_rows[1:]] == ["2", "4"]
+
+
+def test_global_batch_too_small_for_the_world(tmp_path):
+    with pytest.raises(ConfigError, match="stages.pretrain.batch_size"):
+        make_trainer(tmp_path, batch_size=4, dist=DistInfo(rank=0, world_size=4))

@@ -212,9 +212,10 @@ def rows_for(run_dir: Path, options: Options | None = None) -> list[dict]:
     for name, spec in specs.items():
         stage_dir = run_dir / name
         s = read_summary(stage_dir)
-        row: dict[str, Any] = {"run": run_dir.name, "stage": name,
-                               "type": (s or {}).get("type") or spec.get("type", ""),
-                               "model": arch}
+        row: dict[str, Any] = dict.fromkeys(COLUMNS + (LATENCY_COLUMNS if options.latency
+                                                       else []))
+        row.update({"run": run_dir.name, "stage": name,
+                    "type": (s or {}).get("type") or spec.get("type", ""), "model": arch})
         row["method"], row["ratio"] = _prune_spec(specs, run_dir, name)
         if not s or s.get("status") != "completed":
             row["status"], row["note"] = stage_state(stage_dir, spec)

@@ -1,0 +1,195 @@
+"""`compare`: tables equal to the runs' summaries, plots that are images, honest gaps."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import yaml
+
+from pipeline import report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def summary(run_dir, stage) -> dict:
+    return json.loads((run_dir / stage / "summary.json").read_text())
+
+
+def check_png(path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] >= 200 and img.shape[1] >= 300
+    assert img.std() > 0.01  # something is drawn
+
+
+def test_compare_plot_on_two_smoke_runs(tiny_config, cli, tmp_path):
+    for name, prune in (("a", {}), ("b", {"method": "l1", "ratio": 0.5})):
+        over = {"name": name, "stages": {"pretrain": {"epochs": 1, "schedule": {"milestones": []}},
+                                         "prune": prune}}
+        code, _, err = cli("run", tiny_config(over, name=f"{name}.yaml"))
+        assert code == 0, err
+    runs = tmp_path / "runs"
+    out_dir = tmp_path / "report"
+    code, out, err = cli("compare", str(runs / "*"), "--plot", "--out", out_dir,
+                         "--format", "json", "--latency", "--latency-batch", "4")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["run"], r["stage"]) for r in rows] == [
+        (run, stage) for run in "ab" for stage in ("pretrain", "prune", "finetune")]
+
+    # the files: tables and PNGs (valid images)
+    for name in ("compare.md", "compare.csv", "compare.json", "accuracy_vs_macs.png",
+                 "curves_a.png", "curves_b.png"):
+        assert (out_dir / name).is_file(), name
+    for name in ("accuracy_vs_macs.png", "curves_a.png", "curves_b.png"):
+        check_png(out_dir / name)
+    md = (out_dir / "compare.md").read_text()
+    assert "![accuracy_vs_macs](accuracy_vs_macs.png)" in md
+    assert "latency (ms, cpu, batch 4)" in md
+
+    # the numbers are the summaries' (JSON, CSV and markdown)
+    table = list(csv.DictReader(io.StringIO((out_dir / "compare.csv").read_text())))
+    for r, c in zip(rows, table, strict=True):
+        run_dir = runs / r["run"]
+        s, base = summary(run_dir, r["stage"]), summary(run_dir, "pretrain")
+        assert r["status"] == c["status"] == "completed"
+        assert r["model"] == "resnet8"
+        for key in ("top1", "top5"):
+            assert r[key] == s[key] and float(c[key]) == s[key]
+        assert r["params_m"] == pytest.approx(s["params"] / 1e6)
+        assert float(c["macs_m"]) == pytest.approx(s["macs"] / 1e6)
+        assert r["delta_top1"] == pytest.approx(s["top1"] - base["top1"])
+        assert float(c["mac_reduction_pct"]) == pytest.approx(100 * (1 - s["macs"] / base["macs"]))
+        assert r["size_mb"] == pytest.approx((run_dir / r["stage"] / "model.pt").stat().st_size
+                                             / 1e6)
+        assert r["latency_ms"] > 0 and r["latency_batch"] == 4 and r["latency_device"] == "cpu"
+        line = next(x for x in md.splitlines() if x.startswith(f"| {r['run']} | {r['stage']} |"))
+        assert f"| {s['top1']:.2f} |" in line and f"| {s['top5']:.2f} |" in line
+    by = {(r["run"], r["stage"]): r for r in rows}
+    assert by["a", "pretrain"]["speedup"] == pytest.approx(1.0)
+    assert by["a", "pretrain"]["method"] == "-"
+    assert (by["a", "finetune"]["method"], by["a", "finetune"]["ratio"]) == ("fpgm", 0.4)
+    assert (by["b", "prune"]["method"], by["b", "prune"]["ratio"]) == ("l1", 0.5)
+    assert by["b", "prune"]["mac_reduction_pct"] > by["a", "prune"]["mac_reduction_pct"] > 0
+
+    # one run: the report goes to <run dir>/report by default
+    code, out, _ = cli("compare", runs / "a", "--format", "csv")
+    assert code == 0 and out.startswith("run,stage,type,status,model,method,ratio,top1")
+    assert (runs / "a" / "report" / "compare.csv").read_text() == out
+
+
+def fake_run(root, name, stages: dict, summaries: dict, provenance: dict | None = None):
+    """A run directory written by hand: config.yaml and the given summaries."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    cfg = {"name": name, "model": {"arch": "resnet20"},
+           "data": {"dataset": "synthetic", "synthetic": {"image_size": 16}}, "stages": stages}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for stage, s in summaries.items():
+        (run_dir / stage).mkdir()
+        (run_dir / stage / "summary.json").write_text(json.dumps(s))
+    if provenance is not None:
+        (run_dir / "provenance.json").write_text(json.dumps(provenance))
+    return run_dir
+
+
+STAGES = {"pretrain": {"type": "pretrain", "from": None, "epochs": 10},
+          "prune": {"type": "prune", "from": "pretrain", "method": "fpgm", "ratio": 0.4},
+          "finetune": {"type": "finetune", "from": "prune", "epochs": 4},
+          "scratch": {"type": "scratch", "from": "prune", "epochs": 10}}
+PRETRAIN = {"stage": "pretrain", "type": "pretrain", "status": "completed", "top1": 91.25,
+            "top5": 99.5, "params": 270000, "macs": 41000000, "epochs": 10}
+
+
+def test_incomplete_stages_show_their_state_not_zeros(tmp_path, cli):
+    run_dir = fake_run(tmp_path, "r", STAGES, {
+        "pretrain": PRETRAIN,
+        "prune": {"stage": "prune", "type": "prune", "status": "failed",
+                  "error": "PruningError: nothing to prune"}})
+    (run_dir / "finetune").mkdir()
+    (run_dir / "finetune" / "metrics.csv").write_text(
+        "epoch,lr,train_loss,train_acc,test_loss,top1,top5,seconds\n0,0.01,1,50,1,50,90,3\n")
+    code, out, _ = cli("compare", run_dir, "--format", "json", "--out", tmp_path / "rep")
+    assert code == 0
+    rows = {r["stage"]: r for r in json.loads(out)}
+    assert rows["pretrain"]["status"] == "completed"
+    assert rows["prune"]["status"] == "failed"
+    assert rows["prune"]["note"] == "PruningError: nothing to prune"
+    assert rows["finetune"]["status"] == "running"
+    assert rows["finetune"]["note"] == "1 of 4 epochs done"
+    assert rows["scratch"]["status"] == "not run"
+    for stage in ("prune", "finetune", "scratch"):
+        for key in ("top1", "top5", "params_m", "macs_m", "delta_top1", "mac_reduction_pct"):
+            assert rows[stage].get(key) is None, (stage, key)
+    code, out, _ = cli("compare", run_dir, "--out", tmp_path / "rep")
+    lines = {line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| r |")}
+    for stage in ("prune", "finetune", "scratch"):
+        cells = lines[stage].split(" | ")
+        top1 = cells[7]  # run, stage, type, status, model, method, ratio, top-1
+        assert top1 == "-" and "0.00" not in lines[stage]
+    assert "| 91.25 |" in lines["pretrain"]
+    table = list(csv.DictReader(io.StringIO((tmp_path / "rep" / "compare.csv").read_text())))
+    assert [r["top1"] for r in table] == ["91.25", "", "", ""]
+
+
+def test_baseline_given_another_way(tmp_path, cli):
+    dense = fake_run(tmp_path, "dense", {"pretrain": STAGES["pretrain"]},
+                     {"pretrain": PRETRAIN})
+    # a run whose pruning starts from a dense model trained elsewhere: no pretrain stage
+    pruned = fake_run(tmp_path, "pruned",
+                      {"prune": {"type": "prune", "method": "l1", "ratio": 0.5},
+                       "finetune": {"type": "finetune", "from": "prune"}},
+                      {"prune": {"stage": "prune", "type": "prune", "status": "completed",
+                                 "top1": 40.0, "macs": 20500000, "macs_before": 41000000,
+                                 "method": "l1", "ratio": 0.5},
+                       "finetune": {"stage": "finetune", "type": "finetune",
+                                    "status": "completed", "top1": 90.0, "macs": 20500000}})
+    code, out, _ = cli("compare", pruned, "--format", "json", "--out", tmp_path / "o")
+    rows = {r["stage"]: r for r in json.loads(out)}
+    assert rows["finetune"]["delta_top1"] is None  # no dense stage: no accuracy change...
+    assert rows["finetune"]["mac_reduction_pct"] == pytest.approx(50.0)  # ...but MACs known
+    code, out, err = cli("compare", pruned, "--baseline", dense / "pretrain", "--format",
+                         "json", "--out", tmp_path / "o")
+    assert code == 0, err
+    rows = {r["stage"]: r for r in json.loads(out)}
+    assert rows["finetune"]["delta_top1"] == pytest.approx(90.0 - 91.25)
+    assert rows["finetune"]["baseline"] == "dense/pretrain"
+    code, _, err = cli("compare", pruned, "--baseline", tmp_path / "nowhere")
+    assert code == 2 and err.startswith("error: --baseline")
+
+
+def test_provenance_table(tmp_path, cli):
+    prov = {"git_commit": "0123456789abcdef" * 2 + "01234567", "git_dirty": False,
+            "python": "3.11.7", "torch": "2.4.0", "torchvision": "0.19.0",
+            "torch_pruning": "1.5.1", "device": "cuda:0", "world_size": 8, "seed": 3,
+            "config_hash": "aaaabbbbccccdddd", "command": "python -m pipeline run c.yaml"}
+    run_dir = fake_run(tmp_path, "p", {"pretrain": STAGES["pretrain"]}, {"pretrain": PRETRAIN},
+                       prov)
+    code, out, _ = cli("compare", run_dir, "--provenance", "--out", tmp_path / "o")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("| p | 0123456789 |"))
+    for text in ("| no |", "| 2.4.0 |", "| 1.5.1 |", "| cuda:0 |", "| 8 |", "| 3 |",
+                 "| aaaabbbbccccdddd |", "`python -m pipeline run c.yaml`"):
+        assert text in line
+    assert "## Provenance" in (tmp_path / "o" / "compare.md").read_text()
+    code, out, _ = cli("compare", run_dir, "--provenance", "--format", "csv",
+                       "--out", tmp_path / "o")
+    (row,) = csv.DictReader(io.StringIO(out))
+    assert (row["torch"], row["seed"], row["git_commit"]) == ("2.4.0", "3", "0123456789")
+
+
+def test_compare_usage_errors(tmp_path, cli):
+    code, _, err = cli("compare", tmp_path / "missing")
+    assert code == 2 and err.strip() == f"error: no such run directory: {tmp_path / 'missing'}"
+    code, _, err = cli("compare", str(tmp_path / "none*"))
+    assert code == 2 and err.startswith("error: no such run directory")
+
+
+def test_pareto_front():
+    pts = [(1.0, 50.0), (2.0, 40.0), (3.0, 60.0), (0.5, 30.0), (3.0, 55.0)]
+    assert report.pareto_front(pts) == [(0.5, 30.0), (1.0, 50.0), (3.0, 60.0)]

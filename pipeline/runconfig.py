@@ -91,6 +91,12 @@ def _check_links(cfg: RunConfig, loader: Loader) -> None:
     for i, (name, spec) in enumerate(cfg.stages.items()):
         earlier = names[:i]
         needs_input = getattr(registry[spec.type], "NEEDS_INPUT", False)
+        distill = getattr(spec, "distill", None)
+        if distill is not None and distill.from_ not in earlier:
+            close = difflib.get_close_matches(distill.from_, earlier, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            loader.fail(f"stages.{name}.distill.from", f"{distill.from_!r} names no earlier "
+                        f"stage{hint}; the teacher must come from one of {earlier}")
         if spec.from_ is None:
             if needs_input:
                 loader.fail(f"stages.{name}.from",

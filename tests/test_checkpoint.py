@@ -5,7 +5,6 @@ both ways."""
 from __future__ import annotations
 
 import os
-import pickle
 
 import pytest
 import torch
@@ -16,6 +15,13 @@ from pipeline import checkpoint as ckpt
 from pipeline.models import build_model
 
 ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
+
+
+class FailsToSave:
+    """Raises while being written, like a full disk half-way through torch.save."""
+
+    def __reduce__(self):
+        raise RuntimeError("disk full")
 
 
 @pytest.fixture
@@ -66,8 +72,8 @@ def test_not_a_checkpoint_or_newer_schema(tmp_path):
 def test_failed_write_keeps_the_old_file(saved):
     path, _ = saved
     before = path.read_bytes()
-    with pytest.raises(pickle.PicklingError):
-        ckpt.atomic_save({"schema": 1, "bad": lambda: None}, path)  # cannot be pickled
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.atomic_save({"schema": 1, "bad": FailsToSave()}, path)
     assert path.read_bytes() == before
     assert not list(path.parent.glob(".*.tmp"))
 

@@ -125,6 +125,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not dirs or missing:
         return _fail(f"no such run directory: {', '.join(missing) or ' '.join(args.runs)}",
                      EXIT_USAGE)
+    not_runs = [str(d) for d in dirs if not report.is_run_dir(d)]
+    if not_runs:
+        return _fail(f"not a run directory (no config.yaml and no <stage>/summary.json): "
+                     f"{', '.join(not_runs)}", EXIT_USAGE)
     if args.latency_batch < 1:
         return _fail(f"--latency-batch: expected a positive integer, got {args.latency_batch}",
                      EXIT_USAGE)

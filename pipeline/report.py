@@ -56,12 +56,13 @@ def expand(paths: list[str]) -> list[Path]:
         matches = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
         for m in matches:
             path = Path(m)
-            if path not in out and not (glob.has_magic(p) and not _is_run_dir(path)):
+            if path not in out and not (glob.has_magic(p) and not is_run_dir(path)):
                 out.append(path)
     return out
 
 
-def _is_run_dir(path: Path) -> bool:
+def is_run_dir(path: Path) -> bool:
+    """A folder written by `run`: its config.yaml or a stage summary."""
     return path.is_dir() and ((path / "config.yaml").is_file() or
                               any(path.glob("*/summary.json")))
 

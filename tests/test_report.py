@@ -188,6 +188,9 @@ def test_compare_usage_errors(tmp_path, cli):
     assert code == 2 and err.strip() == f"error: no such run directory: {tmp_path / 'missing'}"
     code, _, err = cli("compare", str(tmp_path / "none*"))
     assert code == 2 and err.startswith("error: no such run directory")
+    (tmp_path / "stage").mkdir()
+    code, _, err = cli("compare", tmp_path / "stage")
+    assert code == 2 and err.startswith("error: not a run directory")
 
 
 def test_pareto_front():

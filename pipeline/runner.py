@@ -170,7 +170,7 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
             log.warning("stage %s: completed with a different config or upstream (hash %s, now "
                         "%s); keeping its results. Re-run it with --restart --stage %s",
                         name, done.get("config_hash"), digest, name)
-        elif stale := provenance.stale_reasons(done, run_dir):
+        elif info.is_main and (stale := provenance.stale_reasons(done, run_dir)):
             log.warning("stage %s: already completed, but %s; keeping its results. Re-run it "
                         "with --restart --stage %s", name, "; ".join(stale), name)
         else:

@@ -323,7 +323,7 @@ def test_target_macs_reduction_reached_in_small_steps():
     report = prune_model(model, PruneSpec(target_macs_reduction=0.5, policy="all"), X32)
     reduction = 1 - count_macs(model, (3, 32, 32))["total"] / dense
     assert 0.5 <= reduction < 0.52
-    assert report.steps > 10
+    assert report.steps > 5  # 2% of every group's width per step
     with pytest.raises(PruningError, match="out of reach"):
         prune_model(resnet(20), PruneSpec(target_macs_reduction=0.5,
                                           include=["layer1.0.conv1"]), X32)

@@ -1,0 +1,147 @@
+"""CPU inference time of pruned networks against their MACs ratio (issue 6).
+
+For ResNet-56 (CIFAR, option A, 32x32 input; batch 1 and 128) and ResNet-50 (torchvision,
+224x224; batch 1 and 32): the unpruned model and FPGM-pruned copies at 30/40/50% and at
+a 2x MACs target, timed side by side (interleaved rounds, median per model), eval mode,
+no autograd, under both CPU convolution back-ends of PyTorch: oneDNN (the default) and
+the GEMM one (`torch.backends.mkldnn.enabled = False`); oneDNN blocks channels by 8/16,
+so odd pruned widths (10, 20, 39) buy it less than their MACs say.
+Speedup = dense time / pruned time (same back-end); efficiency = speedup / MACs ratio.
+Targets: efficiency >= 0.7 for every pruned variant at batch 128 (ResNet-56) and 32
+(ResNet-50), per back-end. Also reports the pruning wall time (graph + scoring +
+surgery) per variant.
+
+    python benchmarks/pruned_latency.py            # full
+    python benchmarks/pruned_latency.py --quick    # about a minute: FPGM 40% and the 2x
+                                                   # target on ResNet-56 at batch 128,
+                                                   # FPGM 40% on ResNet-50 at batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.models import build_model, count_macs  # noqa: E402
+from pipeline.pruning import PruneSpec, prune_model  # noqa: E402
+
+GOAL = 0.7
+VARIANTS = {
+    "fpgm30": {"ratio": 0.3},
+    "fpgm40": {"ratio": 0.4},
+    "fpgm50": {"ratio": 0.5},
+    "macs2x": {"ratio": None, "target_macs_reduction": 0.5},
+}
+MODELS = {  # name: (arch, input size, batches, target batch)
+    "resnet56": ({"name": "resnet56", "num_classes": 10, "shortcut": "A"}, 32, (1, 128), 128),
+    "resnet50": ({"name": "resnet50", "num_classes": 1000}, 224, (1, 32), 32),
+}
+
+
+def pruned_variants(arch: dict, size: int, policy: str, names: list[str]) -> list[dict]:
+    """The dense model and one pruned copy per variant (same dense weights)."""
+    torch.manual_seed(0)
+    dense = build_model(arch).eval()
+    shape = (3, size, size)
+    state = dense.state_dict()
+    out = [{"name": "dense", "model": dense, "macs": count_macs(dense, shape)["total"],
+            "prune_s": 0.0}]
+    for name in names:
+        model = build_model(arch)
+        model.load_state_dict(state)
+        spec = PruneSpec(method="fpgm", policy=policy, **VARIANTS[name])
+        t0 = time.perf_counter()
+        prune_model(model, spec, torch.zeros(1, *shape))
+        out.append({"name": name, "model": model.eval(), "prune_s": time.perf_counter() - t0,
+                    "macs": count_macs(model, shape)["total"]})
+    return out
+
+
+@torch.inference_mode()
+def time_models(models: list[dict], batch: int, size: int, rounds: int) -> dict[str, float]:
+    """Median seconds per forward; models run interleaved so load changes hit all alike."""
+    x = torch.randn(batch, 3, size, size)
+    for m in models:  # warmup
+        m["model"](x)
+    times: dict[str, list[float]] = {m["name"]: [] for m in models}
+    for _ in range(rounds):
+        for m in models:
+            t0 = time.perf_counter()
+            m["model"](x)
+            times[m["name"]].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rounds_for(batch: int, macs: int, quick: bool) -> int:
+    work = batch * macs  # about a second of work per forward at ~50 GMAC/s
+    if quick:
+        return 2 if work > 2e10 else 5
+    return 3 if work > 1e11 else 5 if work > 2e10 else 30
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer variants and rounds (< 1 min)")
+    p.add_argument("--policy", default="all", choices=["all", "block_internal"])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    names = ["fpgm40", "macs2x"] if args.quick else list(VARIANTS)
+    # --quick: only the target batch of ResNet-56; ResNet-50 at batch 2 with FPGM 40% alone
+    # (its 2x search takes ~15 s)
+    quick_r50 = {"variants": ["fpgm40"], "batch": 2}
+    print(f"# pruned_latency  {datetime.date.today()}  {platform.processor() or platform.machine()}"
+          f"  {os.cpu_count()} cpus, {args.threads} thread(s), torch {torch.__version__}, "
+          f"policy {args.policy}{', quick' if args.quick else ''}")
+    print("| model | conv | batch | variant | MACs (M) | MACs ratio | ms / batch | speedup | "
+          "speedup / MACs ratio | prune s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    targets = []
+    for key in args.models:
+        arch, size, batches, target_batch = MODELS[key]
+        variants = names
+        if args.quick and key == "resnet50":
+            variants, batches = quick_r50["variants"], (quick_r50["batch"],)
+            target_batch = quick_r50["batch"]
+        elif args.quick:
+            batches = (target_batch,)
+        models = pruned_variants(arch, size, args.policy, variants)
+        dense = models[0]
+        for backend in ("onednn", "gemm"):
+            torch.backends.mkldnn.enabled = backend == "onednn"
+            for batch in batches:
+                rounds = rounds_for(batch, dense["macs"], args.quick)
+                t = time_models(models, batch, size, rounds)
+                worst = None
+                for m in models:
+                    ratio = dense["macs"] / m["macs"]
+                    speedup = t["dense"] / t[m["name"]]
+                    eff = speedup / ratio
+                    if m["name"] != "dense":
+                        worst = eff if worst is None else min(worst, eff)
+                    print(f"| {key} | {backend} | {batch} | {m['name']} | {m['macs'] / 1e6:.1f} | "
+                          f"{ratio:.2f} | {1000 * t[m['name']]:.2f} | {speedup:.2f} | {eff:.2f} | "
+                          f"{m['prune_s']:.2f} |", flush=True)
+                if batch == target_batch:
+                    targets.append((f"{key}_batch{batch}_{backend}_speedup_per_macs_ratio", worst))
+        torch.backends.mkldnn.enabled = True
+    for name, value in targets:
+        verdict = "met" if value >= GOAL else "missed"
+        print(f"target {name}: {value:.2f} (goal >= {GOAL}, worst pruned variant) {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -18,7 +18,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import opt, to_plain
-from pipeline.models import arch_spec, build_model
+from pipeline.models import arch_spec, build_model, load_pretrained
 from pipeline.pruning import (
     SoftPruner,
     SoftPruneSpec,
@@ -56,8 +56,7 @@ def dense_model(ctx: StageContext, zero_init: bool) -> tuple[torch.nn.Module, di
     torch.manual_seed(ctx.run.seed)
     model = build_model(arch, zero_init_residual=zero_init)
     if ctx.run.model.pretrained:
-        state = ckpt.load_weights_file(ctx.run.model.pretrained)
-        model.load_state_dict(state, strict=True)
+        load_pretrained(model, ctx.run.model.pretrained)  # strict; one-line CheckpointError
     return model, arch
 
 

@@ -5,8 +5,9 @@ Two ways to feed the training step, behind one loader interface:
 * The fast path (`TensorLoader`, small images, CIFAR scale): the whole split is decoded
   once into one uint8 tensor (cached on disk next to the data, so the next run starts in
   seconds), moved to the training device once, and augmented there in batches: the
-  training images are zero-padded once, and each batch is one gather that crops and
-  flips at offsets drawn once per epoch. No DataLoader workers, no per-image Python.
+  training images are zero-padded once, and each batch is an index_select and two
+  gathers that crop and flip at offsets drawn once per epoch. No DataLoader workers, no
+  per-image Python, no host synchronization.
   This is the lesson of Myrtle's "How to train your ResNet".
 * The DataLoader path (`FolderLoader`, large images): torch DataLoader workers decode and
   augment (ImageNet presets: RandomResizedCrop + flip; resize + center crop to evaluate),
@@ -31,6 +32,7 @@ import hashlib
 import logging
 import os
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -551,9 +553,9 @@ class _Batching:
 class TensorLoader(_Batching):
     """Batches from an in-memory uint8 tensor kept on the training device.
 
-    Training images are zero-padded once; each batch is a single gather that crops at
-    per-image offsets and flips, both drawn once per epoch for the whole split (a pure
-    function of seed and epoch), then one fused normalization.
+    Training images are zero-padded once; each batch gathers crops at per-image offsets,
+    flipped or not, both drawn once per epoch for the whole split (a pure function of
+    seed and epoch), then one fused normalization.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, train: bool, seed: int,
@@ -757,7 +759,15 @@ class _BatchPlan:
     serves every epoch."""
 
     def __init__(self, owner: FolderLoader):
-        self.owner = owner
+        # weak: no reference cycle, so a dropped loader stops its workers right away
+        self._owner = weakref.ref(owner)
+
+    @property
+    def owner(self) -> FolderLoader:
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("the FolderLoader of this DataLoader was freed")
+        return owner
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         o = self.owner

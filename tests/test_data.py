@@ -204,14 +204,17 @@ def test_dataloader_workers_persist_and_stay_deterministic():
     ref = folder_loader(data, 16)
     loader = folder_loader(data, 16, workers=2, persistent_workers=True)
     first = epoch(loader, 0)
-    workers = [w.pid for w in loader._dataloader()._iterator._workers]
+    workers = list(loader._dataloader()._iterator._workers)
     second = epoch(loader, 1)
     resumed = epoch(loader, 1, start=1)
-    assert [w.pid for w in loader._dataloader()._iterator._workers] == workers
-    assert all(w.is_alive() for w in loader._dataloader()._iterator._workers)
+    assert loader._dataloader()._iterator._workers == workers  # the same processes
+    assert all(w.is_alive() for w in workers)
     assert same_batches(first, epoch(ref, 0)) and same_batches(second, epoch(ref, 1))
     assert same_batches(resumed, second[1:])
-    loader.close()
+    loader.close()  # dropping the loader (no reference cycle) stops them at once
+    for w in workers:
+        w.join(timeout=5)
+    assert not any(w.is_alive() for w in workers)
 
 
 def test_fast_path_keeps_the_images_on_the_training_device():

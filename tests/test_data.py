@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import subprocess
 import tempfile
@@ -468,3 +469,40 @@ def test_real_cifar10_tree_counts_and_classes():
     assert D.describe(cfg) == (10, (3, 32, 32))
     items, classes = D.list_image_folder(dest / "test")
     assert len(items) == 10_000 and classes[0] == "airplane"
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, world: int, init: str, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        cfg = data_cfg(dataset="imagefolder", root=root, image_size=8, loader="tensor")
+        bundle = D.build_data(cfg, 8, 8, 0, CPU, rank=rank, world_size=world)
+        bundle.train.set_epoch(1)
+        torch.save([y for _, y in bundle.train], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_one_decode_and_partition_the_batches(tmp_path):
+    """Two gloo processes: the first decodes and caches while the other waits, then both
+    take their halves of the same global batches."""
+    import torch.multiprocessing as mp
+
+    root = write_tree(tmp_path / "t", per_class=7)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_ddp_worker, args=(2, init, str(root), str(tmp_path)), nprocs=2, join=True)
+    shards = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    cfg = data_cfg(dataset="imagefolder", root=str(root), image_size=8, loader="tensor")
+    whole = D.build_data(cfg, 8, 8, 0, CPU).train
+    whole.set_epoch(1)
+    expected = [y for _, y in whole]
+    assert len(shards[0]) == len(shards[1]) == len(expected) == 3
+    for y, y0, y1 in zip(expected, *shards, strict=True):
+        assert torch.equal(torch.cat([y0, y1]), y)
+    assert D.cache_paths(root / "train", 8)[0].is_file()

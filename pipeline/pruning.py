@@ -348,14 +348,13 @@ def _out_convs(group, dg) -> list[nn.Module]:
 
 
 def is_residual_coupled(group, dg) -> bool:
-    """True when the group's channels meet a residual addition: several convs (or an
-    option-A shortcut) produce them, or they pass through an element-wise add."""
+    """True when the group's channels meet a residual addition: they pass through an
+    element-wise add or an option-A shortcut. (Several convs can share channels without
+    one, e.g. a squeeze-excitation gate's multiplication: those stay block-internal.)"""
     from torch_pruning import ops
 
     from .models import PadShortcut
 
-    if len(_out_convs(group, dg)) > 1:
-        return True
     for item in group:
         m = item.dep.target.module
         if isinstance(m, PadShortcut):
@@ -384,17 +383,19 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
     def hit(conv_list: list[str], refs) -> bool:
         return any(_matches(c, numbers.get(c), r) for c in conv_list for r in refs)
 
-    import torch_pruning as tp
-
-    out, skipped_by_policy = [], []
+    out, skipped_by_policy, grouped = [], [], []
     for group in dg.get_all_groups(ignored_layers=classifier_layers(model),
                                    root_module_types=[nn.Conv2d]):
-        root = group[0].dep.target.module
-        if not isinstance(root, nn.Conv2d) or group[0].dep.handler != tp.prune_conv_out_channels:
-            continue
         mods = _out_convs(group, dg)
-        mods = [root] + [m for m in mods if m is not root]
+        if not mods:
+            continue
+        # name the group by a full conv (a depthwise conv only follows its input)
+        mods = sorted(mods, key=lambda m: (_is_depthwise(m), order[m]))
+        root = mods[0]
         convs = [names[m] for m in mods]
+        if any(_is_grouped(item.dep.target.module) for item in group):
+            grouped.append(convs[0])
+            continue
         coupled = is_residual_coupled(group, dg)
         if spec.include and not hit(convs, spec.include):
             continue
@@ -416,10 +417,24 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
         g.width = g.channels
         g.dense_ids = list(range(g.width))
         out.append(g)
+    if grouped:
+        log.warning("%d channel group(s) feed grouped convolutions (e.g. %s), which this "
+                    "pruner leaves unpruned", len(grouped), grouped[0])
     if spec.include and skipped_by_policy:
         log.warning("include: %d matching group(s) are residual-coupled and not pruned under "
                     "policy block_internal (use policy: all)", len(skipped_by_policy))
     return sorted(out, key=lambda g: g.order)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels \
+        == m.out_channels
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped, not depthwise, convolution (ResNeXt): its channel groups must shrink
+    evenly, which per-channel selection does not guarantee."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
 
 
 # --------------------------------------------------------------------------- selection
@@ -537,7 +552,9 @@ def _apply(dg, groups: list[Group], selection: dict[int, list[int]]) -> None:
 
     for gi, idxs in selection.items():
         g = groups[gi]
-        pg = dg.get_pruning_group(g.root, tp.prune_conv_out_channels, idxs)
+        handler = (tp.prune_depthwise_conv_out_channels if _is_depthwise(g.root)
+                   else tp.prune_conv_out_channels)
+        pg = dg.get_pruning_group(g.root, handler, idxs)
         if not dg.check_pruning_group(pg):
             raise PruningError(f"{g.name}: torch-pruning refuses to remove {len(idxs)} of "
                                f"{g.channels} channels (a layer would be left empty)")

@@ -261,21 +261,29 @@ def test_layer_numbers_follow_the_l1_code():
             "layer3.0.conv1", "layer3.8.conv1"]
 
 
-def test_l1_paper_resnet56_b_recipe_macs():
-    """Li et al. 2017 ResNet-56-B: skip 16, 18, 20, 34, 38, 54; 60/30/10% by stage; the
-    L1 code's rounding -> 9.09E7 conv MACs, 27.6% fewer."""
+@pytest.mark.parametrize("variant,skip,ratios,conv_macs,reduction,params,widths", [
+    ("B", [16, 18, 20, 34, 38, 54], (0.6, 0.3, 0.1), 90_906_624, 0.276, 735_712, (6, 22, 57)),
+    ("A", [16, 20, 38, 54], (0.1, 0.1, 0.1), 112_435_200, 0.104, 773_336, (14, 28, 57)),
+])
+def test_l1_paper_resnet56_recipes_macs(variant, skip, ratios, conv_macs, reduction, params,
+                                        widths):
+    """Li et al. 2017 ResNet-56-A/B (Rethinking's res56prune.py skip lists and per-stage
+    ratios, its rounding = round_to: 1): B has 9.09E7 conv MACs (27.6% fewer, 0.73M
+    params), A 1.12E8 (10.4% fewer, 0.77M), as the paper's table."""
     model = resnet(56, "A")
     dense = count_macs(model, (3, 32, 32))["conv"]
-    spec = PruneSpec(method="l1", skip=[16, 18, 20, 34, 38, 54], round_to=1,
-                     layer_ratios={"layer1.*": 0.6, "layer2.*": 0.3, "layer3.*": 0.1})
+    spec = PruneSpec(method="l1", skip=skip, round_to=1, layer_ratios={
+        f"layer{i + 1}.*": r for i, r in enumerate(ratios)})
     report = prune_model(model, spec, X32)
     conv = count_macs(model, (3, 32, 32))["conv"]
     assert dense == 125_485_056
-    assert conv == 90_906_624 and f"{conv:.2E}" == "9.09E+07"
-    assert round(1 - conv / dense, 3) == 0.276
-    widths = {(e["name"].split(".")[0], e["after"]) for e in report.layers}
-    assert widths == {("layer1", 6), ("layer2", 22), ("layer3", 57)}
-    assert len(report.layers) == 27 - 6
+    assert conv == conv_macs
+    assert f"{conv:.2E}" == {"B": "9.09E+07", "A": "1.12E+08"}[variant]
+    assert round(1 - conv / dense, 3) == reduction
+    assert sum(p.numel() for p in model.parameters()) == params
+    after = {(e["name"].split(".")[0], e["after"]) for e in report.layers}
+    assert after == {(f"layer{i + 1}", w) for i, w in enumerate(widths)}
+    assert len(report.layers) == 27 - len(skip)
 
 
 @pytest.mark.parametrize("policy,conv_macs,reduction", [
@@ -405,3 +413,23 @@ def test_prune_stage_policy_all_option_a_summary_and_fresh_process(tiny_config, 
     assert code == 1 and "Traceback" not in err
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert "skip: 99 matches no convolution" in line
+
+
+def test_depthwise_se_and_grouped_convolutions(caplog):
+    """Depthwise convs follow their input's group and an SE gate couples no residual stream
+    (both block-internal); groups feeding grouped convs (ResNeXt) are left unpruned."""
+    torch.manual_seed(0)
+    model = build_model({"name": "mobilenet_v2", "num_classes": 10})
+    report = prune_model(model, PruneSpec(method="l1", ratio=0.4), X32)
+    assert len(report.layers) == 20 and not any(e["coupled"] for e in report.layers)
+    assert any(len(e["convs"]) == 2 for e in report.layers)  # expansion + its depthwise conv
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    model = build_model({"name": "efficientnet_b0", "num_classes": 10})
+    report = prune_model(model, PruneSpec(method="l1", ratio=0.4), X32)
+    assert len(report.layers) == 35  # SE-gated expansions included
+    model = build_model({"name": "resnext50_32x4d", "num_classes": 10})
+    with caplog.at_level("WARNING", logger="pipeline.pruning"):
+        report = prune_model(model, PruneSpec(method="l1", ratio=0.4, policy="all"), X32)
+    assert "grouped convolutions" in caplog.text
+    assert model.layer1[0].conv2.out_channels == 128  # untouched
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)

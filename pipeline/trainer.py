@@ -635,9 +635,10 @@ class _Progress:
         if self.bar is None:
             return
         loss, correct, n = sums
-        self.bar.set_postfix(loss=f"{loss / max(n, 1):.3f}", acc=f"{100 * correct / max(n, 1):.1f}",
-                             lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}", refresh=False)
         self.bar.update(done - self.bar.n)
+        # redrawn once per log interval (the only time these numbers are known)
+        self.bar.set_postfix(loss=f"{loss / max(n, 1):.3f}", acc=f"{100 * correct / max(n, 1):.1f}",
+                             lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -90,7 +90,16 @@ def first_epoch_losses(stage_dir: Path) -> dict[int, float]:
             if r["epoch"] == "0"}
 
 
-def test_torchrun_smoke_pipeline(tmp_path, cli):
+@pytest.fixture
+def one_thread():
+    """torchrun gives each of its processes one thread; so does the reference run here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_torchrun_smoke_pipeline(tmp_path, cli, one_thread):
     smoke = ROOT / "configs" / "smoke.yaml"
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
 

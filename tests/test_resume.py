@@ -37,7 +37,7 @@ CONFIG = {
 
 def run_cli(config, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline run CONFIG ...` in a fresh process (same env, same threads)."""
-    env = dict(os.environ)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: fast on a busy 2-core box
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault

@@ -238,3 +238,18 @@ def test_channels_last_progress_and_missing_tensorboard(tmp_path, capsys, caplog
 def test_global_batch_too_small_for_the_world(tmp_path):
     with pytest.raises(ConfigError, match="stages.pretrain.batch_size"):
         make_trainer(tmp_path, batch_size=4, dist=DistInfo(rank=0, world_size=4))
+
+
+def test_compiled_model_trains_and_saves_the_plain_module(tmp_path, monkeypatch):
+    """`compile: true` wraps the model in torch.compile (the eager backend here, to skip
+    code generation); checkpoints hold the plain module's keys, resumable without it."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    trainer = make_trainer(tmp_path, steps=2, compile=True)
+    assert hasattr(trainer.net, "_orig_mod") and trainer.net._orig_mod is trainer.module
+    trainer.fit()
+    state = ckpt.load(tmp_path / "last.pt")
+    assert set(state["state_dict"]) == set(build_model(ARCH).state_dict())
+    plain = make_trainer(tmp_path, steps=2, epochs=2)
+    assert plain.try_resume() and plain.global_step == 2

@@ -28,6 +28,7 @@ device for this rank's share of each global batch, `num_samples`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -901,57 +902,57 @@ def input_size(cfg: DataConfig) -> tuple[int, int, int]:
     return (3, s, s)
 
 
-def _rank_zero_first():
-    """Context manager: under DDP the first process of each node reads (and caches) the
-    data before the others, which then find the cache instead of decoding too."""
-    import contextlib
-
+@contextlib.contextmanager
+def _rank_zero_first() -> Iterator[None]:
+    """Under DDP the first process of each node reads (and caches) the data before the
+    others, which then find the cache instead of decoding too."""
     import torch.distributed as dist
 
-    @contextlib.contextmanager
-    def ctx():
-        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        if active and not first:
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if active and not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if active and first:
             dist.barrier()
-        try:
-            yield
-        finally:
-            if active and first:
-                dist.barrier()
-
-    return ctx()
 
 
 def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                device: torch.device, rank: int = 0, world_size: int = 1,
                channels_last: bool = False) -> DataBundle:
-    """Train and test loaders for one stage (batch sizes are global)."""
-    device = torch.device(device)
-    mean, std = normalization(cfg)
-    size = input_size(cfg)
-    if use_tensor_path(cfg):
-        with _rank_zero_first():
-            train = read_split(cfg, True, seed)
-            test = read_split(cfg, False, seed, classes=train.classes)
-        kw = dict(device=device, mean=mean, std=std, rank=rank, world_size=world_size,
-                  channels_last=channels_last, seed=seed)
-        pad = cfg.pad if _crop_mode(cfg) == "pad" else 0
-        tl = TensorLoader(train, batch_size, True, pad=pad, flip=cfg.flip, **kw)
-        vl = TensorLoader(test, eval_batch_size, False, pad=0, flip=False, **kw)
-        nc = cfg.synthetic.num_classes if cfg.dataset == "synthetic" else len(train.classes)
-        nc = max(nc, int(train.labels.max()) + 1)
-        where = "" if device.type == "cpu" else f" on {device}"
-        desc = (f"{cfg.dataset} ({tl.n} train / {vl.n} test, {tuple(train.images.shape[1:])}, "
-                f"in memory{where})")
-        log.info("data: %s", desc)
-        return DataBundle(tl, vl, nc, tuple(train.images.shape[1:]), desc)
+    """Train and test loaders for one stage (batch sizes are global): the fast path for
+    small images, the DataLoader path otherwise (see `use_tensor_path`)."""
+    kw = dict(seed=seed, device=torch.device(device), rank=rank, world_size=world_size,
+              channels_last=channels_last)
+    build = _build_tensor if use_tensor_path(cfg) else _build_dataloader
+    bundle = build(cfg, batch_size, eval_batch_size, **kw)
+    log.info("data: %s", bundle.description)
+    return bundle
 
-    crop = _crop_mode(cfg)
-    s = size[1]
-    resize = cfg.resize_size or int(round(s * 256 / 224))
-    common = dict(size=s, crop=crop, pad=cfg.pad, flip=cfg.flip, resize=resize,
-                  scale_min=cfg.crop_scale)
+
+def _build_tensor(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
+                  device: torch.device, **kw) -> DataBundle:
+    with _rank_zero_first():
+        train = read_split(cfg, True, seed)
+        test = read_split(cfg, False, seed, classes=train.classes)
+    mean, std = normalization(cfg)
+    pad = cfg.pad if _crop_mode(cfg) == "pad" else 0
+    tl = TensorLoader(train, batch_size, True, seed, device, mean, std, pad=pad, flip=cfg.flip,
+                      **kw)
+    vl = TensorLoader(test, eval_batch_size, False, seed, device, mean, std, pad=0, flip=False,
+                      **kw)
+    nc = cfg.synthetic.num_classes if cfg.dataset == "synthetic" else len(train.classes)
+    nc = max(nc, int(train.labels.max()) + 1)
+    shape = tuple(train.images.shape[1:])
+    where = "" if device.type == "cpu" else f" on {device}"
+    desc = f"{cfg.dataset} ({tl.n} train / {vl.n} test, {shape}, in memory{where})"
+    return DataBundle(tl, vl, nc, shape, desc)
+
+
+def _build_dataloader(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
+                      device: torch.device, **kw) -> DataBundle:
     root = _resolve_root(cfg)
     if cfg.dataset == "imagefolder" or (cfg.dataset != "synthetic" and (root / "train").is_dir()):
         train_dir, eval_dir = split_folders(root)
@@ -960,30 +961,30 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int
         train_src: _FileSource | _ArraySource = _FileSource(items, train_dir)
         test_src: _FileSource | _ArraySource = _FileSource(test_items, eval_dir)
         where = str(root)
-    else:
+        labels = (torch.tensor(train_src.labels), torch.tensor(test_src.labels))
+        limits = (cfg.train_samples, cfg.test_samples)
+        train_idx, test_idx = (None if n is None else balanced_indices(lab, n, seed)
+                               for lab, n in zip(labels, limits, strict=True))
+    else:  # decoded in memory already (synthetic, torchvision CIFAR): subsets applied
         train_set, test_set = read_split(cfg, True, seed), read_split(cfg, False, seed)
         classes = train_set.classes
-        if cfg.dataset == "synthetic":
-            classes = [f"class{i}" for i in range(cfg.synthetic.num_classes)]
         train_src, test_src = _ArraySource(train_set, "train"), _ArraySource(test_set, "test")
         where = cfg.dataset if cfg.dataset == "synthetic" else str(root)
-    train_idx = test_idx = None
-    if cfg.train_samples is not None and isinstance(train_src, _FileSource):
-        train_idx = balanced_indices(torch.tensor(train_src.labels), cfg.train_samples, seed)
-    if cfg.test_samples is not None and isinstance(test_src, _FileSource):
-        test_idx = balanced_indices(torch.tensor(test_src.labels), cfg.test_samples, seed)
-    kw = dict(cfg=cfg, device=device, mean=mean, std=std, rank=rank, world_size=world_size,
-              channels_last=channels_last, seed=seed)
-    tl = FolderLoader(train_src, batch_size, True, views=_Views(True, **common),
-                      indices=train_idx, **kw)
-    vl = FolderLoader(test_src, eval_batch_size, False, views=_Views(False, **common),
-                      indices=test_idx, **kw)
+        train_idx = test_idx = None
+    crop, s = _crop_mode(cfg), input_size(cfg)[1]
+    views = dict(size=s, crop=crop, pad=cfg.pad, flip=cfg.flip, scale_min=cfg.crop_scale,
+                 resize=cfg.resize_size or int(round(s * 256 / 224)))
+    mean, std = normalization(cfg)
+    common = dict(cfg=cfg, device=device, mean=mean, std=std, **kw)
+    tl = FolderLoader(train_src, batch_size, True, seed, views=_Views(True, **views),
+                      indices=train_idx, **common)
+    vl = FolderLoader(test_src, eval_batch_size, False, seed, views=_Views(False, **views),
+                      indices=test_idx, **common)
     tl.probe()
     vl.probe()
     desc = (f"{cfg.dataset} {where} ({tl.n} train / {vl.n} test, {crop} crop {s}px, "
             f"DataLoader x{cfg.num_workers} workers)")
-    log.info("data: %s", desc)
-    return DataBundle(tl, vl, len(classes), size, desc)
+    return DataBundle(tl, vl, len(classes), (3, s, s), desc)
 
 
 def describe(cfg: DataConfig) -> tuple[int, tuple[int, int, int]]:

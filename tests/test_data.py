@@ -208,6 +208,11 @@ def test_dataloader_workers_persist_and_stay_deterministic():
     workers = list(loader._dataloader()._iterator._workers)
     second = epoch(loader, 1)
     resumed = epoch(loader, 1, start=1)
+    loader.set_epoch(2)
+    for k, _ in enumerate(loader.iterate(0)):  # stop at the last batch, as the trainer does
+        if k + 1 == len(loader):
+            break
+    assert same_batches(epoch(loader, 0), first)  # the abandoned iteration left no residue
     assert loader._dataloader()._iterator._workers == workers  # the same processes
     assert all(w.is_alive() for w in workers)
     assert same_batches(first, epoch(ref, 0)) and same_batches(second, epoch(ref, 1))

@@ -163,6 +163,8 @@ class FPGMConfig:
 
 @dataclass
 class PruneSpec:
+    """What to prune and how (the keys of a prune stage; see the module docstring)."""
+
     method: Method = opt("fpgm", "criterion: fpgm | l1 | l2 | random")
     ratio: float | None = opt(None, "share of filters removed per pruned layer (default 0.4 "
                               "unless target_macs_reduction is given)", gt=0, lt=1)
@@ -244,11 +246,6 @@ def checked(spec: PruneSpec) -> PruneSpec:
     except Invalid as err:
         raise PruningError(f"{err.key}: {err.message}") from None
     return spec
-
-
-def selection_differences(a: PruneSpec, b: PruneSpec) -> list[str]:
-    """Selection keys (see SELECTION_KEYS) on which two specs differ."""
-    return [k for k in SELECTION_KEYS if getattr(a, k) != getattr(b, k)]
 
 
 # --------------------------------------------------------------------------- layers

@@ -67,6 +67,26 @@ def atomic_save(obj: Any, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def link(src: Path, dst: Path) -> bool:
+    """Atomically make `dst` a hard link to the checkpoint `src`; False where the file
+    system has no hard links (the caller then writes a copy)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        return False
+    _fsync_dir(dst.parent)
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (POSIX); best effort elsewhere."""
     try:

@@ -270,14 +270,22 @@ class Trainer:
         return payload
 
     def _save(self, best: bool = False) -> None:
-        """Write last.pt (the previous one kept as last.prev.pt) and, if asked, best.pt."""
+        """Write last.pt (the previous one kept as last.prev.pt) and, if asked, best.pt.
+
+        best.pt first: a crash in between resumes from the older last.pt and redoes the
+        epoch, so best.pt never lags behind the best epoch a checkpoint records. When
+        both are written, last.pt is a hard link to best.pt (one serialization, one fsync);
+        files are only ever replaced, never written in place, so the link is safe.
+        """
         state = self.state()
         if self.dist.is_main:
+            best_path = self.out_dir / "best.pt"
             if best:
-                ckpt.save(state, self.out_dir / "best.pt")
+                ckpt.save(state, best_path)
             if self.last_path.exists():
                 os.replace(self.last_path, self.prev_path)
-            ckpt.save(state, self.last_path)
+            if not (best and ckpt.link(best_path, self.last_path)):
+                ckpt.save(state, self.last_path)
         D.barrier()
         self.saved_step = self.global_step
         self._fault.after_checkpoint(self.global_step)

@@ -114,3 +114,16 @@ def test_weights_file_with_module_prefix(tmp_path):
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "w.pth")
     sd = ckpt.load_weights_file(tmp_path / "w.pth")
     build_model(ARCH).load_state_dict(sd, strict=True)
+
+
+def test_link_then_replace_leaves_the_other_name_intact(saved):
+    """The trainer hard-links last.pt to best.pt; replacing last.pt later (a new file)
+    must not change best.pt."""
+    path, model = saved
+    last = path.with_name("last.pt")
+    assert ckpt.link(path, last)
+    assert os.path.samefile(path, last)
+    before = path.read_bytes()
+    ckpt.save_model(last, build_model(ARCH), ARCH)
+    assert path.read_bytes() == before and not os.path.samefile(path, last)
+    assert not list(path.parent.glob(".*.tmp"))

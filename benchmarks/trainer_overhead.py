@@ -7,7 +7,7 @@ The trainer's round is a whole `fit()` of one epoch: lr schedule, on-device stat
 the end-of-epoch host sync, metrics row, train_log.csv and the last.pt/best.pt writes;
 evaluation gets an empty test set (the bare loop does not evaluate either).
 
-    python benchmarks/trainer_overhead.py            # 8 rounds of 10 steps
+    python benchmarks/trainer_overhead.py            # 8 rounds of 20 steps
     python benchmarks/trainer_overhead.py --quick    # 3 rounds of 5 steps, under a minute
 
 One CPU thread by default: on a small shared machine, OpenMP threads that wait at every
@@ -112,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 rounds of 5 steps (under a minute)")
     p.add_argument("--rounds", type=int, default=None, help="measured rounds (default 8)")
-    p.add_argument("--steps", type=int, default=None, help="steps per round (default 10)")
+    p.add_argument("--steps", type=int, default=None, help="steps per round (default 20)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--batch", type=int, default=128, help="batch size")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 8)
-    steps = args.steps or (5 if args.quick else 10)
+    steps = args.steps or (5 if args.quick else 20)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
 

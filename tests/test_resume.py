@@ -67,7 +67,30 @@ def log_rows(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def one_thread():
+    """The in-process runs use one thread, like the killed subprocesses (same kernels,
+    same summation order), and one thread is fast on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_in_process(config, *args: str) -> tuple[int, str]:
+    """`python -m pipeline run` in this process (saves a torch import per run)."""
+    import contextlib
+    import io
+
+    from pipeline.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", str(config), *args, "--progress", "off"])
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, one_thread):
     """The uninterrupted run of the whole pipeline."""
     import yaml
     from conftest import TINY, deep_update
@@ -77,22 +100,23 @@ def reference(tmp_path_factory):
     cfg["out_dir"] = str(base / "runs")
     path = base / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    done = run_cli(path)
-    assert done.returncode == 0, done.stderr
+    code, err = run_in_process(path)
+    assert code == 0, err
     return path, base / "runs" / "tiny"
 
 
 def killed_then_resumed(config, run_dir, fault: str, stage: str, at_step: int) -> None:
-    """Run until the fault kills the process, check where it died, then resume to the end."""
+    """Run in a subprocess until the fault kills it, check where it died, then resume to
+    the end in this process."""
     killed = run_cli(config, "--stage", stage, fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     last = ckpt.load(run_dir / stage / "last.pt")
     assert last["global_step"] == at_step
     assert not (run_dir / stage / "model.pt").exists()
-    resumed = run_cli(config, "--stage", stage)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"at epoch {at_step // STEPS_PER_EPOCH}, step {at_step}" in resumed.stderr
-    assert "Traceback" not in resumed.stderr
+    code, err = run_in_process(config, "--stage", stage)
+    assert code == 0, err
+    assert f"at epoch {at_step // STEPS_PER_EPOCH}, step {at_step}" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("fault, at_step", [

@@ -91,6 +91,13 @@ def _check_links(cfg: RunConfig, loader: Loader) -> None:
     for i, (name, spec) in enumerate(cfg.stages.items()):
         earlier = names[:i]
         needs_input = getattr(registry[spec.type], "NEEDS_INPUT", False)
+        if getattr(spec, "epochs", 1) == 0:
+            if spec.type != "pretrain":
+                loader.fail(f"stages.{name}.epochs", f"expected an integer >= 1 for a {spec.type} "
+                            "stage, got 0")
+            if not cfg.model.pretrained:
+                loader.fail(f"stages.{name}.epochs", "0 epochs needs model.pretrained (a local "
+                            "weights file to pass on instead of training)")
         distill = getattr(spec, "distill", None)
         if distill is not None and distill.from_ not in earlier:
             close = difflib.get_close_matches(distill.from_, earlier, n=1)

@@ -81,12 +81,27 @@ def stage_hash(cfg: RunConfig, name: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (pytest and notebooks swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     logger = logging.getLogger("pipeline")
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    h = logging.StreamHandler(sys.stderr)
+    h = _StderrHandler()
     h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(h)
     for name in ("pipeline.data", "pipeline.pruning"):
@@ -179,9 +194,9 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
         return done
     if spec.from_ is not None and not is_complete(run_dir / spec.from_):
         raise UsageError(
-            f"stage '{name}' needs stage '{spec.from_}' to be completed first ({run_dir / spec.from_}"
-            f" has no completed summary): run `python -m pipeline run {source} --stage "
-            f"{spec.from_}`" + ("" if only else ""))
+            f"stage '{name}' needs stage '{spec.from_}' to be completed first "
+            f"({run_dir / spec.from_} has no completed summary): run "
+            f"`python -m pipeline run {source} --stage {spec.from_}`")
     distill = getattr(spec, "distill", None)
     if distill is not None and not is_complete(run_dir / distill.from_):
         raise UsageError(f"stage '{name}' distills from stage '{distill.from_}', which is not "

@@ -75,7 +75,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(1, "training epochs", min=1)
+    epochs: int = opt(1, "training epochs (pretrain: 0 passes model.pretrained weights on "
+                      "after an evaluation)", min=0)
     batch_size: int = opt(128, "global batch size (split across DDP ranks)", min=1)
     eval_batch_size: int | None = opt(None, "evaluation batch (default: max(batch_size, 256))",
                                       min=1)

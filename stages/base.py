@@ -36,7 +36,7 @@ class StageBase:
 class StageContext:
     """Where a stage runs and what it can read: one per stage execution."""
 
-    run: "RunConfig"
+    run: RunConfig
     name: str
     run_dir: Path
     stage_dir: Path
@@ -69,7 +69,7 @@ class StageContext:
         return tuple(self.extra["input_size"])
 
 
-def upstream_training_stage(run: "RunConfig", name: str) -> str | None:
+def upstream_training_stage(run: RunConfig, name: str) -> str | None:
     """Nearest stage up the `from` chain of `name` that trains (pretrain/scratch/finetune)."""
     seen = set()
     cur = run.stages[name].from_
@@ -82,7 +82,7 @@ def upstream_training_stage(run: "RunConfig", name: str) -> str | None:
     return None
 
 
-def upstream_of_type(run: "RunConfig", name: str, kind: str) -> str | None:
+def upstream_of_type(run: RunConfig, name: str, kind: str) -> str | None:
     seen = set()
     cur = run.stages[name].from_
     while cur is not None and cur not in seen:

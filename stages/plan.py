@@ -68,6 +68,9 @@ def finetune_default_problem(run, name: str) -> str | None:
     up = upstream_training_stage(run, name)
     if up is None:
         return "required: no training stage upstream to take the lowest lr from"
+    if run.stages[up].epochs == 0:
+        return (f"required: the upstream stage '{up}' trains no epochs (it passes "
+                "model.pretrained on), so it has no lowest lr to take")
     sched = run.stages[up].schedule
     if sched.decays_to_zero:
         return (f"required: the upstream stage '{up}' decays to 0 ({sched.type}, min_lr 0), so "

@@ -65,6 +65,8 @@ def run(spec: Config, ctx: StageContext) -> dict:
     if zero is None:
         zero = ctx.run.model.zero_init_residual
     model, arch = dense_model(ctx, zero)
+    if spec.epochs == 0:
+        return _pass_on(ctx, spec, model, arch)
     soft = spec.prune_during_training
     if soft is None:
         return training.train(ctx, spec, model, arch, base_lr(spec, ctx.run, ctx.name))
@@ -92,6 +94,26 @@ def run(spec: Config, ctx: StageContext) -> dict:
     result["soft_pruned_filters"] = sum(len(e["removed"]) for e in record)
     result["soft_pruned_groups"] = len(record)
     return result
+
+
+def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict) -> dict:
+    """0 epochs: the pretrained weights, evaluated, become this stage's output."""
+    from pipeline.data import build_data
+    from pipeline.models import count_macs, count_params
+    from pipeline.trainer import evaluate
+
+    batch = training.eval_batch(spec)
+    data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
+                      ctx.dist.world_size, spec.channels_last)
+    metrics = evaluate(model.to(ctx.device), data.test, ctx.device,
+                       training.precision_of(spec, ctx))
+    model.cpu()
+    if ctx.dist.is_main:
+        ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch,
+                        {"stage": ctx.name, "pretrained": ctx.run.model.pretrained})
+    macs = count_macs(model, data.input_size)
+    return {**metrics, "params": count_params(model), "macs": macs["total"],
+            "conv_macs": macs["conv"], "epochs": 0, "pretrained": ctx.run.model.pretrained}
 
 
 def _stored_record(ctx: StageContext) -> list[dict]:

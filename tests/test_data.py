@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY, deep_update
 from PIL import Image
 
+from conftest import TINY, deep_update
 from pipeline import data as D
 from pipeline.config import ConfigError, Loader
 from pipeline.data import DataConfig, DataError, FolderLoader, ImageSet, TensorLoader

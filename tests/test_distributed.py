@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 
+from conftest import ROOT
 from pipeline import checkpoint as ckpt
 from pipeline.trainer import FAULT_ENV
 

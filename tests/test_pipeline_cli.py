@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import ROOT
 
 
@@ -149,3 +150,24 @@ def test_module_entry_point_help():
                              text=True, cwd=ROOT)
         assert out.returncode == 0
         assert "usage:" in out.stdout
+
+
+def test_pretrained_weights_in_place_of_pretraining(tiny_config, cli, tmp_path):
+    """pretrain with epochs 0 passes model.pretrained on; finetune then needs an explicit lr."""
+    first = tiny_config({"name": "source", "stages": {"pretrain": {"epochs": 1}}}, "a.yaml")
+    assert cli("run", first, "--stage", "pretrain")[0] == 0
+    weights = tmp_path / "runs/source/pretrain/model.pt"
+    over = {"model": {"pretrained": str(weights)},
+            "stages": {"pretrain": {"epochs": 0}, "finetune": {"lr": 0.01}}}
+    cfg = tiny_config(over, "b.yaml")
+    code, _, err = cli("run", cfg)
+    assert code == 0, err
+    s = json.loads((tmp_path / "runs/tiny/pretrain/summary.json").read_text())
+    src = json.loads((tmp_path / "runs/source/pretrain/summary.json").read_text())
+    assert s["epochs"] == 0 and s["top1"] == pytest.approx(src["top1"])
+    # without a finetune lr there is no schedule upstream to take the lowest lr from
+    bad = tiny_config({**over, "stages": {"pretrain": {"epochs": 0}}}, "c.yaml")
+    code, _, err = cli("run", bad, "--dry-run")
+    assert code == 2 and "stages.finetune.lr" in err
+    code, _, err = cli("run", tiny_config({"stages": {"pretrain": {"epochs": 0}}}, "d.yaml"))
+    assert code == 2 and "model.pretrained" in err

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT
 
+from conftest import ROOT
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, Loader
 from pipeline.models import PadShortcut, build_model, count_macs

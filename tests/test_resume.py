@@ -18,8 +18,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 
+from conftest import ROOT
 from pipeline import checkpoint as ckpt
 from pipeline.trainer import FAULT_ENV
 
@@ -93,6 +93,7 @@ def run_in_process(config, *args: str) -> tuple[int, str]:
 def reference(tmp_path_factory, one_thread):
     """The uninterrupted run of the whole pipeline."""
     import yaml
+
     from conftest import TINY, deep_update
 
     base = tmp_path_factory.mktemp("resume")

@@ -138,6 +138,7 @@ def _training_entry(run, name: str, spec) -> dict:
                              "target_lr": _fmt(sched.warmup_target()) if warm else None},
                   "description": sched.describe()},
         lr_by_epoch={str(ch["epoch"]): ch["lr"] for ch in sched.epoch_changes()},
+        lr_changes=sched.epoch_changes(),  # the same as a list of {epoch, lr}
         lr_key_steps=[{"step": k["step"], "epoch": _fmt(k["step"] / spe),
                        "lr": _fmt(sched.lr(k["step"])), "what": k["what"]}
                       for k in sched.key_steps()],

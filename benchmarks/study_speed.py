@@ -13,7 +13,7 @@ The two alternate in chunks, so a change in machine load hits both. Images/s cou
 images trained on, from the first step of a chunk to the last (the DataLoader's worker
 start-up is excluded: its iterator is created once, before timing, and kept).
 
-    python benchmarks/study_speed.py             # one epoch's worth of steps each
+    python benchmarks/study_speed.py             # one epoch's worth of steps each (195)
     python benchmarks/study_speed.py --quick     # 24 steps each, under a minute
 """
 
@@ -99,7 +99,7 @@ def plain_side(root: Path, spec, workers: int):
 
     it = iter(loader)
     first = next(it)  # worker start-up, outside the timing
-    return step, it, first
+    return step, it, first, len(loader)
 
 
 def main() -> None:
@@ -112,8 +112,9 @@ def main() -> None:
     root = data_root(args.root)
     device = torch.device("cpu")
     trainer, study_it, spec = study_side(root, device)
-    step, plain_it, pending = plain_side(root, spec, args.workers)
-    steps = 24 if args.quick else 196
+    step, plain_it, pending, plain_len = plain_side(root, spec, args.workers)
+    # one epoch's worth: the epoch's batches less the untimed warm-up step
+    steps = 24 if args.quick else min(len(trainer.data.train), plain_len) - 1
     chunk = 8 if args.quick else 49
     times = {"study": 0.0, "plain": 0.0}
     images = {"study": 0, "plain": 0}

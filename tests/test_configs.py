@@ -97,6 +97,25 @@ def check_quickstart(cli) -> None:
     assert images <= 60000, "the quickstart must stay a few minutes on a laptop CPU"
 
 
+def check_cifar10_cpu_study(cli) -> None:
+    p = plan_of(cli, "cifar10_cpu_study.yaml")
+    assert p["data"]["dataset"] == "cifar10" and p["model"]["arch"] == "resnet20"
+    assert [s["type"] for s in p["stages"]] == ["pretrain", "prune", "finetune", "prune",
+                                                "finetune", "scratch"]
+    pre = stage(p, "pretrain")
+    expect_training(pre, epochs=20, batch=256, lr=0.2, wd=5e-4)  # 0.1 per 128, scaled
+    assert pre["precision"] == "fp32" and pre["optimizer"]["nesterov"]
+    w = pre["schedule"]["warmup"]
+    assert pre["schedule"]["type"] == "cosine" and (w["type"], w["epochs"]) == ("gradual", 1)
+    assert pre["recipe"]["label_smoothing"] == pytest.approx(0.1)
+    expect_prune(stage(p, "prune_fpgm"), "fpgm", 0.4)
+    expect_prune(stage(p, "prune_l1"), "l1", 0.4)
+    for ft in ("finetune_fpgm", "finetune_l1"):
+        expect_training(stage(p, ft), epochs=6, batch=256, lr=0.02, wd=5e-4)
+    sb = stage(p, "scratch_b")
+    assert sb["budget"] == "B" and sb["from"] == "prune_fpgm" and sb["epochs"] == 20
+
+
 def check_cifar10_fpgm(cli) -> None:
     p = plan_of(cli, "cifar10_fpgm.yaml")
     assert (p["model"]["arch"], p["model"]["shortcut"]) == ("resnet56", "A")

@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, to_plain
 from .data import DataError, check_available, describe
 from .pruning import PruningError
+from .report import read_summary
 from .runconfig import RunConfig, load_config
 from .trainer import TrainingError
 
@@ -39,13 +40,6 @@ USAGE_ERRORS = (ConfigError, DataError)
 
 class UsageError(RuntimeError):
     """A user mistake found at run time (a stage's missing input...): exit code 2."""
-
-
-def read_summary(stage_dir: Path) -> dict | None:
-    try:
-        return json.loads((stage_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def is_complete(stage_dir: Path) -> bool:

@@ -38,6 +38,18 @@ def deep_update(base: dict, over: dict) -> dict:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run as fast on one, and the two shared cores do not
+    stall each other (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_config(tmp_path):
     """Write a tiny config (optionally updated) into tmp_path; returns its path.
 

@@ -12,13 +12,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.models import count_params
 from pipeline.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class WatchedTrainer(Trainer):

@@ -29,13 +29,7 @@ from pipeline.pruning import (
 X32 = torch.zeros(1, 3, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resnet(depth: int = 20, shortcut: str = "A", seed: int = 0) -> nn.Module:

@@ -16,13 +16,7 @@ from pipeline.models import PadShortcut, build_model
 from pipeline.pruning import PruneSpec, prune_model
 from stages import scratch
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec_of(**kw) -> scratch.Config:

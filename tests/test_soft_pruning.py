@@ -16,12 +16,7 @@ from pipeline.pruning import PruneSpec, SoftPruner
 X = torch.zeros(1, 3, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def net() -> nn.Module:

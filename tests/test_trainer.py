@@ -22,13 +22,7 @@ from pipeline.trainer import TrainConfig, Trainer, TrainingError, autocast_conte
 ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and far faster when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Batches:

@@ -29,7 +29,8 @@ Which groups are pruned:
 
 Counts: floor(ratio x filters) removed, as the official FPGM code does (6/12/25 of
 16/32/64 at 40%); with `round_to` torch-pruning's rule: keep int(filters x (1 - ratio))
-rounded down to a multiple of round_to. `round_to: 1` is also the rounding of the L1
+rounded down to a multiple of round_to (`round_mode: nearest`: to the nearest multiple,
+so 40% of 16/32/64 at round_to 8 keeps 8/16/40). `round_to: 1` is also the rounding of the L1
 paper's code (Rethinking's res56prune.py keeps int(filters x (1 - ratio)): 6 of 16 at
 60%), which its ResNet-56-B figure (9.09E7 MACs) needs. `target_macs_reduction` prunes
 in small steps (every pruned group's ratio grows by `target_step`, the criterion
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 Method = Literal["fpgm", "l1", "l2", "random"]
 DEFAULT_RATIO = 0.4
 SELECTION_KEYS = ("method", "ratio", "fpgm", "policy", "include", "skip", "layer_ratios",
-                  "skip_downsample", "round_to", "global_ranking")
+                  "skip_downsample", "round_to", "round_mode", "global_ranking")
 
 
 class PruningError(RuntimeError):
@@ -126,19 +127,27 @@ def lowest(scores: np.ndarray, n: int) -> list[int]:
     return sorted(np.argsort(scores, kind="stable")[:n].tolist())
 
 
-def prune_count(channels: int, ratio: float, round_to: int | None = None) -> int:
+def prune_count(channels: int, ratio: float, round_to: int | None = None,
+                round_mode: str = "down") -> int:
     """Filters to remove from a layer of `channels` at `ratio`.
 
     Default: floor(ratio * channels), as the official FPGM and L1 code do (with a 1e-9
     tolerance so that 0.29 x 100 counts 29); at least one filter is kept. With
     `round_to`: torch-pruning's rule, keep int(channels * (1 - ratio)) rounded down to a
-    multiple of round_to (at least round_to); round_to 1 is its plain rounding.
+    multiple of round_to (at least round_to); round_to 1 is its plain rounding. With
+    round_mode "nearest": keep channels * (1 - ratio) rounded to the nearest multiple of
+    round_to (halves up; at least round_to, at most channels), e.g. 40% of 16/32/64 keeps
+    8/16/40 at round_to 8, widths that CPU and GPU kernels run at full speed.
     """
     if ratio <= 0:
         return 0
     if round_to:
-        keep = int(channels * (1 - ratio))
-        keep -= keep % round_to
+        if round_mode == "nearest":
+            keep = int(math.floor(channels * (1 - ratio) / round_to + 0.5 + 1e-9)) * round_to
+            keep = min(keep, channels)
+        else:
+            keep = int(channels * (1 - ratio))
+            keep -= keep % round_to
         keep = max(keep, min(round_to, channels), 1)
         return max(0, channels - keep)
     return max(0, min(channels - 1, int(math.floor(ratio * channels + 1e-9))))
@@ -185,6 +194,9 @@ class PruneSpec:
     round_to: int | None = opt(None, "torch-pruning's rounding instead of floor(ratio x "
                                "filters): keep int(filters x (1 - ratio)) rounded down to a "
                                "multiple of this", min=1)
+    round_mode: Literal["down", "nearest"] = opt(
+        "down", "how round_to rounds the kept filters: down (torch-pruning's rule) or to the "
+        "nearest multiple (40% of 16/32/64 at round_to 8: keep 8/16/40 instead of 8/16/32)")
     target_macs_reduction: float | None = opt(
         None, "instead of a ratio: prune in small steps until the MACs (conv + linear) fall "
         "by this share", gt=0, lt=1)
@@ -217,6 +229,9 @@ class PruneSpec:
                 raise Invalid("fpgm.distance_ratio", f"norm_ratio + distance_ratio = {total:g} "
                               f"differs from ratio {self.ratio:g} (leave ratio unset)")
             self.ratio = total
+        if self.round_mode != "down" and not self.round_to:
+            raise Invalid("round_mode", f"{self.round_mode!r} rounds to multiples of round_to: "
+                          "set round_to too")
         if self.ratio is None and self.target_macs_reduction is None:
             self.ratio = DEFAULT_RATIO
         if self.layer_ratios and self.target_macs_reduction is not None:
@@ -440,7 +455,7 @@ def _is_grouped(m: nn.Module) -> bool:
 def _select_in_group(spec: PruneSpec, g: Group, ratio: float, seed: int) -> list[int]:
     """One-shot local selection: indices (current numbering) of g's filters to remove."""
     channels = g.channels
-    n = prune_count(channels, ratio, spec.round_to)
+    n = prune_count(channels, ratio, spec.round_to, spec.round_mode)
     if n <= 0:
         return []
     weights = g.weights()
@@ -500,6 +515,11 @@ def _global_selection(spec: PruneSpec, groups: list[Group], n_total: int,
                 continue
             keep = g.channels - len(taken[gi])
             extra = keep % spec.round_to if keep > spec.round_to else 0
+            if (extra and spec.round_mode == "nearest" and 2 * extra >= spec.round_to
+                    and keep + spec.round_to - extra <= g.channels):
+                # nearest: give back the highest-ranked of the taken filters instead
+                del taken[gi][len(taken[gi]) - (spec.round_to - extra):]
+                continue
             if extra:
                 s = group_scores(spec.method, g.weights(), seed + gi)
                 rest = [i for i in np.argsort(s, kind="stable").tolist() if i not in taken[gi]]
@@ -520,7 +540,7 @@ def select(spec: PruneSpec, groups: list[Group], seed: int,
     for gi, g in enumerate(groups):
         ratio = ratio_scale if ratio_scale is not None else g.ratio
         if ratio_scale is not None:  # the target's cumulative ratio of the dense width
-            want = prune_count(g.width, ratio, spec.round_to)
+            want = prune_count(g.width, ratio, spec.round_to, spec.round_mode)
             n_more = want - (g.width - g.channels)
             if n_more <= 0:
                 continue

@@ -520,6 +520,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def _series(x: list[float], rows: list[dict], key: str) -> tuple[list, list]:
+    """(x, values) of the rows that hold `key` (epochs without a test pass are skipped)."""
+    pts = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
 def plot_curves(run_dir: Path, path: Path) -> Path:
     """Top-1 and loss per epoch of every training stage of a run, each stage drawn from
     where its input ends (finetune and scratch continue after the pretrain epochs)."""
@@ -542,11 +548,10 @@ def plot_curves(run_dir: Path, path: Path) -> Path:
             continue
         x = [start + r.get("epoch", i) + 1 for i, r in enumerate(rows)]
         ends[name] = x[-1]
-        line = a1.plot(x, [r.get("top1") for r in rows], marker=".", label=name)[0]
+        line = a1.plot(*_series(x, rows, "top1"), marker=".", label=name)[0]
         c = line.get_color()
-        a2.plot(x, [r.get("train_loss") for r in rows], color=c, marker=".",
-                label=f"{name} train")
-        a2.plot(x, [r.get("test_loss") for r in rows], color=c, ls="--", marker=".",
+        a2.plot(*_series(x, rows, "train_loss"), color=c, marker=".", label=f"{name} train")
+        a2.plot(*_series(x, rows, "test_loss"), color=c, ls="--", marker=".",
                 label=f"{name} test")
         drawn += 1
     a1.set_title(f"{run_dir.name}: test top-1")

@@ -80,6 +80,9 @@ class TrainConfig:
     batch_size: int = opt(128, "global batch size (split across DDP ranks)", min=1)
     eval_batch_size: int | None = opt(None, "evaluation batch (default: max(batch_size, 256))",
                                       min=1)
+    eval_every: int = opt(1, "evaluate on the test set every N epochs and after the last one "
+                          "(the other epochs' metrics.csv rows leave the test columns empty; "
+                          "best.pt is chosen among the evaluated epochs)", min=1)
     lr: float | LinearScaling | None = opt(
         None, "peak lr, or {base, per_batch} for the linear scaling rule; "
         "pretrain/scratch default 0.1, finetune default the lowest lr upstream", min=0)
@@ -588,7 +591,9 @@ class Trainer:
         for hook in self.epoch_end_hooks:
             hook(self)
         train_loss, correct, n = sums
-        metrics = evaluate(self.final_model(), self.data.test, self.device, self.precision)
+        evaluated = self.evaluates(self.epoch)
+        metrics = (evaluate(self.final_model(), self.data.test, self.device, self.precision)
+                   if evaluated else {"test_loss": None, "top1": None, "top5": None})
         row = {"epoch": self.epoch, "lr": self.schedule.lr(self.epoch * spe),
                "train_loss": train_loss / max(n, 1), "train_acc": 100 * correct / max(n, 1),
                **metrics, "seconds": time.perf_counter() - t0}
@@ -596,17 +601,22 @@ class Trainer:
         self._append(self._metrics_path(), METRIC_FIELDS, row)
         self._tb_scalars("epoch", row, self.global_step)
         ips = (n - n0) / max(train_seconds, 1e-9)
-        log.info("epoch %d/%d  lr %.4g  loss %.4f  acc %.2f  test loss %.4f  top1 %.2f  "
-                 "top5 %.2f  %.0f img/s  %.1fs", self.epoch + 1, cfg.epochs, row["lr"],
-                 row["train_loss"], row["train_acc"], row["test_loss"], row["top1"],
-                 row["top5"], ips, row["seconds"])
-        improved = metrics["top1"] > self.best_top1
+        test = (f"test loss {row['test_loss']:.4f}  top1 {row['top1']:.2f}  top5 {row['top5']:.2f}"
+                if evaluated else f"(test every {cfg.eval_every} epochs)")
+        log.info("epoch %d/%d  lr %.4g  loss %.4f  acc %.2f  %s  %.0f img/s  %.1fs",
+                 self.epoch + 1, cfg.epochs, row["lr"], row["train_loss"], row["train_acc"],
+                 test, ips, row["seconds"])
+        improved = evaluated and metrics["top1"] > self.best_top1
         if improved:
             self.best_top1, self.best_epoch = metrics["top1"], self.epoch
         self.epoch += 1
         self.step_in_epoch = 0
         self._save(best=improved)
         return row, n - n0, train_seconds
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether epoch (0-based) ends with a test-set evaluation."""
+        return (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 >= self.cfg.epochs
 
     def final_model(self) -> nn.Module:
         """The weights a stage hands downstream: the EMA when kept, else the model."""

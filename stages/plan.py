@@ -96,6 +96,7 @@ def build_plan(run) -> dict:
         entry = {"name": name, "type": spec.type, "from": spec.from_}
         if spec.type == "prune":
             entry.update(method=spec.method, ratio=spec.ratio, policy=spec.policy,
+                         round_to=spec.round_to, round_mode=spec.round_mode,
                          target_macs_reduction=spec.target_macs_reduction)
             if spec.method == "fpgm" and (spec.fpgm.norm_ratio or spec.fpgm.distance_ratio):
                 entry["fpgm"] = {"norm_ratio": spec.fpgm.norm_ratio,
@@ -122,7 +123,7 @@ def _training_entry(run, name: str, spec) -> dict:
     else:
         optimizer.update(betas=list(o.betas), eps=o.eps)
     return dict(
-        epochs=spec.epochs, batch_size=spec.batch_size,
+        epochs=spec.epochs, batch_size=spec.batch_size, eval_every=spec.eval_every,
         steps_per_epoch=sched.steps_per_epoch, total_steps=sched.total_steps,
         precision=spec.precision or run.precision,
         lr=_fmt(sched.base_lr),

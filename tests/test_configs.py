@@ -103,17 +103,20 @@ def check_cifar10_cpu_study(cli) -> None:
     assert [s["type"] for s in p["stages"]] == ["pretrain", "prune", "finetune", "prune",
                                                 "finetune", "scratch"]
     pre = stage(p, "pretrain")
-    expect_training(pre, epochs=20, batch=256, lr=0.2, wd=5e-4)  # 0.1 per 128, scaled
+    expect_training(pre, epochs=19, batch=256, lr=0.2, wd=5e-4)  # 0.1 per 128, scaled
     assert pre["precision"] == "fp32" and pre["optimizer"]["nesterov"]
     w = pre["schedule"]["warmup"]
     assert pre["schedule"]["type"] == "cosine" and (w["type"], w["epochs"]) == ("gradual", 1)
     assert pre["recipe"]["label_smoothing"] == pytest.approx(0.1)
     expect_prune(stage(p, "prune_fpgm"), "fpgm", 0.4)
     expect_prune(stage(p, "prune_l1"), "l1", 0.4)
+    for name in ("prune_fpgm", "prune_l1"):  # widths 8/16/40: multiples of 8, MACs -45%
+        assert (stage(p, name)["round_to"], stage(p, name)["round_mode"]) == (8, "nearest")
     for ft in ("finetune_fpgm", "finetune_l1"):
-        expect_training(stage(p, ft), epochs=6, batch=256, lr=0.02, wd=5e-4)
+        expect_training(stage(p, ft), epochs=5, batch=256, lr=0.02, wd=5e-4)
     sb = stage(p, "scratch_b")
-    assert sb["budget"] == "B" and sb["from"] == "prune_fpgm" and sb["epochs"] == 20
+    assert sb["budget"] == "B" and sb["from"] == "prune_fpgm" and sb["epochs"] == 19
+    assert (pre["eval_every"], sb["eval_every"]) == (2, 4)
 
 
 def check_cifar10_fpgm(cli) -> None:

@@ -19,6 +19,7 @@ from pipeline.pruning import (
     FPGMConfig,
     PruneSpec,
     PruningError,
+    fpgm_scores,
     layer_numbers,
     prune_count,
     prune_model,
@@ -331,6 +332,34 @@ def test_target_macs_reduction_reached_in_small_steps():
                                           include=["layer1.0.conv1"]), X32)
 
 
+def test_round_mode_nearest_keeps_the_nearest_multiple():
+    assert [prune_count(c, 0.4, 8, "nearest") for c in (16, 32, 64)] == [8, 16, 24]  # keep 8/16/40
+    assert [prune_count(c, 0.4, 8, "down") for c in (16, 32, 64)] == [8, 16, 32]
+    assert prune_count(12, 0.5, 8, "nearest") == 4  # keep 6 -> 8 (halves up)
+    assert prune_count(64, 0.05, 8, "nearest") == 0  # keep 60.8 -> 64: nothing removed
+    assert prune_count(16, 0.9, 8, "nearest") == 8  # at least round_to kept
+    # one-shot: ResNet-20 at FPGM 40% -> widths 8/16/40, the criterion's lowest filters
+    model = resnet(20, seed=3)
+    w = weights_of(model)
+    spec = PruneSpec(method="fpgm", ratio=0.4, round_to=8, round_mode="nearest")
+    record = select_filters(model, spec, X32)
+    assert {e["name"].split(".")[0]: e["after"] for e in record} == {
+        "layer1": 8, "layer2": 16, "layer3": 40}
+    name = "layer3.1.conv1"
+    assert by_name(record)[name] == sorted(np.argsort(fpgm_scores(w[name].reshape(64, -1)),
+                                                       kind="stable")[:24].tolist())
+    # global ranking: every group's kept width is a multiple of 8 and the total is closer to
+    # the 40% target than rounding down
+    glob = {}
+    for mode in ("down", "nearest"):
+        rec = select_filters(resnet(20, seed=3), PruneSpec(method="l1", ratio=0.4, round_to=8,
+                                                           round_mode=mode,
+                                                           global_ranking=True), X32)
+        assert all(e["after"] % 8 == 0 for e in rec)
+        glob[mode] = sum(e["before"] - e["after"] for e in rec)
+    assert glob["nearest"] < glob["down"]
+
+
 def test_global_ranking_takes_the_lowest_normalized_scores_across_groups():
     model = resnet(20, seed=7)
     w = weights_of(model)
@@ -363,6 +392,8 @@ def test_spec_errors_name_the_key():
         ({"layer_ratios": {"layer1.*": 1.5}}, "stages.prune.layer_ratios.layer1.*"),
         ({"target_macs_reduction": 0.5, "layer_ratios": {"x": 0.1}}, "stages.prune.layer_ratios"),
         ({"skip": [0]}, "stages.prune.skip"),
+        ({"round_mode": "nearest"}, "stages.prune.round_mode"),
+        ({"round_to": 8, "round_mode": "up"}, "stages.prune.round_mode"),
     ]
     for data, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("*", r"\*")):

@@ -247,3 +247,24 @@ def test_compiled_model_trains_and_saves_the_plain_module(tmp_path, monkeypatch)
     assert set(state["state_dict"]) == set(build_model(ARCH).state_dict())
     plain = make_trainer(tmp_path, steps=2, epochs=2)
     assert plain.try_resume() and plain.global_step == 2
+
+
+def test_eval_every_skips_test_passes_but_always_evaluates_the_last_epoch(tmp_path, monkeypatch):
+    import csv
+
+    from pipeline import report
+    from pipeline import trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.evaluate
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = make_trainer(tmp_path, steps=2, epochs=5, eval_every=2)
+    result = trainer.fit()
+    assert len(calls) == 3  # after epochs 2, 4 and the last (5)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["top1"] != "" for r in rows] == [False, True, False, True, True]
+    assert all(r["train_loss"] != "" for r in rows)
+    assert result["top1"] == pytest.approx(float(rows[-1]["top1"]))
+    assert trainer.best_epoch in (1, 3, 4)
+    # the report reads the gaps as missing numbers, not as zeros
+    assert ["top1" in r for r in report.read_metrics(tmp_path)] == [False, True, False, True, True]

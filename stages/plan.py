@@ -188,6 +188,8 @@ def format_text(plan: dict) -> str:
         if s["type"] == "prune":
             what = (f"ratio {s['ratio']}" if s.get("ratio") is not None
                     else f"target MAC reduction {s['target_macs_reduction']}")
+            if s.get("round_to"):
+                what += f", kept filters rounded {s['round_mode']} to a multiple of {s['round_to']}"
             lines.append(f"    {s['method']} {what}, policy {s['policy']}")
             continue
         lines += _training_lines(s)
@@ -196,8 +198,10 @@ def format_text(plan: dict) -> str:
 
 def _training_lines(s: dict) -> list[str]:
     o, sch = s["optimizer"], s["schedule"]
+    every = s.get("eval_every", 1)
     lines = [f"    epochs {s['epochs']}, batch {s['batch_size']} "
-             f"({s['steps_per_epoch']} steps/epoch, {s['total_steps']} steps), {s['precision']}",
+             f"({s['steps_per_epoch']} steps/epoch, {s['total_steps']} steps), {s['precision']}"
+             + (f", test every {every} epochs" if every > 1 else ""),
              f"    lr {s['lr']:g} ({s['lr_source']})"]
     opt_line = f"    {o['name']}"
     if o["name"] == "sgd":

@@ -153,3 +153,15 @@ def test_plan_lists_the_recipe_switches_that_are_on(tiny_config, cli):
     assert "recipe: distill from pretrain (T 4, alpha 0.9)" in ft
     r = stage(dry_json(cli, cfg), "finetune")["recipe"]
     assert r["distill"] == {"from": "pretrain", "temperature": 4.0, "alpha": 0.9}
+
+
+def test_plan_shows_test_frequency_and_width_rounding(tiny_config, cli):
+    cfg = tiny_config({"stages": {"pretrain": {"eval_every": 3},
+                                  "prune": {"round_to": 8, "round_mode": "nearest"}}})
+    plan = dry_json(cli, cfg)
+    assert stage(plan, "pretrain")["eval_every"] == 3
+    assert (stage(plan, "prune")["round_to"], stage(plan, "prune")["round_mode"]) == (8, "nearest")
+    out = dry_text(cli, cfg)
+    assert "test every 3 epochs" in out.split("- pretrain [pretrain]")[1].split("\n- ")[0]
+    assert "kept filters rounded nearest to a multiple of 8" in out
+    assert "test every" not in dry_text(cli, tiny_config())  # every epoch: nothing to say

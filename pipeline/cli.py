@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-device", metavar="DEVICE",
                    help="device of the latency measurement (default: cuda when present, "
                         "else cpu)")
+    c.add_argument("--latency-memory-format", choices=["channels_last", "contiguous"],
+                   default="channels_last",
+                   help="memory format of weights and input in the latency measurement "
+                        "(default channels_last, NHWC: the fast convolution path on CPU and "
+                        "GPU; contiguous: NCHW)")
     c.add_argument("--plot", action="store_true",
                    help="also write accuracy_vs_macs.png and curves_<run>.png")
     c.add_argument("--provenance", action="store_true",
@@ -141,7 +146,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return _fail(f"--baseline {baseline}: not a stage directory (no summary.json)",
                      EXIT_USAGE)
     options = report.Options(latency=args.latency, latency_batch=args.latency_batch,
-                             latency_device=args.latency_device, baseline=baseline,
+                             latency_device=args.latency_device,
+                             latency_memory_format=args.latency_memory_format, baseline=baseline,
                              provenance=args.provenance)
     rows = []
     for d in dirs:

@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+import torch
 import yaml
 
 from pipeline import report
@@ -53,6 +54,7 @@ def test_compare_plot_on_two_smoke_runs(tiny_config, cli, tmp_path):
     md = (out_dir / "compare.md").read_text()
     assert "![accuracy_vs_macs](accuracy_vs_macs.png)" in md
     assert "latency (ms, cpu, batch 4)" in md
+    assert "in channels_last memory format" in md  # the default: NHWC, the fast conv path
 
     # the numbers are the summaries' (JSON, CSV and markdown)
     table = list(csv.DictReader(io.StringIO((out_dir / "compare.csv").read_text())))
@@ -70,6 +72,7 @@ def test_compare_plot_on_two_smoke_runs(tiny_config, cli, tmp_path):
         assert r["size_mb"] == pytest.approx((run_dir / r["stage"] / "model.pt").stat().st_size
                                              / 1e6)
         assert r["latency_ms"] > 0 and r["latency_batch"] == 4 and r["latency_device"] == "cpu"
+        assert r["latency_memory_format"] == "channels_last"
         line = next(x for x in md.splitlines() if x.startswith(f"| {r['run']} | {r['stage']} |"))
         assert f"| {s['top1']:.2f} |" in line and f"| {s['top5']:.2f} |" in line
     by = {(r["run"], r["stage"]): r for r in rows}
@@ -198,3 +201,30 @@ def test_compare_usage_errors(tmp_path, cli):
 def test_pareto_front():
     pts = [(1.0, 50.0), (2.0, 40.0), (3.0, 60.0), (0.5, 30.0), (3.0, 55.0)]
     assert report.pareto_front(pts) == [(0.5, 30.0), (1.0, 50.0), (3.0, 60.0)]
+
+
+def test_latency_memory_format_reaches_the_model(tiny_config, cli, tmp_path, monkeypatch):
+    code, _, err = cli("run", tiny_config({"stages": {"pretrain": {"epochs": 1}}}))
+    assert code == 0, err
+    seen = []
+    real_forward = torch.nn.Conv2d.forward
+
+    def forward(self, x):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last),
+                     self.weight.is_contiguous(memory_format=torch.channels_last)))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", forward)
+    run_dir = next((tmp_path / "runs").iterdir())
+    for fmt, nhwc in (("contiguous", False), ("channels_last", True)):
+        seen.clear()
+        code, out, err = cli("compare", str(run_dir), "--latency", "--latency-batch", "2",
+                             "--latency-memory-format", fmt, "--format", "json",
+                             "--out", tmp_path / fmt)
+        assert code == 0, err
+        assert {r["latency_memory_format"] for r in json.loads(out)} == {fmt}
+        assert seen and set(seen) == {(nhwc, nhwc)}
+        assert f"in {fmt} memory format" in (tmp_path / fmt / "compare.md").read_text()
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
+        cli("compare", str(run_dir), "--latency", "--latency-memory-format", "nhwc")
+    assert exc.value.code == 2

@@ -473,6 +473,23 @@ def _pyplot():
     return plt
 
 
+def _label_offsets(points: list[dict], step: float = 9.0) -> dict[int, float]:
+    """Vertical label offset (points) of each row's point: labels of points that nearly
+    coincide (within 3% of the axes' spans; pruned models of one width share their MACs)
+    are stacked instead of drawn over each other."""
+    xs, ys = [r["macs_m"] for r in points], [r["top1"] for r in points]
+    dx = 0.03 * ((max(xs) - min(xs)) if xs else 0) or 1e-9
+    dy = 0.03 * ((max(ys) - min(ys)) if ys else 0) or 1e-9
+    placed: list[dict] = []
+    out = {}
+    for r in sorted(points, key=lambda r: -r["top1"]):  # highest first, the next ones below
+        near = sum(abs(r["macs_m"] - p["macs_m"]) <= dx and abs(r["top1"] - p["top1"]) <= dy
+                   for p in placed)
+        out[id(r)] = 4.0 - step * near
+        placed.append(r)
+    return out
+
+
 def plot_pareto(rows: list[dict], path: Path) -> Path:
     """Top-1 against MACs: every completed model, each run's baseline starred, the pruned
     models joined to their baseline, and the Pareto front (best top-1 at no more MACs)."""
@@ -482,6 +499,7 @@ def plot_pareto(rows: list[dict], path: Path) -> Path:
             and r.get("macs_m")]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     runs = list(dict.fromkeys(r["run"] for r in done))
+    label_y = _label_offsets(done)
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
         mine = [r for r in done if r["run"] == run]
@@ -496,7 +514,7 @@ def plot_pareto(rows: list[dict], path: Path) -> Path:
                     ax.plot([base["macs_m"], r["macs_m"]], [base["top1"], r["top1"]],
                             color=color, alpha=0.3, lw=1)
             ax.annotate(r["stage"], (r["macs_m"], r["top1"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8, color=color)
+                        xytext=(5, label_y[id(r)]), fontsize=8, color=color)
         if base is None and mine:
             ax.scatter([], [], color=color, label=run)
     front = pareto_front([(r["macs_m"], r["top1"]) for r in done])

@@ -228,3 +228,16 @@ def test_latency_memory_format_reaches_the_model(tiny_config, cli, tmp_path, mon
     with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
         cli("compare", str(run_dir), "--latency", "--latency-memory-format", "nhwc")
     assert exc.value.code == 2
+
+
+def test_labels_of_coinciding_points_are_stacked():
+    rows = [{"stage": "pretrain", "macs_m": 40.0, "top1": 85.7},
+            {"stage": "finetune_fpgm", "macs_m": 22.0, "top1": 84.5},
+            {"stage": "finetune_l1", "macs_m": 22.0, "top1": 84.4},
+            {"stage": "scratch_b", "macs_m": 22.0, "top1": 85.6},
+            {"stage": "prune_fpgm", "macs_m": 22.0, "top1": 12.8}]
+    off = report._label_offsets(rows)
+    by = {r["stage"]: off[id(r)] for r in rows}
+    assert by["pretrain"] == by["prune_fpgm"] == by["scratch_b"] == 4.0  # nothing close by
+    assert len({by["scratch_b"], by["finetune_fpgm"], by["finetune_l1"]}) == 3  # stacked
+    assert by["finetune_l1"] < by["finetune_fpgm"] < by["scratch_b"]

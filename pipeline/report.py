@@ -477,17 +477,14 @@ def _label_offsets(points: list[dict], step: float = 9.0) -> dict[int, float]:
     """Vertical label offset (points) of each row's point: labels of points that nearly
     coincide (within 3% of the axes' spans; pruned models of one width share their MACs)
     are stacked instead of drawn over each other."""
+    if not points:
+        return {}
     xs, ys = [r["macs_m"] for r in points], [r["top1"] for r in points]
-    dx = 0.03 * ((max(xs) - min(xs)) if xs else 0) or 1e-9
-    dy = 0.03 * ((max(ys) - min(ys)) if ys else 0) or 1e-9
-    placed: list[dict] = []
-    out = {}
-    for r in sorted(points, key=lambda r: -r["top1"]):  # highest first, the next ones below
-        near = sum(abs(r["macs_m"] - p["macs_m"]) <= dx and abs(r["top1"] - p["top1"]) <= dy
-                   for p in placed)
-        out[id(r)] = 4.0 - step * near
-        placed.append(r)
-    return out
+    dx, dy = 0.03 * (max(xs) - min(xs)) or 1e-9, 0.03 * (max(ys) - min(ys)) or 1e-9
+    order = sorted(points, key=lambda r: -r["top1"])  # highest first, the next ones below
+    return {id(r): 4.0 - step * sum(abs(r["macs_m"] - p["macs_m"]) <= dx
+                                    and abs(r["top1"] - p["top1"]) <= dy for p in order[:i])
+            for i, r in enumerate(order)}
 
 
 def plot_pareto(rows: list[dict], path: Path) -> Path:

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_open, fsync_dir
+from .errors import PipelineError
+
 SCHEMA_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PipelineError):
     """A checkpoint that is missing, truncated, corrupt or of an unknown schema."""
 
 
@@ -49,22 +51,8 @@ def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash
     leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def link(src: Path, dst: Path) -> bool:
@@ -83,22 +71,8 @@ def link(src: Path, dst: Path) -> bool:
         except OSError:
             pass
         return False
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); best effort elsewhere."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def digest(obj: Any) -> str:

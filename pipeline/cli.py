@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, first_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    import os
-
     # under torchrun every rank fails the same way; one line is enough
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"error: {message}", file=sys.stderr)
@@ -82,36 +81,19 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .pruning import PruningError
-    from .runner import UsageError
-    from .trainer import TrainingError
+    if args.dry_run:
+        from .plan import build_plan, format_text
+        from .runconfig import load_config
 
-    try:
-        if args.dry_run:
-            from stages.plan import build_plan, format_text
+        cfg, _ = load_config(args.config, args.overrides)
+        plan = build_plan(cfg)
+        print(json.dumps(plan, indent=2) if args.format == "json" else format_text(plan))
+        return EXIT_OK
+    from . import runner
 
-            from .runconfig import load_config
-
-            cfg, _ = load_config(args.config, args.overrides)
-            plan = build_plan(cfg)
-            print(json.dumps(plan, indent=2) if args.format == "json" else format_text(plan))
-            return EXIT_OK
-        from . import runner
-
-        progress = {"on": True, "off": False}.get(args.progress or "", None)
-        summaries = runner.run(args.config, args.overrides, stage=args.stage,
-                               restart=args.restart, show_progress=progress)
-    except (ConfigError, DataError, UsageError) as err:
-        return _fail(str(err), EXIT_USAGE)
-    except (TrainingError, CheckpointError, PruningError) as err:
-        return _fail(str(err), EXIT_FAILED)
-    except KeyboardInterrupt:
-        return _fail("interrupted; run the same command again to resume", 130)
-    import os
-
+    progress = {"on": True, "off": False}.get(args.progress or "", None)
+    summaries = runner.run(args.config, args.overrides, stage=args.stage,
+                           restart=args.restart, show_progress=progress)
     if int(os.environ.get("RANK", 0)) == 0:
         if args.format == "json":
             print(json.dumps(summaries, indent=2, default=str))
@@ -173,8 +155,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+COMMANDS = {"run": cmd_run, "compare": cmd_compare}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    return cmd_compare(args)
+    try:
+        return COMMANDS[args.command](args)
+    except PipelineError as err:  # every user-facing failure, with its exit code
+        return _fail(first_line(err), err.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted; run the same command again to resume", 130)

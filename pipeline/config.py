@@ -24,8 +24,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A user mistake in a config file or an override: one line, names file and key."""
 
 

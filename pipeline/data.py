@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .config import Invalid, opt
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ SMALL_IMAGE_MAX = 64  # auto: images up to this size take the fast path
 CACHE_FORMAT = 2  # bump when the cached tensor's layout or decoding changes
 
 
-class DataError(RuntimeError):
+class DataError(UsageError):
     """Missing or unusable data: one line naming the path."""
 
 

@@ -29,6 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .rundir import read_json, read_summary, write_json
+
 log = logging.getLogger("pipeline")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,20 +131,14 @@ def record_provenance(run_dir: Path, cfg, config_path: str, overrides: list[str]
             "device_name": device_name(device),
             "world_size": int(os.environ.get("WORLD_SIZE", 1)), "seed": cfg.seed,
             "config_hash": config_hash(to_plain(cfg)), "host": platform.node()}
-    path = Path(run_dir) / "provenance.json"
-    tmp = path.with_name(".provenance.json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(run_dir) / "provenance.json", info)
     with open(Path(run_dir) / "provenance.log.jsonl", "a") as f:
         f.write(json.dumps(info) + "\n")
     return info
 
 
 def read_provenance(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / "provenance.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(Path(run_dir) / "provenance.json")
 
 
 # --------------------------------------------------------------------------- stages
@@ -160,18 +156,11 @@ def file_sha256(path: Path) -> str | None:
     return h.hexdigest()[:16]
 
 
-def _read_summary(stage_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(stage_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def input_record(run_dir: Path, upstream: str | None) -> dict | None:
     """What a stage consumes from its input stage: its name, `finished` and model hash."""
     if upstream is None:
         return None
-    s = _read_summary(Path(run_dir) / upstream) or {}
+    s = read_summary(Path(run_dir) / upstream) or {}
     return {"stage": upstream, "finished": s.get("finished"),
             "model_sha256": s.get("model_sha256")}
 
@@ -197,7 +186,7 @@ def stale_reasons(summary: dict, run_dir: Path, code: dict | None = None) -> lis
                        f"{' with uncommitted changes' if now.get('git_dirty') else ''})")
     used = summary.get("input") or {}
     if used.get("stage"):
-        up = _read_summary(Path(run_dir) / used["stage"]) or {}
+        up = read_summary(Path(run_dir) / used["stage"]) or {}
         if up.get("status") != "completed":
             reasons.append(f"its input stage '{used['stage']}' is no longer completed")
         elif used.get("model_sha256") and up.get("model_sha256"):

@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 
 from .config import Invalid, opt
+from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ SELECTION_KEYS = ("method", "ratio", "fpgm", "policy", "include", "skip", "layer
                   "skip_downsample", "round_to", "round_mode", "global_ranking")
 
 
-class PruningError(RuntimeError):
+class PruningError(PipelineError):
     """The requested pruning cannot be done on this model: one line, says why."""
 
 

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .provenance import read_provenance, stale_reasons
+from .rundir import chain, is_run_dir, read_config, read_summary, stage_specs
 
 log = logging.getLogger("pipeline")
 
@@ -61,39 +60,6 @@ def expand(paths: list[str]) -> list[Path]:
     return out
 
 
-def is_run_dir(path: Path) -> bool:
-    """A folder written by `run`: its config.yaml or a stage summary."""
-    return path.is_dir() and ((path / "config.yaml").is_file() or
-                              any(path.glob("*/summary.json")))
-
-
-def read_summary(stage_dir: Path) -> dict | None:
-    try:
-        return json.loads((stage_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_config(run_dir: Path) -> dict:
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def stage_specs(run_dir: Path) -> dict[str, dict]:
-    """Stage name -> its resolved spec, in config order (else the stages with a summary)."""
-    stages = read_config(run_dir).get("stages")
-    if isinstance(stages, dict) and stages:
-        return {str(k): (v if isinstance(v, dict) else {}) for k, v in stages.items()}
-    found = {}
-    for p in sorted(run_dir.glob("*/summary.json")):
-        s = read_summary(p.parent) or {}
-        found[p.parent.name] = {"type": s.get("type"), "from": s.get("from")}
-    return found
-
-
 def stage_names(run_dir: Path) -> list[str]:
     return list(stage_specs(run_dir))
 
@@ -114,15 +80,6 @@ def read_metrics(stage_dir: Path) -> list[dict[str, float]]:
                 continue
         rows.append(row)
     return rows
-
-
-def chain(specs: dict[str, dict], name: str) -> list[str]:
-    """`name` and the stages up its `from` chain, nearest first."""
-    out, cur = [], name
-    while cur is not None and cur in specs and cur not in out:
-        out.append(cur)
-        cur = specs[cur].get("from")
-    return out
 
 
 def stage_state(stage_dir: Path, spec: dict) -> tuple[str, str]:

@@ -25,34 +25,14 @@ import yaml
 
 from . import distributed as D
 from . import provenance
-from .checkpoint import CheckpointError
+from .atomic import atomic_write_text
 from .config import ConfigError, to_plain
-from .data import DataError, check_available, describe
-from .pruning import PruningError
-from .report import read_summary
+from .data import check_available, describe
+from .errors import UsageError, did_you_mean, first_line
 from .runconfig import RunConfig, load_config
-from .trainer import TrainingError
+from .rundir import CONFIG_FILE, is_complete, read_summary, write_json
 
 log = logging.getLogger("pipeline")
-
-USAGE_ERRORS = (ConfigError, DataError)
-
-
-class UsageError(RuntimeError):
-    """A user mistake found at run time (a stage's missing input...): exit code 2."""
-
-
-def is_complete(stage_dir: Path) -> bool:
-    s = read_summary(stage_dir)
-    return bool(s) and s.get("status") == "completed"
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-
 
 def plain_config(cfg: RunConfig) -> dict:
     return to_plain(cfg)
@@ -112,10 +92,7 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
     """Run (or resume) the pipeline; returns the summaries of the stages it ran or skipped."""
     cfg, _ = load_config(config_path, overrides)
     if stage is not None and stage not in cfg.stages:
-        import difflib
-
-        close = difflib.get_close_matches(stage, list(cfg.stages), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(stage, cfg.stages)
         raise ConfigError(f"{config_path}: --stage {stage}: no such stage{hint}; stages: "
                           f"{list(cfg.stages)}")
     info = D.env_info()
@@ -129,7 +106,7 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
         setup_logging(run_dir, info.is_main)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_config(cfg, run_dir / "config.yaml")
+            _write_config(cfg, run_dir / CONFIG_FILE)
             from .provenance import record_provenance
 
             record_provenance(run_dir, cfg, config_path, overrides, device)
@@ -159,10 +136,7 @@ def _check_precision(cfg: RunConfig, device, source: str) -> None:
 
 
 def _write_config(cfg: RunConfig, path: Path) -> None:
-    text = yaml.safe_dump(plain_config(cfg), sort_keys=False)
-    tmp = path.with_name(".config.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(plain_config(cfg), sort_keys=False))
 
 
 def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: str,
@@ -218,7 +192,7 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
         if info.is_main:
             write_json(work_dir / "summary.json", {
                 "stage": name, "type": spec.type, "from": spec.from_, "status": "failed",
-                "error": str(err).splitlines()[0] if str(err) else type(err).__name__,
+                "error": first_line(err),
                 "config_hash": digest, "wall_seconds": round(time.time() - t0, 3)})
         raise
     summary = {"stage": name, "type": spec.type, "from": spec.from_, "status": "completed",
@@ -247,5 +221,4 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-__all__ = ["run", "UsageError", "USAGE_ERRORS", "CheckpointError", "PruningError",
-           "TrainingError"]
+__all__ = ["run", "setup_logging", "stage_hash"]

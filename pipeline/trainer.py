@@ -45,6 +45,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import ConfigError, opt
+from .errors import PipelineError
 from .recipes import (
     DistillConfig,
     ModelEMA,
@@ -69,7 +70,7 @@ TRAINER_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "best_top1
 FAULT_ENV = "PIPELINE_TEST_FAULT"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError):
     """Training cannot go on (non-finite loss, ...): one line, the last good checkpoint kept."""
 
 

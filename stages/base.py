@@ -13,6 +13,7 @@ import torch.nn as nn
 from pipeline import checkpoint as ckpt
 from pipeline.config import opt
 from pipeline.distributed import DistInfo
+from pipeline.errors import UsageError
 
 if TYPE_CHECKING:
     from pipeline.runconfig import RunConfig
@@ -22,7 +23,7 @@ log = logging.getLogger("pipeline")
 MODEL_FILE = "model.pt"  # what a completed stage hands downstream
 
 
-class StageInputError(RuntimeError):
+class StageInputError(UsageError):
     """A stage's input is missing: says which stage to run first."""
 
 

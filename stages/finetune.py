@@ -30,7 +30,7 @@ class Config(StageBase, TrainConfig):
 
 
 def check(spec: Config, name: str, run, loader) -> None:
-    from .plan import finetune_default_problem
+    from pipeline.plan import finetune_default_problem
 
     if spec.lr is None and (problem := finetune_default_problem(run, name)):
         loader.fail(f"stages.{name}.lr", problem)
@@ -41,7 +41,7 @@ def check(spec: Config, name: str, run, loader) -> None:
 
 
 def base_lr(spec: Config, run, name: str) -> float:
-    from .plan import lowest_lr_of
+    from pipeline.plan import lowest_lr_of
 
     if spec.lr is not None:
         return spec.resolved_lr(0.0)

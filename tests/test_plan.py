@@ -133,8 +133,8 @@ def test_plan_steps_per_epoch_match_the_loader(tiny_config, batch):
     import torch
 
     from pipeline.data import build_data
+    from pipeline.plan import steps_per_epoch
     from pipeline.runconfig import load_config
-    from stages.plan import steps_per_epoch
 
     cfg, _ = load_config(tiny_config())
     data = build_data(cfg.data, batch, 64, 0, torch.device("cpu"))

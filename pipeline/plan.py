@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
+from stages.base import upstream_training_stage
 
-from .base import upstream_training_stage
+from .schedules import AFTER_WARMUP, LinearScaling, Schedule
 
 KNOWN_TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
 

@@ -6,7 +6,7 @@ Library entry point for users' scripts:
     model = pipeline.load_model("checkpoints/<run>/<stage>/model.pt")  # dense or pruned
 """
 
-from .checkpoint import load_model
+from .models import load_model
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "__version__"]

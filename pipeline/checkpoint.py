@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_open, fsync_dir
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 
 SCHEMA_VERSION = 1
 
@@ -115,7 +115,7 @@ def load(path: Path, map_location: Any = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, pickle error, disallowed global...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(f"{path}: unreadable checkpoint ({first[:160]})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("schema"), int):
         raise CheckpointError(f"{path}: not a pipeline checkpoint (no schema version)")
@@ -139,36 +139,6 @@ def save_model(path: Path, model: nn.Module, arch: dict, meta: dict | None = Non
     save(model_payload(model, arch, meta), path)
 
 
-def model_from_payload(ckpt: dict, source: str = "checkpoint") -> nn.Module:
-    """Rebuild the (possibly pruned) network stored in a checkpoint dict."""
-    from .models import build_model, shrink_to
-
-    try:
-        arch, sd = ckpt["arch"], ckpt["state_dict"]
-    except KeyError as err:
-        raise CheckpointError(f"{source}: checkpoint lacks {err.args[0]!r}") from None
-    model = build_model(arch)
-    shrink_to(model, sd)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{source}: weights do not fit the architecture ({first})") from None
-    return model
-
-
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
-    """Rebuild a network (dense or pruned) from any pipeline checkpoint file.
-
-    >>> model = pipeline.load_model("checkpoints/cifar10_fpgm/prune/model.pt")
-
-    Works on stage outputs (`model.pt`) and trainer checkpoints (`last.pt`, `best.pt`);
-    nothing is unpickled (weights_only=True) and no pruning is re-run.
-    """
-    ckpt = load(Path(path), map_location=map_location)
-    return model_from_payload(ckpt, str(path))
-
-
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain state dict from a local weights file (e.g. torchvision's .pth), or the
     `state_dict` of a pipeline checkpoint; loaded with weights_only=True."""
@@ -178,7 +148,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(f"{p}: unreadable weights file ({first[:160]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

@@ -10,17 +10,21 @@ does both from a checkpoint file.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
+import zipfile
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import CheckpointError, load_weights_file
+from .checkpoint import load as load_checkpoint
 from .config import opt
+from .errors import did_you_mean, first_line
 
 CIFAR_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32,
                        "resnet44": 44, "resnet56": 56, "resnet110": 110, "resnet1202": 1202}
@@ -215,8 +219,7 @@ def check_arch(name: str) -> str | None:
     """None when `name` is a known architecture, else a message listing the known ones."""
     if name in cifar_names() or _torchvision_name(name) is not None:
         return None
-    close = difflib.get_close_matches(name.removeprefix(TORCHVISION_PREFIX), known_archs(), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = did_you_mean(name.removeprefix(TORCHVISION_PREFIX), known_archs())
     return (f"unknown architecture {name!r}{hint}; known: CIFAR {', '.join(cifar_names())}; "
             f"torchvision {', '.join(torchvision_names())}")
 
@@ -253,10 +256,6 @@ def build_model(arch: dict, zero_init_residual: bool = False) -> nn.Module:
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a local weights file into `model`, strictly: every tensor must exist in both
     with the same shape. Any problem is one CheckpointError line naming the file."""
-    import zipfile
-
-    from .checkpoint import CheckpointError, load_weights_file
-
     p = os.fspath(path)
     if os.path.isfile(p) and not zipfile.is_zipfile(p):
         with open(p, "rb") as f:
@@ -288,8 +287,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # dtype or other problems the checks above missed
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the model ({first})") from None
+        raise CheckpointError(f"{path}: weights do not fit the model "
+                              f"({first_line(err)})") from None
     return model
 
 
@@ -445,3 +444,31 @@ def format_complexity(c: dict[str, int]) -> str:
     if "tp_macs" in c:
         text += f", {_human(c['tp_macs'])} (torch-pruning: +BN/ReLU/pool)"
     return text
+def model_from_payload(ckpt: dict, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the (possibly pruned) network stored in a checkpoint dict."""
+    try:
+        arch, sd = ckpt["arch"], ckpt["state_dict"]
+    except KeyError as err:
+        raise CheckpointError(f"{source}: checkpoint lacks {err.args[0]!r}") from None
+    model = build_model(arch)
+    shrink_to(model, sd)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source}: weights do not fit the architecture "
+                              f"({first_line(err)})") from None
+    return model
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild a network (dense or pruned) from any pipeline checkpoint file.
+
+    >>> model = pipeline.load_model("checkpoints/cifar10_fpgm/prune/model.pt")
+
+    Works on stage outputs (`model.pt`) and trainer checkpoints (`last.pt`, `best.pt`);
+    nothing is unpickled (weights_only=True) and no pruning is re-run.
+    """
+    ckpt = load_checkpoint(Path(path), map_location=map_location)
+    return model_from_payload(ckpt, str(path))
+
+

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import ConfigError, Loader, apply_overrides, opt, read_yaml
+from stages import REGISTRY, stage_of
+
+from .config import Loader, apply_overrides, opt, read_yaml
 from .data import DataConfig
+from .errors import did_you_mean
 from .models import ModelConfig, check_arch
 
 
@@ -38,12 +39,6 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
 
-def stage_registry() -> dict:
-    from stages import REGISTRY
-
-    return REGISTRY
-
-
 def parse(data: dict, source: str) -> RunConfig:
     """Plain YAML data -> validated RunConfig (raises ConfigError)."""
     loader = Loader(source)
@@ -58,7 +53,6 @@ def parse(data: dict, source: str) -> RunConfig:
         loader.fail("stages", "at least one stage is required")
     if not isinstance(raw_stages, dict):
         loader.fail("stages", f"expected a mapping of stage name -> spec, got {raw_stages!r}")
-    registry = stage_registry()
     stages: dict[str, Any] = {}
     for name, spec in raw_stages.items():
         key = f"stages.{name}"
@@ -66,52 +60,37 @@ def parse(data: dict, source: str) -> RunConfig:
             loader.fail(key, f"expected a mapping with a 'type', got {spec!r}")
         kind = spec.get("type")
         if kind is None:
-            loader.fail(f"{key}.type", f"missing; one of {sorted(registry)}")
-        if kind not in registry:
-            close = difflib.get_close_matches(str(kind), list(registry), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            loader.fail(f"{key}.type", f"unknown stage type {kind!r}{hint}; known: "
-                        f"{sorted(registry)}")
-        stages[str(name)] = loader.load(registry[kind].Config, spec, key)
+            loader.fail(f"{key}.type", f"missing; one of {sorted(REGISTRY)}")
+        if kind not in REGISTRY:
+            loader.fail(f"{key}.type", f"unknown stage type {kind!r}"
+                        f"{did_you_mean(kind, REGISTRY)}; known: {sorted(REGISTRY)}")
+        stages[str(name)] = loader.load(REGISTRY[kind].Config, spec, key)
     cfg.stages = stages
     _check_links(cfg, loader)
     problem = check_arch(cfg.model.arch)
     if problem:
         loader.fail("model.arch", problem)
     for name, spec in stages.items():
-        check = getattr(registry[spec.type], "check", None)
-        if check is not None:
-            check(spec, name, cfg, loader)
+        stage_of(spec).check(spec, name, cfg, loader)
     return cfg
 
 
 def _check_links(cfg: RunConfig, loader: Loader) -> None:
     names = list(cfg.stages)
-    registry = stage_registry()
     for i, (name, spec) in enumerate(cfg.stages.items()):
         earlier = names[:i]
-        needs_input = getattr(registry[spec.type], "NEEDS_INPUT", False)
-        if getattr(spec, "epochs", 1) == 0:
-            if spec.type != "pretrain":
-                loader.fail(f"stages.{name}.epochs", f"expected an integer >= 1 for a {spec.type} "
-                            "stage, got 0")
-            if not cfg.model.pretrained:
-                loader.fail(f"stages.{name}.epochs", "0 epochs needs model.pretrained (a local "
-                            "weights file to pass on instead of training)")
         distill = getattr(spec, "distill", None)
         if distill is not None and distill.from_ not in earlier:
-            close = difflib.get_close_matches(distill.from_, earlier, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             loader.fail(f"stages.{name}.distill.from", f"{distill.from_!r} names no earlier "
-                        f"stage{hint}; the teacher must come from one of {earlier}")
+                        f"stage{did_you_mean(distill.from_, earlier)}; the teacher must come "
+                        f"from one of {earlier}")
         if spec.from_ is None:
-            if needs_input:
+            if stage_of(spec).needs_input:
                 loader.fail(f"stages.{name}.from",
                             f"a {spec.type} stage needs an input stage; earlier stages: {earlier}")
             continue
         if spec.from_ not in earlier:
-            close = difflib.get_close_matches(spec.from_, earlier, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(spec.from_, earlier)
             what = "a later stage" if spec.from_ in names else "no stage"
             loader.fail(f"stages.{name}.from", f"{spec.from_!r} names {what}{hint}; "
                         f"a stage can only take its input from an earlier one: {earlier}")
@@ -125,4 +104,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     return parse(data, str(path)), data
 
 
-__all__ = ["RunConfig", "LoggingConfig", "load_config", "parse", "ConfigError", "dataclasses"]
+__all__ = ["RunConfig", "LoggingConfig", "load_config", "parse"]

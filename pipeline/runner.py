@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from stages import StageContext, stage_of
+
 from . import distributed as D
 from . import provenance
 from .atomic import atomic_write_text
@@ -107,9 +109,7 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_config(cfg, run_dir / CONFIG_FILE)
-            from .provenance import record_provenance
-
-            record_provenance(run_dir, cfg, config_path, overrides, device)
+            provenance.record_provenance(run_dir, cfg, config_path, overrides, device)
         D.barrier()
         if show_progress is None:
             show_progress = {"on": True, "off": False}.get(cfg.logging.progress)
@@ -141,9 +141,6 @@ def _write_config(cfg: RunConfig, path: Path) -> None:
 
 def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: str,
                restart: bool, show_progress, num_classes: int, input_size, only: bool) -> dict:
-    from stages import REGISTRY
-    from stages.base import StageContext
-
     spec = cfg.stages[name]
     stage_dir = run_dir / name
     digest = stage_hash(cfg, name)
@@ -187,7 +184,7 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
              f" from {spec.from_}" if spec.from_ else "")
     t0 = time.time()
     try:
-        result = REGISTRY[spec.type].run(spec, ctx)
+        result = stage_of(spec).run(spec, ctx)
     except Exception as err:
         if info.is_main:
             write_json(work_dir / "summary.json", {

@@ -1,12 +1,12 @@
-"""Stage kinds: each module has a `Config` dataclass and `run(config, context) -> summary`.
-
-The registry maps the `type` of a stage spec to its module.
-"""
+"""Stage kinds: each module defines one `Stage` subclass (its `Config` dataclass and its
+`run`), registered under its `type:` name. Importing this package registers them all."""
 
 from __future__ import annotations
 
-from . import finetune, pretrain, prune, scratch
+# each module registers its kind; this order is the order kinds are documented in
+from . import pretrain, prune, finetune, scratch  # noqa: F401  # isort: skip
+from .base import Stage, StageContext, StageInputError
+from .registry import REGISTRY, stage_of, upstream_training_stage
 
-REGISTRY = {"pretrain": pretrain, "prune": prune, "finetune": finetune, "scratch": scratch}
-
-__all__ = ["REGISTRY"]
+__all__ = ["REGISTRY", "Stage", "StageContext", "StageInputError", "stage_of",
+           "upstream_training_stage"]

@@ -1,26 +1,25 @@
-"""What every stage kind shares: its context, config fields, and helpers to read inputs."""
+"""What every stage kind shares: the `Stage` protocol, the spec fields every kind has, and
+the context a stage runs in."""
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import opt
+from pipeline.config import Loader, opt
 from pipeline.distributed import DistInfo
 from pipeline.errors import UsageError
-
-if TYPE_CHECKING:
-    from pipeline.runconfig import RunConfig
+from pipeline.models import model_from_payload
+from pipeline.rundir import MODEL_FILE
 
 log = logging.getLogger("pipeline")
-
-MODEL_FILE = "model.pt"  # what a completed stage hands downstream
 
 
 class StageInputError(UsageError):
@@ -37,7 +36,7 @@ class StageBase:
 class StageContext:
     """Where a stage runs and what it can read: one per stage execution."""
 
-    run: RunConfig
+    run: Any
     name: str
     run_dir: Path
     stage_dir: Path
@@ -46,9 +45,6 @@ class StageContext:
     source: str
     show_progress: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def stage_spec(self, name: str):
-        return self.run.stages[name]
 
     def input_path(self, name: str) -> Path:
         return self.run_dir / name / MODEL_FILE
@@ -63,32 +59,37 @@ class StageContext:
                 f"stage '{self.name}' needs the output of stage '{name}' ({path}), which does "
                 f"not exist: run `python -m pipeline run {self.source} --stage {name}` first")
         payload = ckpt.load(path)
-        return ckpt.model_from_payload(payload, str(path)), payload
+        return model_from_payload(payload, str(path)), payload
 
     @property
     def input_size(self) -> tuple[int, int, int]:
         return tuple(self.extra["input_size"])
 
 
-def upstream_training_stage(run: RunConfig, name: str) -> str | None:
-    """Nearest stage up the `from` chain of `name` that trains (pretrain/scratch/finetune)."""
-    seen = set()
-    cur = run.stages[name].from_
-    while cur is not None and cur not in seen:
-        seen.add(cur)
-        spec = run.stages[cur]
-        if spec.type in ("pretrain", "scratch", "finetune"):
-            return cur
-        cur = spec.from_
-    return None
+class Stage(abc.ABC):
+    """A stage kind. A new kind is a subclass in its own module, decorated with
+    `stages.registry.register`: the runner, the plan and the report ask it (its `Config`,
+    whether it needs an input, trains or prunes, its checks and plan entry) and never
+    switch on its name."""
 
+    kind: ClassVar[str]  # the `type:` of its specs
+    Config: ClassVar[type]  # its spec dataclass (a StageBase subclass)
+    needs_input: ClassVar[bool] = False  # takes the model of an earlier stage (`from`)
+    trains: ClassVar[bool] = False  # runs the trainer: has epochs, a batch size, an lr
+    prunes: ClassVar[bool] = False  # writes a narrower model than its input
 
-def upstream_of_type(run: RunConfig, name: str, kind: str) -> str | None:
-    seen = set()
-    cur = run.stages[name].from_
-    while cur is not None and cur not in seen:
-        seen.add(cur)
-        if run.stages[cur].type == kind:
-            return cur
-        cur = run.stages[cur].from_
-    return None
+    def check(self, spec: Any, name: str, run: Any, loader: Loader) -> None:
+        """Validation across stages, after every spec has loaded (`loader.fail` to report)."""
+        return None
+
+    def plan_entry(self, spec: Any, name: str, run: Any) -> dict:
+        """What `--dry-run --format json` shows for this stage beyond name, type and from."""
+        return {}
+
+    def plan_lines(self, entry: dict) -> list[str]:
+        """The text form of `plan_entry`'s result, indented under the stage's header."""
+        return []
+
+    @abc.abstractmethod
+    def run(self, spec: Any, ctx: StageContext) -> dict:
+        """Do the stage's work in ctx.stage_dir, write model.pt, return the summary fields."""

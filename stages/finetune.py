@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import opt
+from pipeline.config import Loader, opt
 from pipeline.trainer import TrainConfig
 
 from . import training
-from .base import StageBase, StageContext, upstream_training_stage
-
-NEEDS_INPUT = True
+from .base import StageBase, StageContext
+from .registry import register, stage_of, upstream_training_stage
+from .training import TrainingStage
 
 
 @dataclass
@@ -29,27 +29,55 @@ class Config(StageBase, TrainConfig):
     type: str = opt("finetune", "stage kind")
 
 
-def check(spec: Config, name: str, run, loader) -> None:
-    from pipeline.plan import finetune_default_problem
-
-    if spec.lr is None and (problem := finetune_default_problem(run, name)):
-        loader.fail(f"stages.{name}.lr", problem)
-    if spec.distill is not None and spec.distill.from_ not in list(run.stages)[
-            :list(run.stages).index(name)]:
-        loader.fail(f"stages.{name}.distill.from",
-                    f"{spec.distill.from_!r} names no earlier stage")
+def lowest_lr_of(run, name: str | None) -> float:
+    """The lowest lr of training stage `name`'s decay (what a finetune after it starts from)."""
+    if name is None:
+        raise ValueError("no upstream training stage")
+    spec = run.stages[name]
+    return stage_of(spec).schedule(spec, run, name).lowest_lr()
 
 
-def base_lr(spec: Config, run, name: str) -> float:
-    from pipeline.plan import lowest_lr_of
+def finetune_default_problem(run, name: str) -> str | None:
+    """Why stage `name` cannot default its lr to the lowest upstream lr, or None."""
+    up = upstream_training_stage(run, name)
+    if up is None:
+        return "required: no training stage upstream to take the lowest lr from"
+    if run.stages[up].epochs == 0:
+        return (f"required: the upstream stage '{up}' trains no epochs (it passes "
+                "model.pretrained on), so it has no lowest lr to take")
+    sched = run.stages[up].schedule
+    if sched.decays_to_zero:
+        return (f"required: the upstream stage '{up}' decays to 0 ({sched.type}, min_lr 0), so "
+                "its lowest lr is no finetune lr; set this lr or the upstream min_lr")
+    return None
 
-    if spec.lr is not None:
-        return spec.resolved_lr(0.0)
-    return lowest_lr_of(run, upstream_training_stage(run, name))
 
+@register
+class Finetune(TrainingStage):
+    """Train the pruned network from its pruned weights, by default at the lowest lr the
+    upstream training schedule reached."""
 
-def run(spec: Config, ctx: StageContext) -> dict:
-    model, payload = ctx.load_input(spec.from_)
-    lr = base_lr(spec, ctx.run, ctx.name)
-    # training.train loads the `distill.from` stage's model as the frozen teacher
-    return training.train(ctx, spec, model, payload["arch"], lr)
+    kind = "finetune"
+    Config = Config
+    needs_input = True
+
+    def base_lr(self, spec: Config, run, name: str) -> float:
+        if spec.lr is not None:
+            return spec.resolved_lr(0.0)
+        return lowest_lr_of(run, upstream_training_stage(run, name))
+
+    def lr_source(self, spec: Config, run, name: str) -> str:
+        if spec.lr is None:
+            return f"lowest lr of '{upstream_training_stage(run, name)}'"
+        return super().lr_source(spec, run, name)
+
+    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+        super().check(spec, name, run, loader)
+        if spec.lr is None and (problem := finetune_default_problem(run, name)):
+            loader.fail(f"stages.{name}.lr", problem)
+
+    def run(self, spec: Config, ctx: StageContext) -> dict:
+        model, payload = ctx.load_input(spec.from_)
+        lr = self.base_lr(spec, ctx.run, ctx.name)
+        # training.train loads the `distill.from` stage's model as the frozen teacher
+        return training.train(ctx, spec, model, payload["arch"], lr)

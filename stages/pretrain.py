@@ -18,7 +18,15 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import opt, to_plain
-from pipeline.models import arch_spec, build_model, load_pretrained
+from pipeline.data import build_data
+from pipeline.models import (
+    arch_spec,
+    build_model,
+    count_macs,
+    count_params,
+    load_pretrained,
+    model_from_payload,
+)
 from pipeline.pruning import (
     SoftPruner,
     SoftPruneSpec,
@@ -26,15 +34,15 @@ from pipeline.pruning import (
     candidate_groups,
     zero_pattern_record,
 )
-from pipeline.trainer import TrainConfig
+from pipeline.rundir import MODEL_FILE
+from pipeline.trainer import TrainConfig, evaluate
 
 from . import training
-from .base import MODEL_FILE, StageBase, StageContext
+from .base import StageBase, StageContext
+from .registry import register
+from .training import TrainingStage
 
 log = logging.getLogger("pipeline")
-
-DEFAULT_LR = 0.1
-NEEDS_INPUT = False
 
 
 @dataclass
@@ -47,10 +55,6 @@ class Config(StageBase, TrainConfig):
         "selects and re-select next time; a downstream prune stage removes them")
 
 
-def base_lr(spec: Config, ctx_run, name: str) -> float:
-    return spec.resolved_lr(DEFAULT_LR)
-
-
 def dense_model(ctx: StageContext, zero_init: bool) -> tuple[torch.nn.Module, dict]:
     arch = arch_spec(ctx.run.model, ctx.extra["num_classes"])
     torch.manual_seed(ctx.run.seed)
@@ -60,7 +64,20 @@ def dense_model(ctx: StageContext, zero_init: bool) -> tuple[torch.nn.Module, di
     return model, arch
 
 
-def run(spec: Config, ctx: StageContext) -> dict:
+@register
+class Pretrain(TrainingStage):
+    """Train the dense network (0 epochs: pass model.pretrained on)."""
+
+    kind = "pretrain"
+    Config = Config
+    zero_epochs = True
+
+    def run(self, spec: Config, ctx: StageContext) -> dict:
+        return _run(self, spec, ctx)
+
+
+def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:
+    lr = stage.base_lr(spec, ctx.run, ctx.name)
     zero = spec.zero_init_residual
     if zero is None:
         zero = ctx.run.model.zero_init_residual
@@ -69,7 +86,7 @@ def run(spec: Config, ctx: StageContext) -> dict:
         return _pass_on(ctx, spec, model, arch)
     soft = spec.prune_during_training
     if soft is None:
-        return training.train(ctx, spec, model, arch, base_lr(spec, ctx.run, ctx.name))
+        return training.train(ctx, spec, model, arch, lr)
     meta: dict = {}
     example = torch.zeros((1, *ctx.input_size))
     pruner = SoftPruner(model, soft, example, seed=ctx.run.seed,
@@ -86,8 +103,8 @@ def run(spec: Config, ctx: StageContext) -> dict:
         log.info("soft pruning after epoch %d: %d filters zeroed in %d groups", done,
                  sum(len(e["removed"]) for e in record), len(record))
 
-    result = training.train(ctx, spec, model, arch, base_lr(spec, ctx.run, ctx.name),
-                            meta=meta, epoch_end_hooks=[soft_prune])
+    result = training.train(ctx, spec, model, arch, lr, meta=meta,
+                            epoch_end_hooks=[soft_prune])
     if "soft_pruning" not in meta:  # resumed after the last epoch: read the zeros back
         _record_from_zeros(ctx, soft)
     record = _stored_record(ctx)
@@ -98,10 +115,6 @@ def run(spec: Config, ctx: StageContext) -> dict:
 
 def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict) -> dict:
     """0 epochs: the pretrained weights, evaluated, become this stage's output."""
-    from pipeline.data import build_data
-    from pipeline.models import count_macs, count_params
-    from pipeline.trainer import evaluate
-
     batch = training.eval_batch(spec)
     data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
                       ctx.dist.world_size, spec.channels_last)
@@ -128,7 +141,7 @@ def _record_from_zeros(ctx: StageContext, soft: SoftPruneSpec) -> None:
         return
     path = ctx.stage_dir / MODEL_FILE
     payload = ckpt.load(path)
-    model = ckpt.model_from_payload(payload, str(path))
+    model = model_from_payload(payload, str(path))
     example = torch.zeros((1, *ctx.input_size))
     groups = candidate_groups(model, build_graph(model, example), soft)
     payload["meta"]["soft_pruning"] = {"spec": to_plain(soft), "epoch": None,

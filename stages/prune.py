@@ -22,17 +22,17 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import opt
+from pipeline.config import Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
 from pipeline.pruning import SELECTION_KEYS, PruneSpec, PruningError, prune_model, remove_filters
+from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate
 
-from .base import MODEL_FILE, StageBase, StageContext
+from .base import Stage, StageBase, StageContext
+from .registry import register
 
 log = logging.getLogger("pipeline")
-
-NEEDS_INPUT = True
 
 
 @dataclass
@@ -45,7 +45,40 @@ class Config(StageBase, PruneSpec):
         "(default: when the input has them); false: select anew with this stage's keys")
 
 
-def check(spec: Config, name: str, run, loader) -> None:
+@register
+class Prune(Stage):
+    """Remove whole filters from the input model."""
+
+    kind = "prune"
+    Config = Config
+    needs_input = True
+    prunes = True
+
+    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+        _check_soft(spec, name, run, loader)
+
+    def plan_entry(self, spec: Config, name: str, run) -> dict:
+        entry = dict(method=spec.method, ratio=spec.ratio, policy=spec.policy,
+                     round_to=spec.round_to, round_mode=spec.round_mode,
+                     target_macs_reduction=spec.target_macs_reduction)
+        if spec.method == "fpgm" and (spec.fpgm.norm_ratio or spec.fpgm.distance_ratio):
+            entry["fpgm"] = {"norm_ratio": spec.fpgm.norm_ratio,
+                             "distance_ratio": spec.fpgm.distance_ratio}
+        return entry
+
+    def plan_lines(self, entry: dict) -> list[str]:
+        what = (f"ratio {entry['ratio']}" if entry.get("ratio") is not None
+                else f"target MAC reduction {entry['target_macs_reduction']}")
+        if entry.get("round_to"):
+            what += (f", kept filters rounded {entry['round_mode']} to a multiple of "
+                     f"{entry['round_to']}")
+        return [f"    {entry['method']} {what}, policy {entry['policy']}"]
+
+    def run(self, spec: Config, ctx: StageContext) -> dict:
+        return _run(spec, ctx)
+
+
+def _check_soft(spec: Config, name: str, run, loader: Loader) -> None:
     """Coherence with soft pruning upstream (see the module docstring)."""
     up = run.stages.get(spec.from_) if spec.from_ else None
     soft = getattr(up, "prune_during_training", None)
@@ -65,7 +98,7 @@ def check(spec: Config, name: str, run, loader) -> None:
                         "soft pruning zeroed (leave the key out, or set use_soft_mask: false)")
 
 
-def run(spec: Config, ctx: StageContext) -> dict:
+def _run(spec: Config, ctx: StageContext) -> dict:
     t0 = time.perf_counter()
     model, payload = ctx.load_input(spec.from_)
     arch = payload["arch"]

@@ -14,7 +14,6 @@ The re-initialization is the architecture's own scheme applied at the pruned wid
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -34,15 +33,15 @@ from pipeline.models import (
     shrink_to,
     zero_init_last_bn,
 )
+from pipeline.rundir import read_summary
 from pipeline.trainer import TrainConfig
 
 from . import training
-from .base import StageBase, StageContext, upstream_of_type
+from .base import StageBase, StageContext
+from .registry import register, upstream
+from .training import TrainingStage
 
 log = logging.getLogger("pipeline")
-
-NEEDS_INPUT = True
-DEFAULT_LR = 0.1
 
 
 @dataclass
@@ -82,18 +81,34 @@ def scaled(spec: Config, dense_macs: int, pruned_macs: int) -> tuple[Config, flo
 def dense_macs_of(ctx: StageContext, arch: dict) -> int:
     """The unpruned network's MACs: the upstream prune stage's `macs_before`, else the
     dense architecture's count."""
-    prune_name = upstream_of_type(ctx.run, ctx.name, "prune")
+    prune_name = upstream(ctx.run, ctx.name, lambda stage, spec: stage.prunes)
     if prune_name is not None:
-        try:
-            s = json.loads((ctx.run_dir / prune_name / "summary.json").read_text())
-            if s.get("macs_before"):
-                return int(s["macs_before"])
-        except (OSError, ValueError):
-            pass
+        s = read_summary(ctx.run_dir / prune_name) or {}
+        if s.get("macs_before"):
+            return int(s["macs_before"])
     return count_macs(build_model(arch), ctx.input_size)["total"]
 
 
-def run(spec: Config, ctx: StageContext) -> dict:
+@register
+class Scratch(TrainingStage):
+    """The pruned architecture re-initialized and trained (Scratch-E / Scratch-B)."""
+
+    kind = "scratch"
+    Config = Config
+    needs_input = True
+
+    def plan_entry(self, spec: Config, name: str, run) -> dict:
+        entry = {**super().plan_entry(spec, name, run), "budget": spec.budget}
+        if spec.budget == "B":
+            entry["note"] = ("Scratch-B: epochs and milestones are multiplied by the MACs ratio "
+                             "measured after pruning")
+        return entry
+
+    def run(self, spec: Config, ctx: StageContext) -> dict:
+        return _run(self, spec, ctx)
+
+
+def _run(stage: Scratch, spec: Config, ctx: StageContext) -> dict:
     pruned, payload = ctx.load_input(spec.from_)
     arch = payload["arch"]
     dense_macs = dense_macs_of(ctx, arch)
@@ -111,7 +126,7 @@ def run(spec: Config, ctx: StageContext) -> dict:
     if zero:
         zero_init_last_bn(model)
     meta = {"budget": spec.budget, "budget_factor": factor, "dense_macs": dense_macs}
-    result = training.train(ctx, eff, model, arch, eff.resolved_lr(DEFAULT_LR), meta=meta)
+    result = training.train(ctx, eff, model, arch, eff.resolved_lr(stage.default_lr), meta=meta)
     result.update(budget=spec.budget, budget_factor=factor, epochs=eff.epochs,
                   milestones=list(eff.schedule.milestones), dense_macs=dense_macs)
     return result
@@ -184,6 +199,3 @@ def _scheme(name: str) -> str:
         return "tv_mobilenet"
     return "default"
 
-
-def base_lr(spec: Config, run, name: str) -> float:
-    return spec.resolved_lr(DEFAULT_LR)

@@ -1,18 +1,68 @@
-"""The part every training stage shares: data, trainer, final model and summary."""
+"""What every training stage shares: the `TrainingStage` protocol (lr, schedule, checks and
+plan entry of a stage that runs the trainer) and `train` (data, trainer, final model and
+summary)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
 from pipeline import checkpoint as ckpt
+from pipeline.config import Loader
 from pipeline.data import build_data
+from pipeline.data_size import steps_per_epoch
 from pipeline.models import count_macs, count_params
 from pipeline.recipes import FrozenTeacher
+from pipeline.rundir import MODEL_FILE
+from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
 from pipeline.trainer import TrainConfig, Trainer
 
-from .base import MODEL_FILE, StageContext
+from .base import Stage, StageContext
+
+
+class TrainingStage(Stage):
+    """A stage that trains (its Config includes TrainConfig)."""
+
+    trains = True
+    default_lr: ClassVar[float] = 0.1  # the lr when the spec sets none
+    zero_epochs: ClassVar[bool] = False  # may train 0 epochs (pass model.pretrained on)
+
+    def base_lr(self, spec: Any, run, name: str) -> float:
+        """The peak lr the stage resolves to."""
+        return spec.resolved_lr(self.default_lr)
+
+    def lr_source(self, spec: Any, run, name: str) -> str:
+        """Where `base_lr` comes from, in words (the plan shows it)."""
+        if spec.lr is None:
+            return "default"
+        if isinstance(spec.lr, LinearScaling):
+            return (f"linear scaling: {spec.lr.base:g} x {spec.batch_size} / "
+                    f"{spec.lr.per_batch} = {_fmt(spec.lr.resolve(spec.batch_size)):g}")
+        return "config"
+
+    def schedule(self, spec: Any, run, name: str) -> Schedule:
+        """The resolved lr schedule of the stage as configured (Scratch-B: before its MACs
+        scaling)."""
+        return Schedule(spec.schedule, self.base_lr(spec, run, name), spec.epochs,
+                        steps_per_epoch(run.data, spec.batch_size))
+
+    def check(self, spec: Any, name: str, run, loader: Loader) -> None:
+        if spec.epochs != 0:
+            return
+        if not self.zero_epochs:
+            loader.fail(f"stages.{name}.epochs", f"expected an integer >= 1 for a {spec.type} "
+                        "stage, got 0")
+        if not run.model.pretrained:
+            loader.fail(f"stages.{name}.epochs", "0 epochs needs model.pretrained (a local "
+                        "weights file to pass on instead of training)")
+
+    def plan_entry(self, spec: Any, name: str, run) -> dict:
+        return _training_entry(self, run, name, spec)
+
+    def plan_lines(self, entry: dict) -> list[str]:
+        return _training_lines(entry)
 
 
 def precision_of(spec: TrainConfig, ctx: StageContext) -> str:
@@ -32,7 +82,7 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
         teacher, _ = ctx.load_input(spec.distill.from_)  # pretrain/scratch distill too
     if teacher is not None:
         teacher = FrozenTeacher(teacher)  # eval mode and no_grad, whatever calls .train()
-    data = ctx.extra.get("data_override") or build_data(
+    data = build_data(
         ctx.run.data, spec.batch_size, eval_batch(spec), ctx.run.seed, ctx.device,
         ctx.dist.rank, ctx.dist.world_size, spec.channels_last)
     trainer = Trainer(model, spec, data, ctx.stage_dir, arch=arch, device=ctx.device,
@@ -49,3 +99,105 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
     return {**result, "params": count_params(final), "macs": macs["total"],
             "conv_macs": macs["conv"], "lr": base_lr, "batch_size": spec.batch_size,
             "steps_per_epoch": trainer.steps_per_epoch, "train_seconds": time.perf_counter() - t0}
+
+
+def _fmt(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
+    sched = stage.schedule(spec, run, name)
+    o, c, w = spec.optimizer, spec.schedule, spec.schedule.warmup
+    spe = max(sched.steps_per_epoch, 1)
+    warm = sched.warmup_steps
+    optimizer = {"name": o.name, "weight_decay": o.weight_decay, "no_bias_decay": o.no_bias_decay}
+    if o.name == "sgd":
+        optimizer.update(momentum=o.momentum, nesterov=o.nesterov)
+    else:
+        optimizer.update(betas=list(o.betas), eps=o.eps)
+    return dict(
+        epochs=spec.epochs, batch_size=spec.batch_size, eval_every=spec.eval_every,
+        steps_per_epoch=sched.steps_per_epoch, total_steps=sched.total_steps,
+        precision=spec.precision or run.precision,
+        lr=_fmt(sched.base_lr),
+        lr_source=stage.lr_source(spec, run, name),
+        optimizer=optimizer,
+        schedule={"type": c.type, "milestones": c.milestones,
+                  "milestone_steps": sched.milestone_steps() if c.type == "multistep" else [],
+                  "gamma": c.gamma, "step_size": c.step_size, "min_lr": c.min_lr,
+                  "decay_axis": ("after warmup" if c.type in AFTER_WARMUP
+                                 else "from the start of the run"),
+                  "warmup": {"type": w.type, "epochs": w.epochs, "steps": warm,
+                             "start_lr": _fmt(sched.warmup_start()) if warm else None,
+                             "target_lr": _fmt(sched.warmup_target()) if warm else None},
+                  "description": sched.describe()},
+        lr_by_epoch={str(ch["epoch"]): ch["lr"] for ch in sched.epoch_changes()},
+        lr_changes=sched.epoch_changes(),  # the same as a list of {epoch, lr}
+        lr_key_steps=[{"step": k["step"], "epoch": _fmt(k["step"] / spe),
+                       "lr": _fmt(sched.lr(k["step"])), "what": k["what"]}
+                      for k in sched.key_steps()],
+        lowest_lr=_fmt(sched.lowest_lr()),
+        decays_to_zero=sched.decays_to_zero,
+        warnings=sched.warnings(),
+        recipe={"label_smoothing": spec.label_smoothing, "mixup": spec.mixup,
+                "cutmix": spec.cutmix, "ema_decay": spec.ema_decay,
+                "distill": None if spec.distill is None else {
+                    "from": spec.distill.from_, "temperature": spec.distill.temperature,
+                    "alpha": spec.distill.alpha},
+                "zero_init_residual": _zero_init(run, spec)},
+    )
+
+
+def _zero_init(run, spec) -> bool | None:
+    """Whether the stage zero-inits residual BN gammas (None: it does not initialize)."""
+    if not hasattr(spec, "zero_init_residual"):
+        return None  # finetune starts from trained weights
+    if spec.zero_init_residual is not None:
+        return spec.zero_init_residual
+    return run.model.zero_init_residual
+
+
+def _training_lines(s: dict) -> list[str]:
+    o, sch = s["optimizer"], s["schedule"]
+    every = s.get("eval_every", 1)
+    lines = [f"    epochs {s['epochs']}, batch {s['batch_size']} "
+             f"({s['steps_per_epoch']} steps/epoch, {s['total_steps']} steps), {s['precision']}"
+             + (f", test every {every} epochs" if every > 1 else ""),
+             f"    lr {s['lr']:g} ({s['lr_source']})"]
+    opt_line = f"    {o['name']}"
+    if o["name"] == "sgd":
+        opt_line += f" momentum {o['momentum']:g}{' nesterov' if o['nesterov'] else ''},"
+    opt_line += f" weight decay {o['weight_decay']:g}"
+    if o["no_bias_decay"]:
+        opt_line += " (none on biases/BN: every 1-D parameter)"
+    lines.append(opt_line)
+    lines.append(f"    schedule: {sch['description']}")
+    lines.append("    lr at key steps:")
+    for k in s["lr_key_steps"]:
+        lines.append(f"      step {k['step']:<8} epoch {k['epoch']:<9g} lr {k['lr']:<12.6g}"
+                     f"{k['what']}")
+    items = list(s["lr_by_epoch"].items())
+    shown = items if len(items) <= 12 else items[:6] + [("...", None)] + items[-4:]
+    changes = ", ".join("..." if lr is None else f"{e}: {lr:g}" for e, lr in shown)
+    lines.append(f"    lr at epoch start (where it changes): {changes}")
+    if s["decays_to_zero"]:
+        lines.append(f"    lowest lr {s['lowest_lr']:g} (decays to 0: a finetune after this "
+                     "stage must set its lr)")
+    else:
+        lines.append(f"    lowest lr {s['lowest_lr']:g} (a finetune after this stage defaults "
+                     "to it)")
+    r = s["recipe"]
+    on = [f"label smoothing {r['label_smoothing']:g}" if r["label_smoothing"] else "",
+          f"mixup {r['mixup']:g}" if r["mixup"] else "",
+          f"cutmix {r['cutmix']:g}" if r["cutmix"] else "",
+          f"EMA {r['ema_decay']:g}" if r["ema_decay"] else "",
+          (f"distill from {r['distill']['from']} (T {r['distill']['temperature']:g}, alpha "
+           f"{r['distill']['alpha']:g})") if r["distill"] else "",
+          "zero-init residual BN" if r["zero_init_residual"] else ""]
+    lines.append(f"    recipe: {', '.join(x for x in on if x) or 'plain'}")
+    lines += [f"    warning: {w}" for w in s["warnings"]]
+    if s.get("note"):
+        lines.append(f"    {s['note']}")
+    return lines
+
+

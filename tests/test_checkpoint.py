@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.models import build_model
+from pipeline.models import build_model, load_model
 
 ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
 
@@ -98,7 +98,7 @@ def test_wrapped_models_save_the_plain_module(tmp_path, world_of_one):
     sd = ckpt.load(tmp_path / "model.pt")["state_dict"]
     assert set(sd) == set(plain.state_dict())
     # a DDP-written file loads into a plain single-process model ...
-    reloaded = ckpt.load_model(tmp_path / "model.pt")
+    reloaded = load_model(tmp_path / "model.pt")
     for k, v in plain.state_dict().items():
         assert torch.equal(reloaded.state_dict()[k], v)
     # ... and a single-process file into the module under a DDP wrapper, strictly

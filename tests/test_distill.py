@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import stages.training
-from pipeline import checkpoint as ckpt
-from pipeline.models import count_params
+from pipeline.models import count_params, load_model
 from pipeline.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,8 +59,8 @@ def test_finetune_distills_from_the_frozen_unpruned_teacher(tiny_config, cli, tm
     assert fin["before"].keys() == fin["after"].keys()
     assert all(torch.equal(fin["before"][k], fin["after"][k]) for k in fin["before"])
     # it is the unpruned upstream model, bigger than the pruned student
-    dense = ckpt.load_model(run / "pretrain/model.pt")
-    student = ckpt.load_model(run / "finetune/model.pt")
+    dense = load_model(run / "pretrain/model.pt")
+    student = load_model(run / "finetune/model.pt")
     assert fin["params"] == count_params(dense) > count_params(student)
     dense_sd = dense.state_dict()
     assert all(torch.equal(v, dense_sd[k.removeprefix("net.")]) for k, v in fin["after"].items())

@@ -21,6 +21,7 @@ import torch
 
 from conftest import ROOT
 from pipeline import checkpoint as ckpt
+from pipeline.models import load_model
 from pipeline.trainer import FAULT_ENV
 
 pytestmark = pytest.mark.slow
@@ -160,7 +161,7 @@ def test_torchrun_smoke_pipeline(tmp_path, cli, one_thread):
     assert done.stderr.count("at epoch 1, step 8") == 1
     _close_second_epoch(both, single_dir / "smoke/pretrain")
     assert rank1_writes(tmp_path / "audit2", tmp_path / "both") == []
-    model = ckpt.load_model(both / "model.pt")
+    model = load_model(both / "model.pt")
     assert isinstance(model, torch.nn.Module)
 
 

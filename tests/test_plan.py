@@ -133,12 +133,12 @@ def test_plan_steps_per_epoch_match_the_loader(tiny_config, batch):
     import torch
 
     from pipeline.data import build_data
-    from pipeline.plan import steps_per_epoch
+    from pipeline.data_size import steps_per_epoch
     from pipeline.runconfig import load_config
 
     cfg, _ = load_config(tiny_config())
     data = build_data(cfg.data, batch, 64, 0, torch.device("cpu"))
-    assert steps_per_epoch(cfg, batch) == len(data.train)
+    assert steps_per_epoch(cfg.data, batch) == len(data.train)
 
 
 def test_plan_lists_the_recipe_switches_that_are_on(tiny_config, cli):

@@ -14,7 +14,7 @@ import torch.nn as nn
 from conftest import ROOT
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, Loader
-from pipeline.models import PadShortcut, build_model, count_macs
+from pipeline.models import PadShortcut, build_model, count_macs, load_model
 from pipeline.pruning import (
     FPGMConfig,
     PruneSpec,
@@ -233,7 +233,7 @@ def test_policies_keep_output_shape_and_reload(shortcut, policy, tmp_path):
     assert out.shape == (2, 10)
     path = tmp_path / "model.pt"
     ckpt.save_model(path, model, {"name": "resnet20", "num_classes": 10, "shortcut": shortcut})
-    again = ckpt.load_model(path).eval()
+    again = load_model(path).eval()
     assert torch.equal(again(x), out)
 
 

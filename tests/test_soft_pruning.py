@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.models import build_model
+from pipeline.models import build_model, load_model, model_from_payload
 from pipeline.pruning import PruneSpec, SoftPruner
 
 X = torch.zeros(1, 3, 16, 16)
@@ -82,7 +82,7 @@ def test_pretrain_soft_prunes_every_epoch_and_prune_removes_exactly_those(tiny_c
     payload = ckpt.load(run / "pretrain/model.pt")
     soft = payload["meta"]["soft_pruning"]
     assert soft["epoch"] == 2 and soft["spec"]["ratio"] == 0.5
-    dense = ckpt.model_from_payload(payload)
+    dense = model_from_payload(payload)
     mods = dict(dense.named_modules())
     for e in soft["record"]:  # the dense-shaped output holds the last selection zeroed
         for conv in e["convs"]:
@@ -95,7 +95,7 @@ def test_pretrain_soft_prunes_every_epoch_and_prune_removes_exactly_those(tiny_c
     layers = json.loads((run / "prune/layers.json").read_text())
     assert {e["name"]: e["removed"] for e in layers} == {
         e["name"]: e["removed"] for e in soft["record"]}
-    pruned = ckpt.load_model(run / "prune/model.pt")
+    pruned = load_model(run / "prune/model.pt")
     assert not any(zero_rows(m) for m in pruned.modules() if isinstance(m, nn.Conv2d))
     # removing the zeroed filters changes nothing but the BN offsets of those channels
     assert np.isfinite(p["top1"])

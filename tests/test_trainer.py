@@ -16,7 +16,7 @@ import torch.nn as nn
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from pipeline.distributed import DistInfo
-from pipeline.models import build_model
+from pipeline.models import build_model, load_model
 from pipeline.trainer import TrainConfig, Trainer, TrainingError, autocast_context, evaluate
 
 ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
@@ -97,7 +97,7 @@ def test_bf16_on_cpu_trains_and_reloads(tmp_path):
     first, last = (float(r.split(",")[2]) for r in (rows[1], rows[2]))
     assert last < first  # it learns
     ckpt.save_model(tmp_path / "model.pt", trainer.final_model(), ARCH)
-    reloaded = ckpt.load_model(tmp_path / "model.pt")
+    reloaded = load_model(tmp_path / "model.pt")
     assert all(v.dtype != torch.bfloat16 for v in reloaded.state_dict().values())
     again = evaluate(reloaded, trainer.data.test, torch.device("cpu"), "bf16")
     assert again["top1"] == pytest.approx(result["top1"], abs=1e-6)
@@ -221,7 +221,7 @@ def test_channels_last_progress_and_missing_tensorboard(tmp_path, capsys, caplog
     except ImportError:
         assert any("tensorboard" in r.getMessage() for r in caplog.records)
     ckpt.save_model(tmp_path / "model.pt", trainer.module, ARCH)
-    plain = ckpt.load_model(tmp_path / "model.pt").eval()
+    plain = load_model(tmp_path / "model.pt").eval()
     x = trainer.data.test.x[0]
     assert torch.allclose(plain(x), trainer.module.eval()(x), atol=1e-5)
     log_rows = (tmp_path / "train_log.csv").read_text().splitlines()

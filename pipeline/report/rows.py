@@ -31,7 +31,7 @@ COLUMNS = ["run", "stage", "type", "status", "model", "method", "ratio", "top1",
 LATENCY_COLUMNS = ["latency_ms", "speedup"]
 PROVENANCE_COLUMNS = ["git_commit", "git_dirty", "python", "torch", "torchvision",
                       "torch_pruning", "device", "world_size", "seed", "config_hash", "command"]
-TRAINING = ("pretrain", "finetune", "scratch")
+_TRAINING = ("pretrain", "finetune", "scratch")
 
 
 def is_prune_stage(spec: dict) -> bool:
@@ -41,7 +41,7 @@ def is_prune_stage(spec: dict) -> bool:
 
 def is_training_stage(spec: dict) -> bool:
     """Whether a stage (its spec or summary) trains a model, so it can be a dense baseline."""
-    return spec.get("type") in TRAINING
+    return spec.get("type") in _TRAINING
 
 
 def expand(paths: list[str]) -> list[Path]:

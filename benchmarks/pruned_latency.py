@@ -25,7 +25,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.models import build_model, count_macs  # noqa: E402
 from pipeline.pruning import PruneSpec, prune_model  # noqa: E402
+from pipeline.report.latency import in_memory_format, interleaved_median_seconds  # noqa: E402
 
 GOAL = 0.7
 VARIANTS = {
@@ -76,24 +76,13 @@ def pruned_variants(arch: dict, size: int, policy: str, names: list[str]) -> lis
     return out
 
 
-@torch.inference_mode()
 def time_models(models: list[dict], batch: int, size: int, rounds: int,
                 channels_last: bool = False) -> dict[str, float]:
     """Median seconds per forward; models run interleaved so load changes hit all alike."""
-    x = torch.randn(batch, 3, size, size)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
-    for m in models:
-        m["model"].to(memory_format=fmt)
-    for m in models:  # warmup
-        m["model"](x)
-    times: dict[str, list[float]] = {m["name"]: [] for m in models}
-    for _ in range(rounds):
-        for m in models:
-            t0 = time.perf_counter()
-            m["model"](x)
-            times[m["name"]].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    fmt = "channels_last" if channels_last else "contiguous"
+    x = in_memory_format(torch.randn(batch, 3, size, size), fmt)
+    nets = {m["name"]: in_memory_format(m["model"], fmt) for m in models}
+    return interleaved_median_seconds(nets, x, rounds)
 
 
 def rounds_for(batch: int, macs: int, quick: bool) -> int:

@@ -35,8 +35,16 @@ log = logging.getLogger("pipeline")
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE_PATHS = ("pipeline", "stages")  # the code that computes results...
-NOT_RESULTS = ("pipeline/report.py", "pipeline/reference.py", "pipeline/provenance.py")
-# ...except the files that only read or describe results
+NOT_RESULTS = ("pipeline/report", "pipeline/reference.py", "pipeline/provenance.py")
+# ...except the files (and folders) that only read or describe results
+
+
+def is_result_code(path: str) -> bool:
+    """Whether a repository path counts for `code_id`: under CODE_PATHS, not in NOT_RESULTS."""
+    def under(p: str) -> bool:
+        return path == p or path.startswith(p + "/")
+
+    return any(under(p) for p in CODE_PATHS) and not any(under(p) for p in NOT_RESULTS)
 
 
 def _git(args: list[str], cwd: Path = ROOT) -> str | None:
@@ -60,7 +68,7 @@ def code_version() -> dict[str, Any]:
                  *(f":(exclude){p}" for p in NOT_RESULTS)])
     code_id = None
     if tree is not None:
-        kept = [line for line in tree.splitlines() if line.split("\t")[-1] not in NOT_RESULTS]
+        kept = [line for line in tree.splitlines() if is_result_code(line.split("\t")[-1])]
         code_id = _sha(("\n".join(kept) + "\n" + (diff or "")).encode())
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status),
             "code_id": code_id}
@@ -201,5 +209,6 @@ def stale_reasons(summary: dict, run_dir: Path, code: dict | None = None) -> lis
     return reasons
 
 
-__all__ = ["record_provenance", "read_provenance", "code_version", "versions", "config_hash",
-           "command_line", "stage_record", "input_record", "stale_reasons", "file_sha256"]
+__all__ = ["record_provenance", "read_provenance", "code_version", "is_result_code",
+           "versions", "config_hash", "command_line", "stage_record", "input_record",
+           "stale_reasons", "file_sha256"]

@@ -114,7 +114,12 @@ def test_stale_reasons_fall_back_to_finish_times(tmp_path):
 def test_code_identity_ignores_reporting_modules():
     v = P.code_version()
     assert set(v) == {"git_commit", "git_dirty", "code_id"}
-    assert "pipeline/report.py" in P.NOT_RESULTS
+    assert "pipeline/report" in P.NOT_RESULTS
+    for path in ("pipeline/report/tables.py", "pipeline/report/__init__.py",
+                 "pipeline/reference.py", "pipeline/provenance.py", "tests/test_report.py"):
+        assert not P.is_result_code(path), path
+    for path in ("pipeline/trainer.py", "stages/prune.py", "pipeline/reporting.py"):
+        assert P.is_result_code(path), path
     now = {"code_id": "a", "git_commit": "c" * 40}
     assert P.stale_reasons({"code": {"code_id": "a", "git_commit": "d" * 40}}, ".", now) == []
     (reason,) = P.stale_reasons({"code": {"code_id": "b", "git_commit": "d" * 40,

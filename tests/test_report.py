@@ -8,9 +8,13 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 import yaml
 
 from pipeline import report
+from pipeline.checkpoint import save_model
+from pipeline.models import build_model, count_macs
+from pipeline.report import latency, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -236,8 +240,99 @@ def test_labels_of_coinciding_points_are_stacked():
             {"stage": "finetune_l1", "macs_m": 22.0, "top1": 84.4},
             {"stage": "scratch_b", "macs_m": 22.0, "top1": 85.6},
             {"stage": "prune_fpgm", "macs_m": 22.0, "top1": 12.8}]
-    off = report._label_offsets(rows)
+    off = plots._label_offsets(rows)
     by = {r["stage"]: off[id(r)] for r in rows}
     assert by["pretrain"] == by["prune_fpgm"] == by["scratch_b"] == 4.0  # nothing close by
     assert len({by["scratch_b"], by["finetune_fpgm"], by["finetune_l1"]}) == 3  # stacked
     assert by["finetune_l1"] < by["finetune_fpgm"] < by["scratch_b"]
+
+
+def conv_net(width: int, depth: int) -> nn.Module:
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+def test_latency_follows_the_macs(one_thread):
+    small, large = conv_net(8, 1), conv_net(64, 4)
+    macs = {name: count_macs(m, (3, 32, 32))["total"] for name, m in (("small", small),
+                                                                       ("large", large))}
+    assert macs["large"] > 150 * macs["small"]
+    ms = {name: latency.model_latency_ms(m, (3, 32, 32), 4, "cpu", min_seconds=0.2)
+          for name, m in (("small", small), ("large", large))}
+    assert ms["large"] > 3 * ms["small"], ms
+    assert small.training and large.training  # the mode the models had is restored
+    assert large[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+    # the benchmark's measurement: interleaved rounds, one forward per model per round
+    calls = {"small": 0, "large": 0}
+    for name, m in (("small", small), ("large", large)):
+        m.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    x = latency.in_memory_format(torch.randn(4, 3, 32, 32), "contiguous")
+    nets = {name: latency.in_memory_format(m.eval(), "contiguous")
+            for name, m in (("small", small), ("large", large))}
+    s = latency.interleaved_median_seconds(nets, x, rounds=7, warmup=2)
+    assert calls == {"small": 9, "large": 9}
+    assert s["large"] > 3 * s["small"], s
+
+
+def test_latency_of_model_files(tmp_path, one_thread):
+    ms = {}
+    for name in ("resnet8", "resnet56"):
+        arch = {"name": name, "num_classes": 10, "shortcut": "A"}
+        save_model(tmp_path / f"{name}.pt", build_model(arch), arch)
+        ms[name] = latency.file_latency_ms(tmp_path / f"{name}.pt", (3, 32, 32), 2, "cpu",
+                                           "channels_last")
+    macs = {n: count_macs(build_model({"name": n, "num_classes": 10}), (3, 32, 32))["total"]
+            for n in ms}
+    assert macs["resnet56"] > 9 * macs["resnet8"]
+    assert ms["resnet56"] > 2 * ms["resnet8"], ms
+    assert latency.file_latency_ms(tmp_path / "none.pt", (3, 32, 32), 2, "cpu",
+                                   "channels_last") is None
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert latency.file_latency_ms(tmp_path / "bad.pt", (3, 32, 32), 2, "cpu",
+                                   "channels_last") is None
+
+
+def test_pareto_plot_draws_the_rows(tmp_path):
+    def row(run, stage, macs_m, top1, status="completed", base="pretrain"):
+        return {"run": run, "stage": stage, "status": status, "macs_m": macs_m, "top1": top1,
+                "baseline": f"{run}/{base}" if base else None}
+
+    rows = [row("a", "pretrain", 40.0, 91.0), row("a", "prune", 24.0, 30.0),
+            row("a", "finetune", 24.0, 90.0), row("a", "scratch", None, None, "running"),
+            row("b", "prune", 10.0, 20.0, base=None), row("b", "finetune", 10.0, 88.0, base=None),
+            row("b", "scratch", 10.0, 70.0, "failed", base=None)]
+    drawn = report.plot_pareto(rows, tmp_path / "p.png")
+    check_png(drawn.path)
+    done = [r for r in rows if r["status"] == "completed"]
+    points = {k: v for k, v in drawn.series.items() if "/" in k and not k.endswith(" link")}
+    assert points == {f"{r['run']}/{r['stage']}": [(r["macs_m"], r["top1"])] for r in done}
+    links = {k: v for k, v in drawn.series.items() if k.endswith(" link")}
+    assert links == {f"a/{s} link": [(40.0, 91.0), (24.0, t)]
+                     for s, t in (("prune", 30.0), ("finetune", 90.0))}  # b has no baseline
+    assert drawn.series["pareto front"] == [(10.0, 88.0), (24.0, 90.0), (40.0, 91.0)]
+    assert report.plot_pareto([], tmp_path / "e.png").series == {}
+
+
+def test_curves_plot_draws_the_metrics(tmp_path):
+    run_dir = fake_run(tmp_path, "r", STAGES, {
+        "pretrain": PRETRAIN,
+        "prune": {"stage": "prune", "type": "prune", "status": "completed", "top1": 12.5}})
+    header = "epoch,lr,train_loss,train_acc,test_loss,top1,top5,seconds\n"
+    (run_dir / "pretrain" / "metrics.csv").write_text(
+        header + "0,0.1,2.0,30,,,,1\n1,0.1,1.5,50,1.4,60,90,1\n2,0.1,1.0,70,1.1,80,95,1\n")
+    (run_dir / "finetune").mkdir()
+    (run_dir / "finetune" / "metrics.csv").write_text(
+        header + "0,0.01,0.9,75,1.0,85,97,1\n1,0.01,0.8,80,0.9,87,98,1\n")
+    drawn = report.plot_curves(run_dir, tmp_path / "c.png")
+    check_png(drawn.path)
+    assert drawn.series == {
+        "top1/pretrain": [(2.0, 60.0), (3.0, 80.0)],  # epoch 1 had no test pass
+        "train_loss/pretrain": [(1.0, 2.0), (2.0, 1.5), (3.0, 1.0)],
+        "test_loss/pretrain": [(2.0, 1.4), (3.0, 1.1)],
+        "top1/prune": [(3.0, 12.5)],  # where its input ends, before recovery
+        "top1/finetune": [(4.0, 85.0), (5.0, 87.0)],
+        "train_loss/finetune": [(4.0, 0.9), (5.0, 0.8)],
+        "test_loss/finetune": [(4.0, 1.0), (5.0, 0.9)]}

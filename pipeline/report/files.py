@@ -1,0 +1,55 @@
+"""The report's files: compare.md (the table, the latency note, the provenance table, the
+plots), compare.csv and compare.json, and where they go by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .latency import latency_device
+from .plots import plot_curves, plot_pareto
+from .rows import Options
+from .tables import columns_for, provenance_markdown, to_csv, to_json, to_markdown
+
+
+def default_out(run_dirs: list[Path]) -> Path:
+    """<run dir>/report for one run, ./reports for several."""
+    return run_dirs[0] / "report" if len(run_dirs) == 1 else Path("reports")
+
+
+def _markdown(rows: list[dict], run_dirs: list[Path], cols: list[str], options: Options,
+              pngs: list[Path], command: str) -> str:
+    md = [f"# compare: {', '.join(d.name for d in run_dirs)}", ""]
+    if command:
+        md += [f"`{command}`", ""]
+    md += [to_markdown(rows, cols), ""]
+    if options.latency:
+        md += [f"Latency: median forward time of one batch of {options.latency_batch} on "
+               f"{latency_device(options.latency_device)} in {options.latency_memory_format} "
+               "memory format, measured on this machine; speedup against the run's baseline.",
+               ""]
+    if options.provenance:
+        md += ["## Provenance", "", provenance_markdown(run_dirs), ""]
+    for p in pngs:
+        md += [f"![{p.stem}]({p.name})", ""]
+    return "\n".join(md)
+
+
+def write_report(rows: list[dict], run_dirs: list[Path], out: Path, options: Options,
+                 plot: bool = False, command: str = "") -> list[Path]:
+    """Write compare.md, compare.csv, compare.json (and the plots) into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    cols = columns_for(rows, options)
+    pngs: list[Path] = []
+    if plot:
+        pngs.append(plot_pareto(rows, out / "accuracy_vs_macs.png").path)
+        for d in run_dirs:
+            pngs.append(plot_curves(d, out / f"curves_{d.name}.png").path)
+    written = []
+    for name, text in (("compare.md", _markdown(rows, run_dirs, cols, options, pngs, command)),
+                       ("compare.csv", to_csv(rows, cols)), ("compare.json", to_json(rows))):
+        (out / name).write_text(text if text.endswith("\n") else text + "\n")
+        written.append(out / name)
+    return written + pngs
+
+
+__all__ = ["default_out", "write_report"]

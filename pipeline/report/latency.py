@@ -1,0 +1,148 @@
+"""How long a model's forward pass takes on this machine.
+
+Eval mode, no autograd, a few warm-up passes, then timed passes with the device synchronised
+after each (queued GPU work counts), the median kept. Weights and input may be put in
+channels_last memory format (NHWC: the fast path of oneDNN on CPU and of cuDNN under AMP,
+where a pruned net's MAC savings show) or stay contiguous (NCHW). `compare --latency` and
+benchmarks/pruned_latency.py both measure through this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import load_model
+from ..config import Loader
+from ..data import DataConfig, input_size
+from ..modes import eval_mode
+from ..rundir import CONFIG_FILE, read_config
+
+log = logging.getLogger("pipeline")
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+T = TypeVar("T", nn.Module, torch.Tensor)
+
+
+def latency_device(requested: str | None) -> str:
+    """The device asked for, else cuda when present, else cpu."""
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def in_memory_format(obj: T, memory_format: str) -> T:
+    """A model (its 4-d weights, in place) or a 4-d batch in `memory_format`
+    ("channels_last" or "contiguous")."""
+    return obj.to(memory_format=MEMORY_FORMATS[memory_format])
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_forward(model: nn.Module, x: torch.Tensor) -> float:
+    """Seconds of one forward pass of `x`, the device synchronised before the clock stops."""
+    t0 = time.perf_counter()
+    model(x)
+    sync(x.device)
+    return time.perf_counter() - t0
+
+
+def warm_up(models: Iterable[nn.Module], x: torch.Tensor, runs: int) -> None:
+    """`runs` untimed passes through each model (allocator, kernel choice, caches)."""
+    models = list(models)
+    for _ in range(runs):
+        for model in models:
+            model(x)
+    sync(x.device)
+
+
+@torch.inference_mode()
+def median_seconds(model: nn.Module, x: torch.Tensor, min_runs: int = 10,
+                   min_seconds: float = 1.0, max_runs: int = 1000, warmup: int = 3) -> float:
+    """Median seconds of a forward pass: at least `min_runs` passes, more until `min_seconds`
+    have gone by (at most `max_runs`)."""
+    warm_up([model], x, warmup)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds
+                                    and len(times) < max_runs):
+        times.append(timed_forward(model, x))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def interleaved_median_seconds(models: dict[str, nn.Module], x: torch.Tensor, rounds: int,
+                               warmup: int = 1) -> dict[str, float]:
+    """Median seconds of a forward pass of each named model; every round runs each model
+    once in turn, so a change in the machine's load hits all of them alike."""
+    warm_up(models.values(), x, warmup)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(timed_forward(model, x))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def model_latency_ms(model: nn.Module, input_size: tuple[int, ...], batch: int, device: str,
+                     memory_format: str = "channels_last", min_seconds: float = 1.0,
+                     min_runs: int = 10) -> float:
+    """Median wall time (ms) of one forward pass of a random batch through `model`, in eval
+    mode (restored afterwards); the model is moved to `device` and `memory_format`."""
+    dev = torch.device(device)
+    model = model.to(dev)
+    x = torch.randn((batch, *input_size), device=dev)
+    if x.dim() == 4:
+        model, x = in_memory_format(model, memory_format), in_memory_format(x, memory_format)
+    with eval_mode(model):
+        return 1000 * median_seconds(model, x, min_runs, min_seconds)
+
+
+def measure_latency(model_path: Path, input_size: tuple[int, ...], batch: int, device: str,
+                    memory_format: str = "channels_last", min_seconds: float = 1.0,
+                    min_runs: int = 10) -> float:
+    """`model_latency_ms` of the model in model_path (loaded with pipeline.load_model)."""
+    return model_latency_ms(load_model(model_path), input_size, batch, device, memory_format,
+                            min_seconds, min_runs)
+
+
+def file_latency_ms(path: Path, input_size: tuple[int, ...], batch: int, device: str,
+                    memory_format: str) -> float | None:
+    """`measure_latency`, or None (with a warning saying why) when the file is missing or
+    cannot be measured: the report then shows the row without latency."""
+    if not path.is_file():
+        return None
+    try:
+        return measure_latency(path, input_size, batch, device, memory_format)
+    except Exception as err:  # report the row without latency, say why
+        log.warning("latency of %s not measured: %s", path, err)
+        return None
+
+
+def input_size_of(run_dir: Path) -> tuple[int, int, int]:
+    """(C, H, W) the run's models take, from its resolved data config."""
+    data = read_config(run_dir).get("data") or {}
+    try:
+        return tuple(input_size(Loader(str(run_dir / CONFIG_FILE)).load(DataConfig, data,
+                                                                        "data")))
+    except Exception:  # an older or foreign config: the usual sizes
+        if data.get("dataset") == "synthetic":
+            s = data.get("image_size") or (data.get("synthetic") or {}).get("image_size", 32)
+        else:
+            s = data.get("image_size") or (224 if data.get("dataset") == "imagefolder" else 32)
+        return (3, int(s), int(s))
+
+
+__all__ = ["MEMORY_FORMATS", "latency_device", "in_memory_format", "sync", "timed_forward",
+           "warm_up", "median_seconds", "interleaved_median_seconds", "model_latency_ms",
+           "measure_latency", "file_latency_ms", "input_size_of"]

@@ -1,0 +1,178 @@
+"""The plots of `compare --plot`: top-1 against MACs of every completed model (with the
+Pareto front), and the training curves of a run. Each returns a `Plot`: the PNG it wrote and
+the points it drew, read back from the figure, by series."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..rundir import read_summary, stage_specs
+from .rows import is_prune_stage, read_metrics
+
+Points = list[tuple[float, float]]
+
+
+@dataclass
+class Plot:
+    """A written figure: its file, and the (x, y) points of each named series drawn in it.
+
+    Series of the accuracy-vs-MACs plot: "<run>/<stage>" (one model), "<run>/<stage> link"
+    (baseline to pruned model), "pareto front". Of the curves: "top1/<stage>" (per epoch, or
+    the pruned model before recovery), "train_loss/<stage>", "test_loss/<stage>"."""
+
+    path: Path
+    series: dict[str, Points]
+
+
+def _pyplot():
+    import matplotlib  # lazy: only --plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _drawn(fig: Any) -> dict[str, Points]:
+    """The points of every artist given a gid (scatter offsets, line data), by gid."""
+    out: dict[str, Points] = {}
+    for ax in fig.axes:
+        for artist in ax.collections:
+            if artist.get_gid() is not None:
+                out[artist.get_gid()] = [(float(x), float(y)) for x, y in artist.get_offsets()]
+        for line in ax.lines:
+            if line.get_gid() is not None:
+                out[line.get_gid()] = [(float(x), float(y)) for x, y in line.get_xydata()]
+    return out
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Plot:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    series = _drawn(fig)
+    plt.close(fig)
+    return Plot(path, series)
+
+
+def _label_offsets(points: list[dict], step: float = 9.0) -> dict[int, float]:
+    """Vertical label offset (points) of each row's point: labels of points that nearly
+    coincide (within 3% of the axes' spans; pruned models of one width share their MACs)
+    are stacked instead of drawn over each other."""
+    if not points:
+        return {}
+    xs, ys = [r["macs_m"] for r in points], [r["top1"] for r in points]
+    dx, dy = 0.03 * (max(xs) - min(xs)) or 1e-9, 0.03 * (max(ys) - min(ys)) or 1e-9
+    order = sorted(points, key=lambda r: -r["top1"])  # highest first, the next ones below
+    return {id(r): 4.0 - step * sum(abs(r["macs_m"] - p["macs_m"]) <= dx
+                                    and abs(r["top1"] - p["top1"]) <= dy for p in order[:i])
+            for i, r in enumerate(order)}
+
+
+def pareto_front(points: Points) -> Points:
+    """Points not beaten by another with fewer or equal MACs and higher top-1, by MACs."""
+    front: Points = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int, float]) -> None:
+    """One run's models: its baseline starred, the others joined to it."""
+    base = next((r for r in mine if r.get("baseline") == f"{run}/{r['stage']}"), None)
+    for r in mine:
+        gid = f"{run}/{r['stage']}"
+        if r is base:
+            ax.scatter(r["macs_m"], r["top1"], marker="*", s=180, color=color, zorder=3,
+                       label=f"{run} ({r['stage']}, dense)", gid=gid)
+        else:
+            ax.scatter(r["macs_m"], r["top1"], s=40, color=color, zorder=3, gid=gid)
+            if base is not None:
+                ax.plot([base["macs_m"], r["macs_m"]], [base["top1"], r["top1"]],
+                        color=color, alpha=0.3, lw=1, gid=f"{gid} link")
+        ax.annotate(r["stage"], (r["macs_m"], r["top1"]), textcoords="offset points",
+                    xytext=(5, label_y[id(r)]), fontsize=8, color=color)
+    if base is None and mine:
+        ax.scatter([], [], color=color, label=run)
+
+
+def plot_pareto(rows: list[dict], path: Path) -> Plot:
+    """Top-1 against MACs: every completed model, each run's baseline starred, the pruned
+    models joined to their baseline, and the Pareto front (best top-1 at no more MACs)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    done = [r for r in rows if r.get("status") == "completed" and r.get("top1") is not None
+            and r.get("macs_m")]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    label_y = _label_offsets(done)
+    for i, run in enumerate(dict.fromkeys(r["run"] for r in done)):
+        _draw_run(ax, run, [r for r in done if r["run"] == run], colors[i % len(colors)],
+                  label_y)
+    front = pareto_front([(r["macs_m"], r["top1"]) for r in done])
+    if len(front) > 1:
+        xs, ys = zip(*front, strict=True)
+        ax.step(xs, ys, where="post", color="gray", ls="--", lw=1, label="Pareto front",
+                gid="pareto front")
+    macs = [r["macs_m"] for r in done]
+    if macs and max(macs) / min(macs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("MACs per image (millions, conv + linear)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Accuracy against computation")
+    ax.grid(alpha=0.3)
+    if done:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no completed stage yet", ha="center", transform=ax.transAxes)
+    return _save(plt, fig, path)
+
+
+def _series(x: list[float], rows: list[dict], key: str) -> tuple[list, list]:
+    """(x, values) of the rows that hold `key` (epochs without a test pass are skipped)."""
+    pts = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(run_dir: Path, path: Path) -> Plot:
+    """Top-1 and loss per epoch of every training stage of a run, each stage drawn from
+    where its input ends (finetune and scratch continue after the pretrain epochs)."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    ends: dict[str, float] = {}
+    drawn = 0
+    for name, spec in stage_specs(run_dir).items():
+        rows = read_metrics(run_dir / name)
+        up = spec.get("from")
+        start = ends.get(up, 0.0) if up else 0.0
+        if not rows:
+            ends[name] = start
+            s = read_summary(run_dir / name) or {}
+            if is_prune_stage(spec) and s.get("top1") is not None:
+                a1.scatter([start], [s["top1"]], marker="x", s=60, color="black", zorder=3,
+                           label=f"{name} (before recovery)", gid=f"top1/{name}")
+                drawn += 1
+            continue
+        x = [start + r.get("epoch", i) + 1 for i, r in enumerate(rows)]
+        ends[name] = x[-1]
+        line = a1.plot(*_series(x, rows, "top1"), marker=".", label=name, gid=f"top1/{name}")[0]
+        c = line.get_color()
+        a2.plot(*_series(x, rows, "train_loss"), color=c, marker=".", label=f"{name} train",
+                gid=f"train_loss/{name}")
+        a2.plot(*_series(x, rows, "test_loss"), color=c, ls="--", marker=".",
+                label=f"{name} test", gid=f"test_loss/{name}")
+        drawn += 1
+    a1.set_title(f"{run_dir.name}: test top-1")
+    a1.set_ylabel("top-1 (%)")
+    a2.set_title(f"{run_dir.name}: loss")
+    a2.set_ylabel("cross-entropy")
+    for ax in (a1, a2):
+        ax.set_xlabel("epoch (stages continue from their input)")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+__all__ = ["Plot", "pareto_front", "plot_pareto", "plot_curves"]

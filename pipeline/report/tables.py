@@ -1,0 +1,110 @@
+"""The rows as tables: markdown (labelled, formatted cells), CSV and JSON (raw values), and
+the provenance table (one row per run: how it was made)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..provenance import read_provenance
+from .rows import COLUMNS, LATENCY_COLUMNS, PROVENANCE_COLUMNS, Options
+
+LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "delta_top1": "Δ top-1",
+          "params_m": "params (M)", "macs_m": "MACs (M)", "mac_reduction_pct": "MACs -%",
+          "size_mb": "model.pt (MB)", "wall_seconds": "wall (s)", "speedup": "speedup",
+          "torch_pruning": "torch-pruning", "config_hash": "config hash",
+          "git_commit": "commit", "git_dirty": "dirty", "world_size": "ranks"}
+
+
+def columns_for(rows: list[dict], options: Options | None = None) -> list[str]:
+    """The table's columns: latency before the model size when measured, a note column when
+    a row has one."""
+    cols = list(COLUMNS)
+    if options is not None and options.latency:
+        cols[cols.index("size_mb"):cols.index("size_mb")] = LATENCY_COLUMNS
+    if any(r.get("note") for r in rows):
+        cols.append("note")
+    return cols
+
+
+def _label(col: str, rows: list[dict]) -> str:
+    if col == "latency_ms":
+        r = next((r for r in rows if r.get("latency_device")), None)
+        if r is not None:
+            return f"latency (ms, {r['latency_device']}, batch {r['latency_batch']})"
+        return "latency (ms)"
+    return LABELS.get(col, col)
+
+
+def _cell_for(col: str, v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if col == "delta_top1":
+        return f"{v:+.2f}"
+    if col in ("params_m", "macs_m"):
+        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+    if col in ("wall_seconds",):
+        return f"{v:.0f}"
+    if col == "speedup":
+        return f"{v:.2f}x"
+    if col == "latency_ms":
+        return f"{v:.3g}"
+    if col == "ratio" and isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, float):
+        return f"{v:.2f}" if math.isfinite(v) else str(v)
+    return str(v).replace("|", "\\|")
+
+
+def to_markdown(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A markdown table, missing numbers as "-"."""
+    columns = columns or columns_for(rows)
+    lines = ["| " + " | ".join(_label(c, rows) for c in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell_for(c, r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def provenance_markdown(run_dirs: list[Path]) -> str:
+    """One row per run: code version, library versions, device, seed, config hash, command."""
+    cols = PROVENANCE_COLUMNS
+    lines = ["| run | " + " | ".join(LABELS.get(c, c) for c in cols) + " |",
+             "|" + "|".join("---" for _ in range(len(cols) + 1)) + "|"]
+    for d in run_dirs:
+        p = read_provenance(d) or {}
+        vals = []
+        for c in cols:
+            v = p.get(c)
+            if c == "git_commit" and v:
+                v = v[:10]
+            if c == "command" and v:
+                v = f"`{v}`"
+            vals.append(_cell_for(c, v))
+        lines.append(f"| {d.name} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[dict], columns: list[str] | None = None) -> str:
+    """CSV with the raw values, missing numbers as empty cells."""
+    columns = columns or columns_for(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    return buf.getvalue()
+
+
+def to_json(rows: list[dict]) -> str:
+    """The rows as they are (every key, missing numbers as null)."""
+    return json.dumps(rows, indent=2, default=str)
+
+
+__all__ = ["LABELS", "columns_for", "to_markdown", "provenance_markdown", "to_csv", "to_json"]

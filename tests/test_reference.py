@@ -1,10 +1,11 @@
-"""The README's config reference is generated from the dataclasses and cannot drift."""
+"""docs/config.md, the config reference, is generated from the dataclasses and cannot drift."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from pipeline import reference as R
 from pipeline.config import opt
 from pipeline.runconfig import RunConfig
 from pipeline.schedules import LinearScaling
+from stages import REGISTRY
 
 
 def walk(cls, prefix=""):
@@ -27,16 +29,15 @@ def walk(cls, prefix=""):
                 yield from walk(arg, key + ".")
 
 
-def test_readme_block_is_current():
-    text = R.README.read_text()
+def test_doc_block_is_current():
+    assert R.DOC == Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    text = R.DOC.read_text()
     assert R.current_block(text) == R.generate(), (
-        "README.md's config reference is out of date: run python -m pipeline.reference --write")
+        "docs/config.md is out of date: run python -m pipeline.reference --write")
     assert R.main(["--check"]) == 0
 
 
 def test_every_key_is_documented_with_its_default():
-    from stages import REGISTRY
-
     block = R.generate()
     classes = [("", RunConfig)] + [("", m.Config) for m in REGISTRY.values()]
     seen = 0
@@ -71,10 +72,10 @@ def test_a_new_key_changes_the_reference_and_fails_the_check(tmp_path, monkeypat
     (bare,) = [r for r in R.rows_of(Bare) if r.key == "undocumented_key"]
     assert R.undocumented([bare]) == ["undocumented_key"]
 
-    # a README whose block predates the new key: --check fails, --write repairs it
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{R.START}\n{R.generate()}{R.END}\n\ntail\n")
-    assert R.main(["--check", "--readme", str(readme)]) == 0
+    # a document whose block predates the new key: --check fails, --write repairs it
+    doc = tmp_path / "config.md"
+    doc.write_text(f"# title\n\n{R.START}\n{R.generate()}{R.END}\n\ntail\n")
+    assert R.main(["--check", "--doc", str(doc)]) == 0
     real = R.rows_of
 
     def with_new_key(cls, prefix=""):
@@ -84,18 +85,18 @@ def test_a_new_key_changes_the_reference_and_fails_the_check(tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(R, "rows_of", with_new_key)
-    assert R.main(["--check", "--readme", str(readme)]) == 1
-    assert R.main(["--write", "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    assert R.main(["--check", "--doc", str(doc)]) == 1
+    assert R.main(["--write", "--doc", str(doc)]) == 0
+    text = doc.read_text()
     assert "| `new_key` | integer | `1` | added without regenerating |" in text
     assert text.startswith("# title\n\n") and text.endswith("\n\ntail\n")
-    assert R.main(["--check", "--readme", str(readme)]) == 0
+    assert R.main(["--check", "--doc", str(doc)]) == 0
 
 
 def test_missing_markers_are_an_error(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text("# no markers\n")
-    assert R.main(["--check", "--readme", str(readme)]) == 2
+    doc = tmp_path / "config.md"
+    doc.write_text("# no markers\n")
+    assert R.main(["--check", "--doc", str(doc)]) == 2
     assert "markers" in capsys.readouterr().err
     with pytest.raises(ValueError):
         R.splice("nothing", "x")

@@ -10,8 +10,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
+from . import report, runner
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, first_line
+from .plan import build_plan, format_text
+from .provenance import command_line
+from .runconfig import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,15 +87,10 @@ def _fail(message: str, code: int) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
-        from .plan import build_plan, format_text
-        from .runconfig import load_config
-
         cfg, _ = load_config(args.config, args.overrides)
         plan = build_plan(cfg)
         print(json.dumps(plan, indent=2) if args.format == "json" else format_text(plan))
         return EXIT_OK
-    from . import runner
-
     progress = {"on": True, "off": False}.get(args.progress or "", None)
     summaries = runner.run(args.config, args.overrides, stage=args.stage,
                            restart=args.restart, show_progress=progress)
@@ -106,11 +106,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import report
-    from .provenance import command_line
-
     dirs = report.expand(args.runs)
     missing = [str(d) for d in dirs if not d.is_dir()]
     if not dirs or missing:

@@ -14,8 +14,8 @@ Field metadata understood by the loader:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import field
@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 
 class ConfigError(UsageError, ValueError):
@@ -86,8 +86,7 @@ class Loader:
         for name, value in data.items():
             sub = f"{key}.{name}" if key else str(name)
             if name not in known:
-                close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(name, known, cutoff=0.5)
                 valid = ", ".join(sorted(known))
                 self.fail(sub, f"unknown key{hint}; valid keys: {valid}")
             f = known[name]
@@ -132,8 +131,7 @@ class Loader:
         if origin is Literal:
             choices = typing.get_args(tp)
             if value not in choices:
-                close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(value, choices)
                 self.fail(key, f"expected one of {list(choices)}, got {_show(value)}{hint}")
             return value
         if origin is list:
@@ -226,8 +224,6 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
 
 
 def _copy(d: Any) -> Any:
-    import copy
-
     return copy.deepcopy(d)
 
 

@@ -8,6 +8,8 @@ whose input does not exist).
 
 from __future__ import annotations
 
+import difflib
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -29,11 +31,10 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def did_you_mean(word: str, choices, prefix: str = " ") -> str:
+def did_you_mean(word: str, choices, prefix: str = " ", cutoff: float = 0.6) -> str:
     """` (did you mean 'x'?)` for the closest of `choices`, or '' when none is close."""
-    import difflib
-
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1,
+                                    cutoff=cutoff)
     return f"{prefix}(did you mean '{close[0]}'?)" if close else ""
 
 

@@ -20,11 +20,15 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
+import torchvision
+import torchvision.models.resnet as tvr
 
 from .checkpoint import CheckpointError, load_weights_file
 from .checkpoint import load as load_checkpoint
 from .config import opt
 from .errors import did_you_mean, first_line
+from .modes import eval_mode
 
 CIFAR_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32,
                        "resnet44": 44, "resnet56": 56, "resnet110": 110, "resnet1202": 1202}
@@ -191,8 +195,6 @@ class CifarVGG(nn.Module):
 
 def torchvision_names() -> list[str]:
     """torchvision's classification models (by the name `get_model` takes)."""
-    import torchvision
-
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -239,8 +241,6 @@ def build_model(arch: dict, zero_init_residual: bool = False) -> nn.Module:
     elif name in CIFAR_VGG_L1:
         model = CifarVGG(CIFAR_VGG_L1[name], nc, two_layer_classifier=True)
     else:
-        import torchvision
-
         tv_name = _torchvision_name(name)
         if tv_name is None:
             raise ValueError(check_arch(name))
@@ -294,8 +294,6 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def residual_last_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The last BN of the residual branch of every residual block (CIFAR and torchvision)."""
-    import torchvision.models.resnet as tvr
-
     out = []
     for m in model.modules():
         if isinstance(m, BasicBlock) or isinstance(m, tvr.BasicBlock):
@@ -385,13 +383,11 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
     try:
         p = next(model.parameters())
-        model(torch.zeros((1, *input_size), device=p.device, dtype=p.dtype))
+        with eval_mode(model):
+            model(torch.zeros((1, *input_size), device=p.device, dtype=p.dtype))
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     counts["total"] = counts["conv"] + counts["linear"]
@@ -400,16 +396,10 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
 
 def count_tp_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
     """torch-pruning's MAC count (adds BN, ReLU and pooling to conv and linear)."""
-    import torch_pruning as tp
-
     p = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         macs, _ = tp.utils.count_ops_and_params(
             model, torch.zeros((1, *input_size), device=p.device, dtype=p.dtype))
-    finally:
-        model.train(was_training)
     return int(macs)
 
 

@@ -26,9 +26,15 @@ import shlex
 import subprocess
 import sys
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy
+import torch
+import torchvision
+
+from .config import to_plain
 from .rundir import read_json, read_summary, write_json
 
 log = logging.getLogger("pipeline")
@@ -81,13 +87,7 @@ def _sha(data: bytes) -> str:
 @lru_cache(maxsize=1)
 def versions() -> dict[str, str | None]:
     """Versions of the interpreter and the libraries that shape results."""
-    import numpy
-    import torch
-    import torchvision
-
     try:
-        from importlib.metadata import version
-
         tp_version: str | None = version("torch-pruning")
     except Exception:  # not installed as a distribution
         tp_version = None
@@ -121,8 +121,6 @@ def reproduce_command(config_path: str, overrides: list[str]) -> str:
 
 
 def device_name(device) -> str:
-    import torch
-
     if getattr(device, "type", None) == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
@@ -131,8 +129,6 @@ def device_name(device) -> str:
 def record_provenance(run_dir: Path, cfg, config_path: str, overrides: list[str],
                       device) -> dict:
     """Write <run_dir>/provenance.json and append it to provenance.log.jsonl."""
-    from .config import to_plain
-
     info = {"command": command_line(), "reproduce": reproduce_command(config_path, overrides),
             "config_file": str(config_path), "overrides": list(overrides),
             **code_version(), **versions(), "device": str(device),

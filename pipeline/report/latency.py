@@ -19,9 +19,9 @@ from typing import TypeVar
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_model
 from ..config import Loader
 from ..data import DataConfig, input_size
+from ..models import load_model
 from ..modes import eval_mode
 from ..rundir import CONFIG_FILE, read_config
 

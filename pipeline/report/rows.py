@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages import REGISTRY, Stage
+
 from ..provenance import read_provenance, stale_reasons
 from ..rundir import MODEL_FILE, chain, is_run_dir, read_config, read_summary, stage_specs
 from .latency import file_latency_ms, input_size_of, latency_device
@@ -31,17 +33,23 @@ COLUMNS = ["run", "stage", "type", "status", "model", "method", "ratio", "top1",
 LATENCY_COLUMNS = ["latency_ms", "speedup"]
 PROVENANCE_COLUMNS = ["git_commit", "git_dirty", "python", "torch", "torchvision",
                       "torch_pruning", "device", "world_size", "seed", "config_hash", "command"]
-_TRAINING = ("pretrain", "finetune", "scratch")
+
+
+def _kind(spec: dict) -> Stage | None:
+    """The stage kind of a spec or summary read from a run directory (None: unknown)."""
+    return REGISTRY.get(str(spec.get("type")))
 
 
 def is_prune_stage(spec: dict) -> bool:
     """Whether a stage (its spec or summary: both carry `type`) removes filters."""
-    return spec.get("type") == "prune"
+    kind = _kind(spec)
+    return kind is not None and kind.prunes
 
 
 def is_training_stage(spec: dict) -> bool:
     """Whether a stage (its spec or summary) trains a model, so it can be a dense baseline."""
-    return spec.get("type") in _TRAINING
+    kind = _kind(spec)
+    return kind is not None and kind.trains
 
 
 def expand(paths: list[str]) -> list[Path]:

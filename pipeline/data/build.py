@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataBundle:
+    """A stage's loaders, the number of classes, the (C, H, W) of a batch, and one line
+    describing the data for the log."""
+
     train: TensorLoader | FolderLoader
     test: TensorLoader | FolderLoader
     num_classes: int

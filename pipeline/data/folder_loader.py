@@ -137,10 +137,6 @@ class FolderLoader(Batching):
         self._bad: dict[str, str] = {}
         self._reported = 0
 
-    @property
-    def labels(self) -> list[int]:
-        return [self.source.labels[i] for i in self.indices]
-
     def _dataloader(self) -> torch.utils.data.DataLoader:
         if self._loader is None:
             workers = self.cfg.num_workers

@@ -1,9 +1,12 @@
-"""Shared test helpers: a tiny config on generated data, and the CLI called in-process."""
+"""Shared test helpers: a tiny config on generated data, the CLI called in-process, and the
+real CIFAR-10 tree."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def real_cifar10() -> Path:
+    """The real CIFAR-10 as an ImageFolder tree (train/, test/, 50,000 + 10,000 JPEGs),
+    unpacked once into the temp folder and reused; skips the test when it is absent."""
+    script = SHARED_DATA / "get_cifar10.sh"
+    if not script.is_file():
+        pytest.skip("../shared/data (the real CIFAR-10) is absent")
+    dest = Path(tempfile.gettempdir()) / "pipeline-test-cifar10"
+    subprocess.run(["bash", str(script), str(dest)], check=True, capture_output=True)
+    return dest
 
 
 @pytest.fixture

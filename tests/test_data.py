@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import pickle
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,10 @@ from conftest import TINY, deep_update
 from pipeline import data as D
 from pipeline.config import ConfigError, Loader
 from pipeline.data import DataConfig, DataError, FolderLoader, ImageSet, TensorLoader
+from pipeline.data import cache as data_cache
+from pipeline.data.augment import Views
+from pipeline.data.config import crop_mode
+from pipeline.data.folder_loader import ArraySource
 
 CPU = torch.device("cpu")
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # normalization that keeps 0-255 values
@@ -41,8 +43,8 @@ def folder_loader(data: ImageSet, batch_size: int, train: bool = True, seed: int
                   rank: int = 0, world_size: int = 1, workers: int = 0, **cfg) -> FolderLoader:
     cfg = data_cfg(dataset="synthetic", num_workers=workers, **cfg)
     size = data.images.shape[-1]
-    views = D._Views(train, size, D._crop_mode(cfg), cfg.pad, cfg.flip, size, cfg.crop_scale)
-    return FolderLoader(D._ArraySource(data, "mem"), batch_size, train, seed, cfg, CPU,
+    views = Views(train, size, crop_mode(cfg), cfg.pad, cfg.flip, size, cfg.crop_scale)
+    return FolderLoader(ArraySource(data, "mem"), batch_size, train, seed, cfg, CPU,
                         views=views, rank=rank, world_size=world_size, **RAW)
 
 
@@ -327,7 +329,7 @@ def test_cache_is_reused_invalidated_and_falls_back_when_read_only(tmp_path, mon
         raise AssertionError("decoded again")
 
     with monkeypatch.context() as m:
-        m.setattr(D, "decode_images", no_decode)
+        m.setattr(data_cache, "decode_images", no_decode)
         again = D.load_small_folder(folder, 8, cache_dir=str(tmp_path / "user"))
     assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
 
@@ -336,9 +338,7 @@ def test_cache_is_reused_invalidated_and_falls_back_when_read_only(tmp_path, mon
     assert len(grown.labels) == len(first.labels) + 1
 
     # a read-only data folder: the cache goes to the user's folder instead
-    from pipeline import checkpoint
-
-    real_save = checkpoint.atomic_save
+    real_save = data_cache.atomic_save
 
     def read_only(obj, path):
         if root in Path(path).parents:
@@ -346,10 +346,10 @@ def test_cache_is_reused_invalidated_and_falls_back_when_read_only(tmp_path, mon
         real_save(obj, path)
 
     primary.unlink()
-    monkeypatch.setattr(checkpoint, "atomic_save", read_only)
+    monkeypatch.setattr(data_cache, "atomic_save", read_only)
     D.load_small_folder(folder, 8, cache_dir=str(tmp_path / "user"))
     assert fallback.is_file() and not primary.exists()
-    monkeypatch.setattr(D, "decode_images", no_decode)
+    monkeypatch.setattr(data_cache, "decode_images", no_decode)
     assert len(D.load_small_folder(folder, 8, cache_dir=str(tmp_path / "user")).labels) == 19
 
 
@@ -459,20 +459,12 @@ def test_imagefolder_tree_trains_through_the_cli(tmp_path, cli, loader):
 # --------------------------------------------------------------------------- real CIFAR-10
 
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
 @pytest.mark.realdata
-@pytest.mark.skipif(not (SHARED / "get_cifar10.sh").is_file(),
-                    reason="../shared/data (the real CIFAR-10) is absent")
-def test_real_cifar10_tree_counts_and_classes():
-    dest = Path(tempfile.gettempdir()) / "pipeline-test-cifar10"  # unpacked once, reused
-    subprocess.run([str(SHARED / "get_cifar10.sh"), str(dest)], check=True,
-                   capture_output=True)
-    cfg = data_cfg(dataset="cifar10", root=str(dest))
+def test_real_cifar10_tree_counts_and_classes(real_cifar10):
+    cfg = data_cfg(dataset="cifar10", root=str(real_cifar10))
     D.check_available(cfg)
     assert D.describe(cfg) == (10, (3, 32, 32))
-    items, classes = D.list_image_folder(dest / "test")
+    items, classes = D.list_image_folder(real_cifar10 / "test")
     assert len(items) == 10_000 and classes[0] == "airplane"
 
 

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT
 
 
 @pytest.mark.realdata
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "get_cifar10.sh").is_file(),
-                    reason="../shared/data (the real CIFAR-10) is absent")
-def test_cifar10_fpgm_config_on_a_real_subset(cli, tmp_path):
-    root = Path(tempfile.gettempdir()) / "pipeline-test-cifar10"  # unpacked once, reused
-    subprocess.run(["bash", str(SHARED_DATA / "get_cifar10.sh"), str(root)], check=True,
-                   capture_output=True)
+def test_cifar10_fpgm_config_on_a_real_subset(cli, tmp_path, real_cifar10):
     overrides = [
-        f"out_dir={tmp_path}", f"data.root={root}", "data.download=false",
+        f"out_dir={tmp_path}", f"data.root={real_cifar10}", "data.download=false",
         "data.train_samples=3000", "data.test_samples=1000", "model.arch=resnet20",
         "stages.pretrain.epochs=1", "stages.pretrain.lr=0.05",
         "stages.finetune.epochs=1", "stages.finetune.lr=0.01",

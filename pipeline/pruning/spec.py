@@ -80,33 +80,47 @@ class PruneSpec:
     seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)")
 
     def validate(self) -> None:
-        mix = self.fpgm.is_mix
         if self.ratio is not None and self.target_macs_reduction is not None:
             raise Invalid("target_macs_reduction", "give either ratio or "
                           "target_macs_reduction, not both (set ratio: null)")
-        if mix and self.method != "fpgm":
-            raise Invalid("fpgm", f"norm_ratio/distance_ratio apply to method fpgm, not "
-                          f"{self.method!r}")
-        if mix and (self.global_ranking or self.target_macs_reduction is not None):
-            raise Invalid("fpgm", "the mix variant (norm_ratio/distance_ratio) takes fixed "
-                          "per-layer shares: not with global_ranking or target_macs_reduction")
-        if self.fpgm.distance_ratio is not None:
-            total = self.fpgm.norm_ratio + self.fpgm.distance_ratio
-            if self.layer_ratios:
-                raise Invalid("fpgm.distance_ratio", "leave it unset with layer_ratios (the "
-                              "distance share is each layer's ratio - norm_ratio)")
-            if not 0 < total < 1:
-                raise Invalid("fpgm.distance_ratio", f"norm_ratio + distance_ratio = {total:g} "
-                              "must be in (0, 1)")
-            if self.ratio is not None and abs(self.ratio - total) > 1e-9:
-                raise Invalid("fpgm.distance_ratio", f"norm_ratio + distance_ratio = {total:g} "
-                              f"differs from ratio {self.ratio:g} (leave ratio unset)")
-            self.ratio = total
+        self._validate_mix()
         if self.round_mode != "down" and not self.round_to:
             raise Invalid("round_mode", f"{self.round_mode!r} rounds to multiples of round_to: "
                           "set round_to too")
         if self.ratio is None and self.target_macs_reduction is None:
             self.ratio = DEFAULT_RATIO
+        self._validate_layer_ratios()
+        if self.fpgm.is_mix and self.ratio is not None and self.ratio <= self.fpgm.norm_ratio:
+            raise Invalid("fpgm.norm_ratio", f"{self.fpgm.norm_ratio:g} must be below the "
+                          f"ratio {self.ratio:g}")
+        for key in ("include", "skip"):
+            for item in getattr(self, key):
+                if isinstance(item, int) and item < 1:
+                    raise Invalid(key, f"layer numbers start at 1, got {item}")
+
+    def _validate_mix(self) -> None:
+        """The FPGM mix variant: fpgm only, fixed shares; its two shares give the ratio."""
+        if self.fpgm.is_mix and self.method != "fpgm":
+            raise Invalid("fpgm", f"norm_ratio/distance_ratio apply to method fpgm, not "
+                          f"{self.method!r}")
+        if self.fpgm.is_mix and (self.global_ranking or self.target_macs_reduction is not None):
+            raise Invalid("fpgm", "the mix variant (norm_ratio/distance_ratio) takes fixed "
+                          "per-layer shares: not with global_ranking or target_macs_reduction")
+        if self.fpgm.distance_ratio is None:
+            return
+        total = self.fpgm.norm_ratio + self.fpgm.distance_ratio
+        if self.layer_ratios:
+            raise Invalid("fpgm.distance_ratio", "leave it unset with layer_ratios (the "
+                          "distance share is each layer's ratio - norm_ratio)")
+        if not 0 < total < 1:
+            raise Invalid("fpgm.distance_ratio", f"norm_ratio + distance_ratio = {total:g} "
+                          "must be in (0, 1)")
+        if self.ratio is not None and abs(self.ratio - total) > 1e-9:
+            raise Invalid("fpgm.distance_ratio", f"norm_ratio + distance_ratio = {total:g} "
+                          f"differs from ratio {self.ratio:g} (leave ratio unset)")
+        self.ratio = total
+
+    def _validate_layer_ratios(self) -> None:
         if self.layer_ratios and self.target_macs_reduction is not None:
             raise Invalid("layer_ratios", "per-layer ratios need a ratio, not "
                           "target_macs_reduction")
@@ -115,16 +129,9 @@ class PruneSpec:
         for key, r in self.layer_ratios.items():
             if not isinstance(r, (int, float)) or not 0 < r < 1:
                 raise Invalid(f"layer_ratios.{key}", f"expected a ratio in (0, 1), got {r!r}")
-            if mix and r <= self.fpgm.norm_ratio:
+            if self.fpgm.is_mix and r <= self.fpgm.norm_ratio:
                 raise Invalid(f"layer_ratios.{key}", f"{r:g} must exceed fpgm.norm_ratio "
                               f"{self.fpgm.norm_ratio:g}")
-        if mix and self.ratio is not None and self.ratio <= self.fpgm.norm_ratio:
-            raise Invalid("fpgm.norm_ratio", f"{self.fpgm.norm_ratio:g} must be below the "
-                          f"ratio {self.ratio:g}")
-        for key in ("include", "skip"):
-            for item in getattr(self, key):
-                if isinstance(item, int) and item < 1:
-                    raise Invalid(key, f"layer numbers start at 1, got {item}")
 
 
 # the keys that decide which filters are selected (the MAC target's and the seed aside)

@@ -66,11 +66,38 @@ def test_mask_gradients_keeps_zeroed_filters_at_zero_within_the_epoch(mask):
         assert bool(torch.all(grad[[i for i in range(e["before"]) if i not in e["removed"]]] > 0))
 
 
+def reference_fpgm(weights: list[np.ndarray], ratio: float) -> list[int]:
+    """FPGM over a channel group, written independently: per conv the summed pairwise
+    Euclidean distances (broadcast), divided by their mean when several convs produce the
+    channels, summed; the int(n * ratio) lowest go (ties by index)."""
+    n = weights[0].shape[0]
+    per_conv = []
+    for w in weights:
+        rows = w.reshape(n, -1)
+        per_conv.append(np.sqrt(((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1)).sum(0))
+    score = per_conv[0] if len(per_conv) == 1 else sum(s / np.abs(s).mean() for s in per_conv)
+    return sorted(np.argsort(score, kind="stable")[:int(n * ratio)].tolist())
+
+
+def capture_soft_steps(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Wrap SoftPruner.step: before each step, a copy of every grouped conv's weight."""
+    before, step = [], SoftPruner.step
+
+    def recording_step(self, *copies):
+        before.append({name: m.weight.detach().cpu().clone()
+                       for g in self.groups for name, m in zip(g.convs, g.modules, strict=True)})
+        return step(self, *copies)
+
+    monkeypatch.setattr(SoftPruner, "step", recording_step)
+    return before
+
+
 SOFT = {"method": "fpgm", "ratio": 0.5, "policy": "all"}
 
 
 def test_pretrain_soft_prunes_every_epoch_and_prune_removes_exactly_those(tiny_config, cli,
-                                                                          tmp_path):
+                                                                          tmp_path, monkeypatch):
+    before = capture_soft_steps(monkeypatch)
     cfg = tiny_config({"stages": {
         "pretrain": {"epochs": 2, "prune_during_training": SOFT},
         "prune": {"policy": "all"},  # equal to the soft spec or left out: coherent
@@ -87,6 +114,21 @@ def test_pretrain_soft_prunes_every_epoch_and_prune_removes_exactly_those(tiny_c
     for e in soft["record"]:  # the dense-shaped output holds the last selection zeroed
         for conv in e["convs"]:
             assert zero_rows(mods[conv]) == e["removed"]
+    # the zeroed filters are the criterion's choice on the weights after the last epoch,
+    # and zeroing them left every other filter as training had made it
+    assert len(before) == 2
+    last = before[-1]
+    convs = {c for e in soft["record"] for c in e["convs"]}
+    all_convs = {n for n, m in mods.items() if isinstance(m, nn.Conv2d)}
+    assert convs == set(last) == all_convs  # policy all: every conv is in a pruned group
+    for e in soft["record"]:
+        weights = [last[c].double().numpy() for c in e["convs"]]
+        assert e["removed"] == reference_fpgm(weights, 0.5), e["name"]
+        kept = [i for i in range(e["before"]) if i not in e["removed"]]
+        for conv in e["convs"]:
+            saved = mods[conv].weight.detach()
+            assert torch.all(saved[e["removed"]] == 0)
+            assert torch.equal(saved[kept], last[conv][kept])
     s = json.loads((run / "pretrain/summary.json").read_text())
     assert s["soft_pruned_filters"] == sum(len(e["removed"]) for e in soft["record"]) > 0
     p = json.loads((run / "prune/summary.json").read_text())

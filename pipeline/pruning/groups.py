@@ -1,0 +1,208 @@
+"""Prunable channel groups: what torch-pruning's dependency graph removes together, which
+of them a spec prunes, and the layer numbering the spec's references use.
+
+When several convolutions produce a group's channels (residual-coupled layers: the convs
+feeding one residual stream, a projection shortcut), they are pruned together. Which
+groups are pruned:
+  policy block_internal   groups that meet no residual addition (the inner convs of
+                          residual blocks, the L1 paper's ResNet rule; every conv of a
+                          plain network);
+  policy all              every group, residual streams included (option-A shortcuts
+                          through the custom pruner in `surgery`);
+  include / skip          layer names, glob patterns or layer numbers (see `layer_numbers`);
+  layer_ratios            ratio per name pattern or layer number (per-stage ratios);
+  skip_downsample         groups containing a downsample/shortcut projection are kept.
+Groups that feed grouped (not depthwise) convolutions are never pruned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch.nn as nn
+from torch_pruning import ops
+
+from ..models import PadShortcut
+from .criteria import filter_matrix
+from .spec import PruneSpec, PruningError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def is_projection(name: str) -> bool:
+    """A downsample/shortcut projection (torchvision `downsample`, our option-B `shortcut`)."""
+    return any(part in ("downsample", "shortcut") for part in name.split("."))
+
+
+def layer_numbers(model: nn.Module) -> dict[str, int]:
+    """Conv name -> layer number, as the L1 paper's code counts: 1-based, in module order,
+    every Conv2d of the main path (the stem is 1); shortcut projections are not numbered.
+
+    On a CIFAR ResNet-56 this gives the stem 1, layerS.B.conv1 = 2 + 18(S-1) + 2B and
+    conv2 one more, so the ResNet-56-B skip list [16, 18, 20, 34, 38, 54] names
+    layer1.7.conv1, layer1.8.conv1, layer2.0.conv1, layer2.7.conv1, layer3.0.conv1 and
+    layer3.8.conv1.
+    """
+    out, n = {}, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and not is_projection(name):
+            n += 1
+            out[name] = n
+    return out
+
+
+def _matches(name: str, number: int | None, ref: int | str) -> bool:
+    if isinstance(ref, int):
+        return number == ref
+    if ref.isdigit():
+        return number == int(ref)
+    return name == ref or fnmatch.fnmatchcase(name, ref)
+
+
+def _check_refs(refs, key: str, names: list[str], numbers: dict[str, int]) -> None:
+    for ref in refs:
+        if not any(_matches(n, numbers.get(n), ref) for n in names):
+            hint = f" (layers are numbered 1..{len(numbers)})" if (
+                isinstance(ref, int) or str(ref).isdigit()) else ""
+            raise PruningError(f"{key}: {ref!r} matches no convolution of the model{hint}")
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@dataclass(eq=False)
+class Group:
+    """A prunable channel group: the convs whose output channels are removed together."""
+
+    root: nn.Module
+    name: str  # the root conv's name
+    convs: list[str]  # every conv producing the group's channels (root first)
+    modules: list[nn.Module]
+    coupled: bool
+    number: int | None
+    ratio: float = 0.0
+    order: int = 0
+    width: int = 0  # channels before any pruning
+    dense_ids: list[int] = field(default_factory=list)  # original index of each channel
+
+    def __post_init__(self) -> None:
+        self.width = self.width or self.channels
+        self.dense_ids = self.dense_ids or list(range(self.width))
+
+    @property
+    def channels(self) -> int:
+        return int(self.root.weight.shape[0])
+
+    def weights(self) -> list[np.ndarray]:
+        return [filter_matrix(m.weight) for m in self.modules]
+
+
+def out_convs(group, dg) -> list[nn.Module]:
+    """The convs whose output channels a torch-pruning group removes."""
+    out = []
+    for item in group:
+        m = item.dep.target.module
+        if isinstance(m, nn.Conv2d) and dg.is_out_channel_pruning_fn(item.dep.handler):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def is_residual_coupled(group) -> bool:
+    """True when the group's channels meet a residual addition: they pass through an
+    element-wise add or an option-A shortcut. (Several convs can share channels without
+    one, e.g. a squeeze-excitation gate's multiplication: those stay block-internal.)"""
+    for item in group:
+        m = item.dep.target.module
+        if isinstance(m, PadShortcut):
+            return True
+        if isinstance(m, ops._ElementWiseOp) and "Add" in str(m._grad_fn):
+            return True
+    return False
+
+
+def classifier_layers(model: nn.Module) -> list[nn.Module]:
+    """The final linear layer: never pruned (the output classes stay)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def conv_groups(model: nn.Module, dg):
+    """torch-pruning's channel groups rooted at a convolution, the classifier left out."""
+    return dg.get_all_groups(ignored_layers=classifier_layers(model),
+                             root_module_types=[nn.Conv2d])
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels \
+        == m.out_channels
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped, not depthwise, convolution (ResNeXt): its channel groups must shrink
+    evenly, which per-channel selection does not guarantee."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
+
+
+def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
+    """The groups `spec` prunes, in module order, each with its ratio."""
+    names = {m: n for n, m in model.named_modules()}
+    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    numbers = layer_numbers(model)
+    conv_names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for key, refs in (("include", spec.include), ("skip", spec.skip),
+                      ("layer_ratios", list(spec.layer_ratios))):
+        _check_refs(refs, key, conv_names, numbers)
+
+    def hit(conv_list: list[str], refs) -> bool:
+        return any(_matches(c, numbers.get(c), r) for c in conv_list for r in refs)
+
+    out, skipped_by_policy, grouped = [], [], []
+    for group in conv_groups(model, dg):
+        mods = out_convs(group, dg)
+        if not mods:
+            continue
+        # name the group by a full conv (a depthwise conv only follows its input)
+        mods = sorted(mods, key=lambda m: (is_depthwise(m), order[m]))
+        convs = [names[m] for m in mods]
+        if any(_is_grouped(item.dep.target.module) for item in group):
+            grouped.append(convs[0])
+            continue
+        coupled = is_residual_coupled(group)
+        if (spec.include and not hit(convs, spec.include)) or (
+                spec.skip and hit(convs, spec.skip)) or (
+                spec.skip_downsample and any(is_projection(c) for c in convs)):
+            continue
+        if spec.policy == "block_internal" and coupled:
+            skipped_by_policy.append(convs)
+            continue
+        ratio = next((float(r) for ref, r in spec.layer_ratios.items() if hit(convs, [ref])),
+                     spec.ratio or 0.0)
+        out.append(Group(root=mods[0], name=convs[0], convs=convs, modules=mods,
+                         coupled=coupled, number=numbers.get(convs[0]), ratio=ratio,
+                         order=min(order[m] for m in mods)))
+    if grouped:
+        log.warning("%d channel group(s) feed grouped convolutions (e.g. %s), which this "
+                    "pruner leaves unpruned", len(grouped), grouped[0])
+    if spec.include and skipped_by_policy:
+        log.warning("include: %d matching group(s) are residual-coupled and not pruned under "
+                    "policy block_internal (use policy: all)", len(skipped_by_policy))
+    return sorted(out, key=lambda g: g.order)
+
+
+def required(groups: list[Group], spec: PruneSpec) -> list[Group]:
+    """`groups`, or a PruningError when the spec leaves nothing to prune."""
+    if not groups:
+        raise PruningError(f"nothing to prune: no channel group passes policy {spec.policy!r}"
+                           " and the include/skip lists")
+    return groups
+
+
+__all__ = ["Group", "candidate_groups", "classifier_layers", "conv_groups", "is_depthwise",
+           "is_projection", "is_residual_coupled", "layer_numbers", "out_convs", "required"]

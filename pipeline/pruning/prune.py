@@ -1,0 +1,62 @@
+"""The two entry points: `prune_model` removes what a spec selects (one shot or by the
+MAC target search); `select_filters` only tells which filters that would be."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .groups import candidate_groups, required
+from .search import prune_to_target
+from .selection import select, selection_record
+from .spec import PruneSpec, PruningError, checked
+from .surgery import (
+    PruneReport,
+    apply_selection,
+    build_graph,
+    forward_check,
+    output_shape,
+    pruning_report,
+)
+
+log = logging.getLogger(__name__)
+
+
+def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
+                seed: int = 0) -> PruneReport:
+    """Prune `model` in place according to `spec`; returns the pruned groups' widths.
+
+    The forward output shape is checked to be unchanged; any failure is a PruningError.
+    """
+    spec = checked(spec)
+    seed = spec.seed if spec.seed is not None else seed
+    shape = output_shape(model, example)
+    dg = build_graph(model, example)
+    groups = required(candidate_groups(model, dg, spec), spec)
+    if spec.target_macs_reduction is not None:
+        steps = prune_to_target(model, spec, example, dg, groups, seed)
+    else:
+        apply_selection(dg, groups, select(spec, groups, seed))
+        steps = 1
+    forward_check(model, example, shape, spec.policy)
+    report = pruning_report(groups, steps)
+    log.info("pruned %d channel group(s) in %d step(s)", len(report.layers), steps)
+    return report
+
+
+def select_filters(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
+                   seed: int = 0) -> list[dict]:
+    """The filters `spec` would remove, without removing them: one record entry per group
+    ({"name", "convs", "removed", ...})."""
+    spec = checked(spec)
+    if spec.target_macs_reduction is not None:
+        raise PruningError("target_macs_reduction needs the actual removal (MACs are measured "
+                           "between steps); give a ratio")
+    seed = spec.seed if spec.seed is not None else seed
+    groups = candidate_groups(model, build_graph(model, example), spec)
+    return selection_record(groups, select(spec, groups, seed))
+
+
+__all__ = ["prune_model", "select_filters"]

@@ -1,0 +1,75 @@
+"""The `target_macs_reduction` search: prune in small steps until the MACs fall enough.
+
+Every pruned group's ratio grows by `target_step` per step, the criterion re-scored on the
+current weights each step; within the last step groups are pruned in module order until
+the MACs (conv + linear) have fallen by the target share.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .groups import Group
+from .selection import select
+from .spec import PruneSpec, PruningError
+from .surgery import apply_selection, output_shape
+
+
+class MacCounter:
+    """MACs (conv + linear, as `models.count_macs` counts them) from the layers' current
+    widths and the output positions recorded once: no forward pass per query."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.layers: list[tuple[nn.Module, int]] = []  # (conv or linear, output positions)
+        hooks = []
+
+        def hook(m, inp, out):
+            channels = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) \
+                else m.out_features
+            self.layers.append((m, int(out[0].numel() // channels)))
+
+        for m in model.modules():
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                hooks.append(m.register_forward_hook(hook))
+        try:
+            output_shape(model, example)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def total(self) -> int:
+        return sum(int(m.weight.numel()) * positions for m, positions in self.layers)
+
+
+def prune_to_target(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
+                    dg: tp.DependencyGraph, groups: list[Group], seed: int) -> int:
+    """Grow every group's ratio by target_step (criterion re-scored on the current weights
+    each step) until the MACs fall by target_macs_reduction. Within a step the groups are
+    pruned in module order and the search stops at the first group that reaches the
+    target, so the result overshoots by at most one group's step. Returns the steps."""
+    macs = MacCounter(model, example)
+    base = macs.total()
+    target = float(spec.target_macs_reduction or 0.0)
+    reduction, step = 0.0, 0
+    max_steps = int(math.ceil(1.0 / spec.target_step)) + 1
+    while reduction + 1e-12 < target:
+        step += 1
+        if step > max_steps:
+            raise PruningError(f"target_macs_reduction {target:g} is out of reach with policy "
+                               f"{spec.policy!r}: {reduction:.3f} with every pruned layer at its "
+                               "minimum width")
+        ratio = min(step * spec.target_step, 1.0)
+        selection = select(spec, groups, seed + 7919 * step, ratio_scale=ratio)
+        for gi in sorted(selection):
+            apply_selection(dg, groups, {gi: selection[gi]})
+            reduction = 1 - macs.total() / base
+            if reduction + 1e-12 >= target:
+                break
+    return step
+
+
+__all__ = ["MacCounter", "prune_to_target"]

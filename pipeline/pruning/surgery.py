@@ -1,0 +1,174 @@
+"""The channel removal itself: torch-pruning's dependency graph and its surgery.
+
+torch-pruning cannot trace through the option-A shortcut (subsample, then place the
+input channels among zero channels), so it is registered as a layer of its own with a
+pruner that keeps its channel maps consistent: pruning its output channels drops the
+matching entries of the map (and renumbers the rest); pruning its input channels drops
+those inputs. The residual stream before and after a stage boundary can then be pruned
+independently, which is what `policy: all` needs on an option-A ResNet.
+
+Every removal is followed by a forward pass that must give the output shape of before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..errors import first_line
+from ..models import PadShortcut
+from ..modes import eval_mode
+from .groups import Group, conv_groups, is_depthwise, out_convs
+from .selection import Selection
+from .spec import PruningError
+
+# --------------------------------------------------------------------------- graph
+
+
+def _pairs(layer: PadShortcut) -> list[tuple[int, int]]:
+    """(input channel, output channel) of every channel the shortcut carries."""
+    return list(zip(layer.in_index.tolist(), layer.out_index.tolist(), strict=True))
+
+
+class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
+    TARGET_MODULES = (PadShortcut,)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        removed = set(int(i) for i in idxs)
+        keep = [c for c in range(layer.out_channels) if c not in removed]
+        new_pos = {old: new for new, old in enumerate(keep)}
+        pairs = [(int(i), new_pos[int(o)]) for i, o in _pairs(layer) if int(o) in new_pos]
+        layer.set_maps(pairs, layer.in_channels, len(keep))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        removed = set(int(i) for i in idxs)
+        keep = [c for c in range(layer.in_channels) if c not in removed]
+        new_id = {old: new for new, old in enumerate(keep)}
+        pairs = [(new_id[int(i)], int(o)) for i, o in _pairs(layer) if int(i) in new_id]
+        layer.set_maps(pairs, len(keep), layer.out_channels)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+
+def customized_pruners() -> dict:
+    """The custom pruners to pass to torch-pruning's DependencyGraph."""
+    return {PadShortcut: PadShortcutPruner()}
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of `model` (traced in eval mode)."""
+    with eval_mode(model):
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, customized_pruners=customized_pruners(),
+                verbose=False)
+        except Exception as err:
+            raise PruningError(f"torch-pruning cannot trace this model "
+                               f"({first_line(err)[:160]})") from None
+
+
+# --------------------------------------------------------------------------- removal
+
+
+@dataclass
+class PruneReport:
+    """What was pruned: one entry per pruned group (dense numbering), plus the steps."""
+
+    layers: list[dict] = field(default_factory=list)
+    steps: int = 1
+
+
+def apply_selection(dg: tp.DependencyGraph, groups: list[Group], selection: Selection) -> None:
+    """Remove the selected channels of each group (current numbering) from the model."""
+    for gi, idxs in selection.items():
+        g = groups[gi]
+        handler = (tp.prune_depthwise_conv_out_channels if is_depthwise(g.root)
+                   else tp.prune_conv_out_channels)
+        pg = dg.get_pruning_group(g.root, handler, idxs)
+        if not dg.check_pruning_group(pg):
+            raise PruningError(f"{g.name}: torch-pruning refuses to remove {len(idxs)} of "
+                               f"{g.channels} channels (a layer would be left empty)")
+        try:
+            pg.prune()
+        except Exception as err:
+            raise PruningError(f"{g.name}: channel removal failed "
+                               f"({first_line(err)[:160]})") from None
+        gone = set(idxs)
+        g.dense_ids = [d for i, d in enumerate(g.dense_ids) if i not in gone]
+
+
+def pruning_report(groups: list[Group], steps: int) -> PruneReport:
+    """The pruned groups' widths before and after, and the removed dense indices."""
+    layers = []
+    for g in groups:
+        width = g.width
+        if g.channels == width:
+            continue
+        kept = set(g.dense_ids)
+        layers.append({"name": g.name, "number": g.number, "convs": g.convs,
+                       "coupled": g.coupled, "before": width, "after": g.channels,
+                       "share": round(1 - g.channels / width, 6),
+                       "removed": [i for i in range(width) if i not in kept]})
+    return PruneReport(layers=layers, steps=steps)
+
+
+def output_shape(model: nn.Module, example: torch.Tensor) -> torch.Size:
+    """The model's output shape on `example` (eval mode, no gradients)."""
+    with eval_mode(model), torch.no_grad():
+        return model(example).shape
+
+
+def forward_check(model: nn.Module, example: torch.Tensor, shape: torch.Size,
+                  policy: str) -> None:
+    """The pruned model must run and give the output shape of before."""
+    try:
+        out = output_shape(model, example)
+    except Exception as err:
+        raise PruningError(f"the pruned model fails its forward pass ({first_line(err)[:160]})"
+                           f"; policy {policy!r} is not supported on this architecture") from None
+    if out != shape:
+        raise PruningError(f"the pruned model's output shape {tuple(out)} differs from "
+                           f"{tuple(shape)}; policy {policy!r} is not supported here")
+
+
+def remove_filters(model: nn.Module, record: list[dict], example: torch.Tensor) -> PruneReport:
+    """Remove exactly the recorded filters (dense numbering), e.g. those soft pruning zeroed."""
+    shape = output_shape(model, example)
+    dg = build_graph(model, example)
+    mods = dict(model.named_modules())
+    names = {m: n for n, m in mods.items()}
+    by_root = {}
+    for group in conv_groups(model, dg):
+        for m in out_convs(group, dg):
+            by_root[names[m]] = group[0].dep.target.module
+    groups, selection = [], {}
+    for entry in record:
+        root = by_root.get(entry["name"])
+        if root is None:
+            raise PruningError(f"soft-pruning record names {entry['name']!r}, which is no "
+                               "prunable convolution of this model")
+        if int(root.weight.shape[0]) != int(entry["before"]):
+            raise PruningError(f"{entry['name']}: the record expects {entry['before']} "
+                               f"channels, the model has {int(root.weight.shape[0])}")
+        selection[len(groups)] = list(entry["removed"])
+        groups.append(Group(root=root, name=names[root], convs=list(entry["convs"]),
+                            modules=[mods[c] for c in entry["convs"]],
+                            coupled=bool(entry["coupled"]), number=entry.get("number")))
+    apply_selection(dg, groups, selection)
+    forward_check(model, example, shape, "all")
+    return pruning_report(groups, 1)
+
+
+__all__ = ["PadShortcutPruner", "PruneReport", "apply_selection", "build_graph",
+           "customized_pruners", "forward_check", "output_shape", "pruning_report",
+           "remove_filters"]

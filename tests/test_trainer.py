@@ -17,7 +17,14 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from pipeline.distributed import DistInfo
 from pipeline.models import build_model
-from pipeline.trainer import TrainConfig, Trainer, TrainingError, autocast_context, evaluate
+from pipeline.trainer import (
+    RunSettings,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    autocast_context,
+    evaluate,
+)
 
 ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
 
@@ -54,10 +61,9 @@ def make_trainer(out_dir: Path, steps: int = 4, model: nn.Module | None = None,
                          **over})
     torch.manual_seed(0)
     data = SimpleNamespace(train=Batches(steps), test=Batches(2, seed=1))
-    return Trainer(model or build_model(ARCH), cfg, data, out_dir, arch=ARCH,
-                   device=torch.device("cpu"), dist=dist, seed=0, precision=precision,
-                   base_lr=0.05, num_classes=4, meta={"stage": "pretrain"},
-                   show_progress=False)
+    run = RunSettings(dist=dist, precision=precision, show_progress=False)
+    return Trainer(model or build_model(ARCH), cfg, data, out_dir, run=run, arch=ARCH,
+                   base_lr=0.05, meta={"stage": "pretrain"})
 
 
 def count_host_syncs(monkeypatch) -> list[str]:

@@ -22,7 +22,7 @@ ranks: step, lr, mean loss and accuracy over the interval, images, images/s) and
 
 Extension points: `epoch_end_hooks` (per trainer, e.g. soft filter pruning) and the
 process-wide `add_step_hook` / `add_checkpoint_hook`, for code that does not build the
-trainer itself (profilers, extra logging, the exact-resume tests that kill a run).
+trainer itself (profilers, extra logging, stopping a run at an exact step).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -59,6 +57,7 @@ from .recipes import (
     mix_batch,
     soft_cross_entropy,
 )
+from .rng import rng_state, seed_everything, set_rng_state
 from .schedules import LinearScaling, Schedule, ScheduleConfig
 
 log = logging.getLogger("pipeline")
@@ -153,39 +152,6 @@ def autocast_context(device: torch.device, precision: str):
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def rng_state() -> dict:
-    """Python, numpy, torch and CUDA generator states as checkpoint-safe tensors/numbers."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {"python": torch.tensor(py[1], dtype=torch.int64), "python_gauss": py[2],
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": int(np_state[2]), "numpy_has_gauss": int(np_state[3]),
-             "numpy_gauss": float(np_state[4]), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:  # resumed on another machine: nothing in training draws from it anyway
-            log.warning("checkpoint has CUDA RNG states of %d devices, this machine has %d; "
-                        "not restoring them", len(cuda), torch.cuda.device_count())
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @torch.no_grad()

@@ -34,10 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.data import build_data  # noqa: E402
-from pipeline.distributed import DistInfo  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.runconfig import load_config  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
+from pipeline.trainer import RunSettings, Trainer  # noqa: E402
 
 TARGET = 1.5
 CONFIG = ROOT / "configs" / "cifar10_cpu_study.yaml"
@@ -67,9 +66,8 @@ def study_side(root: Path, device: torch.device):
     torch.manual_seed(0)
     model = build_model({"name": "resnet20", "num_classes": 10, "shortcut": "A"})
     out = Path(tempfile.mkdtemp(prefix="study_speed_"))
-    trainer = Trainer(model, spec, data, out, arch={"name": "resnet20", "num_classes": 10},
-                      device=device, dist=DistInfo(), seed=0, precision="fp32",
-                      base_lr=spec.resolved_lr(0.1), num_classes=10, show_progress=False)
+    trainer = Trainer(model, spec, data, out, run=RunSettings(device=device, show_progress=False),
+                      arch={"name": "resnet20", "num_classes": 10}, base_lr=spec.resolved_lr(0.1))
     data.train.set_epoch(0)
     return trainer, data.train.iterate(0), spec
 

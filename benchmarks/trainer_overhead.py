@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.distributed import DistInfo  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.trainer import TrainConfig, Trainer, autocast_context  # noqa: E402
+from pipeline.trainer import RunSettings, TrainConfig, Trainer, autocast_context  # noqa: E402
 
 ARCH = {"name": "resnet20", "num_classes": 10, "shortcut": "A"}
 TARGET = 0.97
@@ -84,9 +83,9 @@ def trainer_loop(model: nn.Module, batches, precision: str, device: torch.device
     cfg.schedule.type = "constant"
     data = SimpleNamespace(train=InMemory(batches), test=InMemory([]))
     clock = _Clock()
-    trainer = Trainer(model, cfg, data, out_dir, arch=ARCH, device=device, dist=DistInfo(),
-                      seed=0, precision=precision, base_lr=0.1, num_classes=10,
-                      meta={"stage": "bench"}, show_progress=False)
+    run = RunSettings(device=device, precision=precision, show_progress=False)
+    trainer = Trainer(model, cfg, data, out_dir, run=run, arch=ARCH, base_lr=0.1,
+                      meta={"stage": "bench"})
     trainer.fit()
     _sync(device)
     return clock.stop()

@@ -10,9 +10,8 @@ Invariants:
   * no host sync per step: loss sums and correct counts accumulate on the device and
     are read once per log interval (`log_interval`) and at the end of the epoch;
   * a checkpoint holds everything exact resume needs, the data position included, and
-    the plain module (unwrapped from DDP and torch.compile); `last.pt` is replaced
-    atomically and the previous one kept as `last.prev.pt`, so a crash or a corrupt
-    newest file falls back to the one before;
+    the plain module (unwrapped from DDP and torch.compile); the files and their
+    rotation are `pipeline.checkpoint_saver`'s;
   * only rank 0 writes files, and the other ranks wait for it at a barrier;
   * metrics are sums over ranks of what each rank saw (each sample counted once).
 
@@ -20,32 +19,35 @@ Files in the stage folder: last.pt, last.prev.pt, best.pt (by test top-1), metri
 (one row per epoch), train_log.csv (one row per log interval, rank 0, from sums over all
 ranks: step, lr, mean loss and accuracy over the interval, images, images/s) and, with
 `logging.tensorboard`, tb/.
+
+Extension points: `epoch_end_hooks` (per trainer, e.g. soft filter pruning) and the
+process-wide `add_step_hook` / `add_checkpoint_hook`, for code that does not build the
+trainer itself (profilers, extra logging, stopping a run at an exact step).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
-import random
-import signal
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from .checkpoint_saver import CheckpointSaver
 from .config import ConfigError, opt
+from .csvlog import CsvLog
 from .errors import PipelineError
+from .modes import eval_mode
 from .recipes import (
     DistillConfig,
     ModelEMA,
@@ -55,6 +57,7 @@ from .recipes import (
     mix_batch,
     soft_cross_entropy,
 )
+from .rng import rng_state, seed_everything, set_rng_state
 from .schedules import LinearScaling, Schedule, ScheduleConfig
 
 log = logging.getLogger("pipeline")
@@ -64,10 +67,28 @@ METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "top1", 
 TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "acc", "images", "images_per_s"]
 TRAINER_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "best_top1", "best_epoch",
                 "epoch_acc", "rng", "steps_per_epoch")
-# test-only fault injection: "<stage>:step:<k>" kills the process (SIGKILL) right after
-# optimizer step k, before any checkpoint of it; "<stage>:checkpoint:<k>" right after the
-# checkpoint holding step k is written. Used by the exact-resume tests.
-FAULT_ENV = "PIPELINE_TEST_FAULT"
+
+Hook = Callable[["Trainer"], None]
+_step_hooks: list[Hook] = []
+_checkpoint_hooks: list[Hook] = []
+
+
+def add_step_hook(hook: Hook) -> Callable[[], None]:
+    """Run `hook(trainer)` after every optimizer step of every Trainer in this process
+    (`trainer.global_step` already counts the step; no checkpoint of it is written yet).
+    It runs on every rank, so it must not diverge between them. Returns its remover."""
+    return _add(_step_hooks, hook)
+
+
+def add_checkpoint_hook(hook: Hook) -> Callable[[], None]:
+    """Run `hook(trainer)` after every checkpoint a Trainer in this process writes
+    (`trainer.saved_step` is the step it holds), on every rank. Returns its remover."""
+    return _add(_checkpoint_hooks, hook)
+
+
+def _add(hooks: list[Hook], hook: Hook) -> Callable[[], None]:
+    hooks.append(hook)
+    return lambda: hooks.remove(hook)
 
 
 class TrainingError(PipelineError):
@@ -113,71 +134,44 @@ class TrainConfig:
         return float(self.lr)
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+@dataclass(frozen=True)
+class RunSettings:
+    """What every training stage of a run shares: where it trains and how it reports."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dist: D.DistInfo = field(default_factory=D.DistInfo)
+    seed: int = 0
+    precision: str = "fp32"  # the run's; a stage's own `precision` wins
+    show_progress: bool | None = None  # None: a progress bar on terminals, not under CI
+    tensorboard: bool = False
 
 
 def autocast_context(device: torch.device, precision: str):
     """Autocast for bf16/fp16 (forward and loss; evaluation too); nothing for fp32."""
-    dtype = autocast_dtype(precision)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def rng_state() -> dict:
-    """Python, numpy, torch and CUDA generator states as checkpoint-safe tensors/numbers."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {"python": torch.tensor(py[1], dtype=torch.int64), "python_gauss": py[2],
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": int(np_state[2]), "numpy_has_gauss": int(np_state[3]),
-             "numpy_gauss": float(np_state[4]), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:  # resumed on another machine: nothing in training draws from it anyway
-            log.warning("checkpoint has CUDA RNG states of %d devices, this machine has %d; "
-                        "not restoring them", len(cuda), torch.cuda.device_count())
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> dict:
     """Top-1/top-5/loss over the whole test set, summed across ranks (each sample once:
     the loaders split every batch without padding)."""
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    for x, y in loader:
-        with autocast_context(device, precision):
-            logits = model(x)
-        logits = logits.float()
-        sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum")
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hit = topk.eq(y.view(-1, 1))
-        sums[1] += hit[:, :1].sum()
-        sums[2] += hit.sum()
-        sums[3] += y.numel()
+    with eval_mode(model):
+        for x, y in loader:
+            with autocast_context(device, precision):
+                logits = model(x)
+            logits = logits.float()
+            sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum")
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            hit = topk.eq(y.view(-1, 1))
+            sums[1] += hit[:, :1].sum()
+            sums[2] += hit.sum()
+            sums[3] += y.numel()
     D.all_reduce_sum(sums)
-    model.train(was_training)
     loss, c1, c5, n = sums.tolist()
     n = max(n, 1)
     return {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n}
@@ -187,77 +181,86 @@ class Trainer:
     """Trains `model` under `cfg`, writing checkpoints and metrics into `out_dir`.
 
     `model` is the plain (possibly pruned) network; the trainer wraps it in DDP and
-    torch.compile itself and always saves the plain module.
+    torch.compile itself and always saves the plain module. `run` holds what the run's
+    stages share; `arch` (with its `num_classes`) and `meta` go into every checkpoint;
+    `teacher` is the frozen model to distill from (with `cfg.distill`);
+    `epoch_end_hooks` are callables hook(trainer) run after each epoch's training steps,
+    before evaluation and checkpointing (e.g. soft filter pruning; they must be
+    deterministic across ranks).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, data, out_dir: Path, *,
-                 arch: dict, device: torch.device, dist: D.DistInfo, seed: int,
-                 precision: str, base_lr: float, num_classes: int,
+                 run: RunSettings, arch: dict, base_lr: float,
                  teacher: nn.Module | None = None, meta: dict | None = None,
-                 show_progress: bool | None = None, tensorboard: bool = False,
-                 epoch_end_hooks: list[Callable[[Trainer], None]] | None = None):
+                 epoch_end_hooks: list[Hook] | None = None):
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
-        self.arch, self.device, self.dist, self.seed = arch, device, dist, seed
-        self.precision, self.base_lr, self.num_classes = precision, base_lr, num_classes
+        self.device, self.dist, self.seed = run.device, run.dist, run.seed
+        self.precision = cfg.precision or run.precision
+        self.arch, self.base_lr, self.num_classes = arch, base_lr, arch["num_classes"]
         self.meta = dict(meta or {})
         self.stage = str(self.meta.get("stage", self.out_dir.name))
         self.teacher = teacher
-        self.show_progress = show_progress
-        self.tensorboard = tensorboard and dist.is_main
-        # callables hook(trainer) run after each epoch's training steps, before evaluation
-        # and checkpointing (e.g. soft filter pruning); must be deterministic across ranks
+        self.show_progress = run.show_progress
+        self.tensorboard = run.tensorboard and self.dist.is_main
         self.epoch_end_hooks = list(epoch_end_hooks or [])
-        if cfg.batch_size < 2 * dist.world_size:
-            raise ConfigError(f"stages.{self.stage}.batch_size: {cfg.batch_size} is the global "
-                              f"batch; {dist.world_size} processes need at least "
-                              f"{2 * dist.world_size}")
-        self.model = model.to(device)
-        if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if dist.enabled and cfg.sync_bn:
-            if device.type == "cuda":
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            elif dist.is_main:
-                log.warning("stages.%s.sync_bn: SyncBatchNorm needs CUDA; on the CPU each "
-                            "process keeps its own BatchNorm statistics", self.stage)
+        self._check_batch_size()
+        self.model = self._placed(model)
         self.module = self.model  # the unwrapped module, what gets saved
         self.optimizer = build_optimizer(self.module, cfg.optimizer, base_lr)
-        self.group_scale = [1.0 for _ in self.optimizer.param_groups]
         self.ema = ModelEMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda") if (
-            precision == "fp16" and device.type == "cuda") else None
+            self.precision == "fp16" and self.device.type == "cuda") else None
         self.steps_per_epoch = len(data.train)
         self.schedule = Schedule(cfg.schedule, base_lr, cfg.epochs, self.steps_per_epoch)
-        self.net: nn.Module = self.module  # what the training step calls
-        if dist.enabled:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.compile:
-            self.net = torch.compile(self.net)
+        self.net = self._wrapped(self.module)  # what the training step calls
         if teacher is not None:
-            teacher.to(device).eval()
+            teacher.to(self.device).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
         # progress state (restored on resume)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_top1, self.best_epoch = -1.0, -1
         # on-device sums since the start of the epoch: loss * n, correct, n (this rank's)
-        self.acc = torch.zeros(3, dtype=torch.float64, device=device)
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.acc = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.saved_step: int | None = None  # global step of the newest checkpoint on disk
-        self._fault = _Fault.from_env(self.stage)
+        self.checkpoints = CheckpointSaver(self.out_dir, self.dist, stage=self.stage,
+                                           required=TRAINER_KEYS)
+        self.metrics_log = CsvLog(self.out_dir / "metrics.csv", METRIC_FIELDS)
+        self.train_log = CsvLog(self.out_dir / "train_log.csv", TRAIN_LOG_FIELDS)
         self._mark = _Mark()
         self._tb = None
 
+    def _check_batch_size(self) -> None:
+        batch, world = self.cfg.batch_size, self.dist.world_size
+        if batch < 2 * world:
+            raise ConfigError(f"stages.{self.stage}.batch_size: {batch} is the global "
+                              f"batch; {world} processes need at least {2 * world}")
+
+    def _placed(self, model: nn.Module) -> nn.Module:
+        """The model on the device, in its memory format, with SyncBatchNorm if asked."""
+        model = model.to(self.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.dist.enabled and self.cfg.sync_bn:
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif self.dist.is_main:
+                log.warning("stages.%s.sync_bn: SyncBatchNorm needs CUDA; on the CPU each "
+                            "process keeps its own BatchNorm statistics", self.stage)
+        return model
+
+    def _wrapped(self, module: nn.Module) -> nn.Module:
+        """`module` under DDP (several processes) and torch.compile (if asked)."""
+        net = module
+        if self.dist.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            net = torch.compile(net)
+        return net
+
     # ------------------------------------------------------------------ checkpoints
-
-    @property
-    def last_path(self) -> Path:
-        return self.out_dir / "last.pt"
-
-    @property
-    def prev_path(self) -> Path:
-        return self.out_dir / "last.prev.pt"
 
     def state(self) -> dict:
         """The checkpoint dict (a collective under DDP: the epoch sums are reduced)."""
@@ -275,86 +278,22 @@ class Trainer:
         return payload
 
     def _save(self, best: bool = False) -> None:
-        """Write last.pt (the previous one kept as last.prev.pt) and, if asked, best.pt.
-
-        best.pt first: a crash in between resumes from the older last.pt and redoes the
-        epoch, so best.pt never lags behind the best epoch a checkpoint records. When
-        both are written, last.pt is a hard link to best.pt (one serialization, one fsync);
-        files are only ever replaced, never written in place, so the link is safe.
-        """
-        state = self.state()
-        if self.dist.is_main:
-            best_path = self.out_dir / "best.pt"
-            if best:
-                ckpt.save(state, best_path)
-            if self.last_path.exists():
-                os.replace(self.last_path, self.prev_path)
-            if not (best and ckpt.link(best_path, self.last_path)):
-                ckpt.save(state, self.last_path)
-        D.barrier()
+        """Checkpoint the current step (as best.pt too with `best`), then run the
+        checkpoint hooks."""
+        self.checkpoints.save(self.state(), best=best)
         self.saved_step = self.global_step
-        self._fault.after_checkpoint(self.global_step)
+        for hook in _checkpoint_hooks:
+            hook(self)
 
     def try_resume(self) -> bool:
-        """Restore last.pt, or last.prev.pt when last.pt is unreadable; False: start afresh.
-
-        A corrupt file is reported in one line and moved aside (`*.corrupt`); a readable
-        checkpoint that does not fit this config (other batch size, other widths) is a
-        CheckpointError: resuming it would silently train something else.
-        """
-        found = self._find_checkpoint() if self.dist.is_main else None
-        path, error = D.broadcast_object(found[:2] if found else (None, None))
-        if error:
-            raise ckpt.CheckpointError(error)
+        """Restore the newest good checkpoint of this stage; False: start afresh."""
+        path = self.checkpoints.resume(self._incompatibility, self._restore)
         if path is None:
             return False
-        state = found[2] if found else ckpt.load(Path(path))
-        try:
-            self._restore(state)
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise ckpt.CheckpointError(f"{path}: cannot resume from it ({_first_line(err)}); "
-                                       f"{self._restart_hint()}") from None
         self.saved_step = self.global_step
         log.info("resumed from %s at epoch %d, step %d (of %d)", path, self.epoch,
                  self.global_step, self.cfg.epochs * self.steps_per_epoch)
         return True
-
-    def _find_checkpoint(self) -> tuple[str | None, str | None, dict | None] | None:
-        """Rank 0: (path, None, state) of the newest good checkpoint, (None, error, None)
-        for an incompatible one, None when there is none."""
-        corrupt = []
-        for path in (self.last_path, self.prev_path):
-            if not path.exists():
-                continue
-            try:
-                state = ckpt.load(path)
-                missing = [k for k in TRAINER_KEYS if k not in state]
-                if missing:
-                    raise ckpt.CheckpointError(f"{path}: not a trainer checkpoint (lacks "
-                                               f"{missing[0]!r})")
-            except ckpt.CheckpointError as err:
-                log.warning("%s; falling back to an older checkpoint", _first_line(err))
-                corrupt.append(path)
-                continue
-            problem = self._incompatibility(state)
-            if problem:
-                return None, f"{path}: cannot resume: {problem}; {self._restart_hint()}", None
-            self._set_aside(corrupt)
-            return str(path), None, state
-        if corrupt:
-            log.warning("stage %s: no readable checkpoint left; starting the stage afresh",
-                        self.stage)
-            self._set_aside(corrupt)
-        return None
-
-    @staticmethod
-    def _set_aside(paths: list[Path]) -> None:
-        """Move corrupt checkpoints out of the rotation (kept for inspection)."""
-        for p in paths:
-            os.replace(p, p.with_name(p.name + ".corrupt"))
-
-    def _restart_hint(self) -> str:
-        return f"start the stage afresh with `--restart --stage {self.stage}`"
 
     def _incompatibility(self, s: dict) -> str | None:
         """Why checkpoint `s` cannot continue this run, or None."""
@@ -394,23 +333,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ log files
 
-    def _metrics_path(self) -> Path:
-        return self.out_dir / "metrics.csv"
-
-    def _train_log_path(self) -> Path:
-        return self.out_dir / "train_log.csv"
-
     def _trim_logs(self) -> None:
         """Drop rows after the checkpoint we start from: no duplicates after a resume."""
-        if not self.dist.is_main:
-            return
-        _trim_csv(self._metrics_path(), METRIC_FIELDS, lambda r: int(r["epoch"]) < self.epoch)
-        _trim_csv(self._train_log_path(), TRAIN_LOG_FIELDS,
-                  lambda r: int(r["step"]) <= self.global_step)
-
-    def _append(self, path: Path, fields: list[str], row: dict) -> None:
         if self.dist.is_main:
-            _append_csv(path, fields, row)
+            self.metrics_log.trim(lambda r: int(r["epoch"]) < self.epoch)
+            self.train_log.trim(lambda r: int(r["step"]) <= self.global_step)
+
+    def _append(self, csv_log: CsvLog, row: dict) -> None:
+        if self.dist.is_main:
+            csv_log.append(row)
 
     def _open_tb(self, resumed: bool):
         if not self.tensorboard:
@@ -435,8 +366,8 @@ class Trainer:
 
     def _set_lr(self, step: int) -> float:
         lr = self.schedule.lr(step)
-        for g, s in zip(self.optimizer.param_groups, self.group_scale, strict=True):
-            g["lr"] = lr * s
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
         return lr
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, step: int):
@@ -505,7 +436,8 @@ class Trainer:
 
     def _fail_non_finite(self, bad: int) -> None:
         epoch, k = divmod(bad, self.steps_per_epoch)
-        kept = (f"the last good checkpoint ({self.last_path}, step {self.saved_step}) is kept"
+        last = self.checkpoints.last_path
+        kept = (f"the last good checkpoint ({last}, step {self.saved_step}) is kept"
                 if self.saved_step is not None else "no checkpoint was written yet")
         raise TrainingError(
             f"stage {self.stage}: non-finite loss at step {bad} (epoch {epoch + 1}, batch "
@@ -523,7 +455,7 @@ class Trainer:
                "images_per_s": n / max(now - mark.time, 1e-9)}
         if n > 0:
             row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-            self._append(self._train_log_path(), TRAIN_LOG_FIELDS, row)
+            self._append(self.train_log, row)
             self._tb_scalars("train", row, self.global_step)
         progress.update(self.step_in_epoch, sums, row["lr"], row["images_per_s"])
         self._mark = _Mark(sums, now)
@@ -574,7 +506,8 @@ class Trainer:
         every = cfg.checkpoint_every_steps
         for x, y in self.data.train.iterate(start):
             self.train_step(x, y)
-            self._fault.after_step(self.global_step)
+            for hook in _step_hooks:
+                hook(self)
             if self.step_in_epoch >= spe:
                 break
             if self.step_in_epoch % cfg.log_interval == 0:
@@ -599,7 +532,7 @@ class Trainer:
                "train_loss": train_loss / max(n, 1), "train_acc": 100 * correct / max(n, 1),
                **metrics, "seconds": time.perf_counter() - t0}
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-        self._append(self._metrics_path(), METRIC_FIELDS, row)
+        self._append(self.metrics_log, row)
         self._tb_scalars("epoch", row, self.global_step)
         ips = (n - n0) / max(train_seconds, 1e-9)
         test = (f"test loss {row['test_loss']:.4f}  top1 {row['top1']:.2f}  top5 {row['top5']:.2f}"
@@ -664,68 +597,3 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-class _Fault:
-    """Test-only: kill this process abruptly at a chosen point (see FAULT_ENV)."""
-
-    def __init__(self, event: str | None = None, step: int = -1):
-        self.event, self.step = event, step
-
-    @classmethod
-    def from_env(cls, stage: str) -> _Fault:
-        spec = os.environ.get(FAULT_ENV, "")
-        parts = spec.split(":")
-        if len(parts) == 3 and parts[0] == stage and parts[1] in ("step", "checkpoint"):
-            return cls(parts[1], int(parts[2]))
-        return cls()
-
-    def after_step(self, step: int) -> None:
-        if self.event == "step" and step == self.step:
-            _kill_self()
-
-    def after_checkpoint(self, step: int) -> None:
-        if self.event == "checkpoint" and step == self.step:
-            _kill_self()
-
-
-def _kill_self() -> None:
-    sys.stderr.flush()
-    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _trim_csv(path: Path, fields: list[str], keep: Callable[[dict], bool]) -> None:
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = []
-        for r in csv.DictReader(f):
-            try:
-                if keep(r):
-                    rows.append(r)
-            except (KeyError, ValueError, TypeError):
-                continue  # a half-written line of a killed run
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _append_csv(path: Path, fields: list[str], row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -17,7 +17,7 @@ from pipeline.models import count_macs, count_params
 from pipeline.recipes import FrozenTeacher
 from pipeline.rundir import MODEL_FILE
 from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
-from pipeline.trainer import TrainConfig, Trainer
+from pipeline.trainer import RunSettings, TrainConfig, Trainer
 
 from .base import Stage, StageContext
 
@@ -85,11 +85,12 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
     data = build_data(
         ctx.run.data, spec.batch_size, eval_batch(spec), ctx.run.seed, ctx.device,
         ctx.dist.rank, ctx.dist.world_size, spec.channels_last)
-    trainer = Trainer(model, spec, data, ctx.stage_dir, arch=arch, device=ctx.device,
-                      dist=ctx.dist, seed=ctx.run.seed, precision=precision_of(spec, ctx),
-                      base_lr=base_lr, num_classes=arch["num_classes"], teacher=teacher,
-                      meta={"stage": ctx.name, **(meta or {})}, show_progress=ctx.show_progress,
-                      tensorboard=ctx.run.logging.tensorboard, epoch_end_hooks=epoch_end_hooks)
+    run = RunSettings(device=ctx.device, dist=ctx.dist, seed=ctx.run.seed,
+                      precision=ctx.run.precision, show_progress=ctx.show_progress,
+                      tensorboard=ctx.run.logging.tensorboard)
+    trainer = Trainer(model, spec, data, ctx.stage_dir, run=run, arch=arch, base_lr=base_lr,
+                      teacher=teacher, meta={"stage": ctx.name, **(meta or {})},
+                      epoch_end_hooks=epoch_end_hooks)
     result = trainer.fit()
     final = trainer.final_model()
     if ctx.dist.is_main:

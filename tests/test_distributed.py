@@ -22,7 +22,6 @@ import torch
 from conftest import ROOT
 from pipeline import checkpoint as ckpt
 from pipeline.models import load_model
-from pipeline.trainer import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +65,6 @@ def torchrun(config, *args: str, audit: Path) -> subprocess.CompletedProcess:
     audit.mkdir(parents=True, exist_ok=True)
     (audit / "sitecustomize.py").write_text(AUDIT_HOOK)
     env = dict(os.environ)
-    env.pop(FAULT_ENV, None)
     env.update(AUDIT_OUT=str(audit), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(audit), str(ROOT), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

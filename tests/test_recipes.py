@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, Loader
-from pipeline.distributed import DistInfo
 from pipeline.models import build_model, residual_last_bns
 from pipeline.recipes import (
     DistillConfig,
@@ -28,7 +27,7 @@ from pipeline.recipes import (
     mix_batch,
     soft_cross_entropy,
 )
-from pipeline.trainer import TrainConfig, Trainer
+from pipeline.trainer import RunSettings, TrainConfig, Trainer
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -66,9 +65,8 @@ def trainer_for(model: nn.Module, tmp_path, teacher: nn.Module | None = None,
     x, y = batch()
     cfg = TrainConfig(epochs=1, batch_size=len(y), **train_kw)
     data = SimpleNamespace(train=OneBatch(x, y), test=[(x, y)])
-    return Trainer(model, cfg, data, tmp_path, arch={"name": "stub", "num_classes": 4},
-                   device=torch.device("cpu"), dist=DistInfo(), seed=0, precision="fp32",
-                   base_lr=0.1, num_classes=4, teacher=teacher, show_progress=False)
+    return Trainer(model, cfg, data, tmp_path, run=RunSettings(show_progress=False),
+                   arch={"name": "stub", "num_classes": 4}, base_lr=0.1, teacher=teacher)
 
 
 # ----------------------------------------------------------------------------- no bias decay

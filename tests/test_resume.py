@@ -3,8 +3,9 @@ the CPU to the same run never interrupted, inside an epoch (from a `checkpoint_e
 checkpoint, replaying the steps after it), at an epoch boundary, and for a finetune stage
 (pruned model, EMA, mixup, label smoothing).
 
-The kill is the trainer's test-only fault injection (`PIPELINE_TEST_FAULT`), which sends
-SIGKILL to its own process at an exact point, so nothing gets the chance to clean up.
+The killed run is `tests/fault_run.py`: the CLI with a trainer step (or checkpoint) hook
+that sends SIGKILL to its own process at an exact point, so nothing gets the chance to
+clean up.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 
 from conftest import ROOT
 from pipeline import checkpoint as ckpt
-from pipeline.trainer import FAULT_ENV
 
 STEPS_PER_EPOCH = 5  # 160 images, batch 32
 CONFIG = {
@@ -35,15 +35,14 @@ CONFIG = {
 }
 
 
-def run_cli(config, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m pipeline run CONFIG ...` in a fresh process (same env, same threads)."""
+def run_cli(config, *args: str, fault: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline run CONFIG ...` in a fresh process (same env, same threads),
+    killed at `fault` (STAGE:step:K or STAGE:checkpoint:K, see tests/fault_run.py)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: fast on a busy 2-core box
-    env.pop(FAULT_ENV, None)
-    if fault:
-        env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, "-m", "pipeline", "run", str(config), *args,
-                           "--progress", "off"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_run.py"), fault, "run",
+                           str(config), *args, "--progress", "off"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def weights(path) -> dict[str, torch.Tensor]:

@@ -16,9 +16,8 @@ import torch.nn as nn
 from torch.optim import lr_scheduler as tls
 
 from pipeline.config import ConfigError, Loader
-from pipeline.distributed import DistInfo
 from pipeline.schedules import LinearScaling, Schedule, ScheduleConfig, WarmupConfig
-from pipeline.trainer import TrainConfig, Trainer
+from pipeline.trainer import RunSettings, TrainConfig, Trainer
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -54,9 +53,8 @@ def one_param_trainer(tmp_path, schedule: ScheduleConfig, base_lr: float, epochs
     model = nn.Linear(1, 2, bias=False)
     cfg = TrainConfig(epochs=epochs, batch_size=2, schedule=schedule, **train_kw)
     data = SimpleNamespace(train=StubLoader(steps_per_epoch), test=[])
-    return Trainer(model, cfg, data, tmp_path, arch={"name": "stub", "num_classes": 2},
-                   device=torch.device("cpu"), dist=DistInfo(), seed=0, precision="fp32",
-                   base_lr=base_lr, num_classes=2, show_progress=False)
+    return Trainer(model, cfg, data, tmp_path, run=RunSettings(show_progress=False),
+                   arch={"name": "stub", "num_classes": 2}, base_lr=base_lr)
 
 
 def trainer_lrs(trainer: Trainer, steps) -> list[float]:
@@ -225,7 +223,7 @@ def test_restored_at_step_s_continues_the_same_lr_sequence(tmp_path, kw, stop):
     first = one_param_trainer(tmp_path / "b", sched_cfg(**kw), 0.1, epochs, spe)
     head = run(first, stop)
     first.out_dir.mkdir(parents=True)
-    torch.save(first.state(), first.last_path)  # resumed through a weights_only load
+    torch.save(first.state(), first.checkpoints.last_path)  # resumed through a weights_only load
     resumed = one_param_trainer(tmp_path / "b", sched_cfg(**kw), 0.1, epochs, spe)
     assert resumed.try_resume() and resumed.global_step == stop
     tail = run(resumed, total)

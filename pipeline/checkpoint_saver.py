@@ -1,0 +1,136 @@
+"""The rotating checkpoint files of one training stage, and which one a resume starts from.
+
+Modelled on timm's `CheckpointSaver`: the trainer hands over a state dict (and whether
+it is the best so far); the saver decides the files, and knows nothing about training.
+
+Files in the stage folder:
+  * last.pt, the newest checkpoint, replaced atomically;
+  * last.prev.pt, the one before it: a crash while writing, or a corrupt newest file,
+    falls back to it;
+  * best.pt, the best epoch's. It is written before last.pt, so a crash in between
+    resumes from the older last.pt and redoes the epoch: best.pt never lags behind the
+    best epoch a checkpoint records. When both are written, last.pt is a hard link to
+    best.pt (one serialization, one fsync); files are only ever replaced, never written
+    in place, so the link is safe;
+  * *.corrupt, an unreadable checkpoint moved out of the rotation (kept for inspection).
+
+Only rank 0 touches the files; the other ranks wait for it at a barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .errors import first_line
+
+log = logging.getLogger("pipeline")
+
+
+class CheckpointSaver:
+    """last.pt / last.prev.pt / best.pt of the stage `stage` in `folder`.
+
+    `required`: keys every checkpoint of this kind holds; a file lacking one is treated
+    as unreadable (e.g. a plain model file dropped in as last.pt).
+    """
+
+    def __init__(self, folder: Path, dist: D.DistInfo, *, stage: str,
+                 required: tuple[str, ...] = ()):
+        self.folder, self.dist, self.stage, self.required = Path(folder), dist, stage, required
+
+    @property
+    def last_path(self) -> Path:
+        return self.folder / "last.pt"
+
+    @property
+    def prev_path(self) -> Path:
+        return self.folder / "last.prev.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.folder / "best.pt"
+
+    def save(self, state: dict, best: bool = False) -> None:
+        """Write `state` as last.pt (the previous one kept as last.prev.pt) and, with
+        `best`, as best.pt too. Called on every rank; only rank 0 writes."""
+        if self.dist.is_main:
+            if best:
+                ckpt.save(state, self.best_path)
+            if self.last_path.exists():
+                os.replace(self.last_path, self.prev_path)
+            if not (best and ckpt.link(self.best_path, self.last_path)):
+                ckpt.save(state, self.last_path)
+        D.barrier()
+
+    def resume(self, problem: Callable[[dict], str | None],
+               restore: Callable[[dict], None]) -> Path | None:
+        """Hand the newest good checkpoint (last.pt, else last.prev.pt) to `restore` on
+        every rank and return its path; None when there is none to resume from.
+
+        An unreadable file is reported in one line and moved aside; a readable one that
+        `problem(state)` rejects (other batch size, other widths), or that `restore`
+        cannot take, is a CheckpointError: resuming it would silently train something
+        else.
+        """
+        found = self._find(problem) if self.dist.is_main else None
+        path, error = D.broadcast_object(found[:2] if found else (None, None))
+        if error:
+            raise ckpt.CheckpointError(error)
+        if path is None:
+            return None
+        state = found[2] if found else ckpt.load(Path(path))
+        try:
+            restore(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise ckpt.CheckpointError(f"{path}: cannot resume from it ({first_line(err)}); "
+                                       f"{self._restart_hint()}") from None
+        return Path(path)
+
+    def _find(self, problem: Callable[[dict], str | None]
+              ) -> tuple[str | None, str | None, dict | None] | None:
+        """Rank 0: (path, None, state) of the newest good checkpoint, (None, error, None)
+        for an incompatible one, None when there is none."""
+        corrupt = []
+        for path in (self.last_path, self.prev_path):
+            if not path.exists():
+                continue
+            try:
+                state = self._load(path)
+            except ckpt.CheckpointError as err:
+                log.warning("%s; falling back to an older checkpoint", first_line(err))
+                corrupt.append(path)
+                continue
+            reason = problem(state)
+            if reason:
+                return None, f"{path}: cannot resume: {reason}; {self._restart_hint()}", None
+            _set_aside(corrupt)
+            return str(path), None, state
+        if corrupt:
+            log.warning("stage %s: no readable checkpoint left; starting the stage afresh",
+                        self.stage)
+            _set_aside(corrupt)
+        return None
+
+    def _load(self, path: Path) -> dict:
+        state = ckpt.load(path)
+        missing = [k for k in self.required if k not in state]
+        if missing:
+            raise ckpt.CheckpointError(f"{path}: not a trainer checkpoint (lacks "
+                                       f"{missing[0]!r})")
+        return state
+
+    def _restart_hint(self) -> str:
+        return f"start the stage afresh with `--restart --stage {self.stage}`"
+
+
+def _set_aside(paths: list[Path]) -> None:
+    """Move corrupt checkpoints out of the rotation (kept for inspection)."""
+    for p in paths:
+        os.replace(p, p.with_name(p.name + ".corrupt"))
+
+
+__all__ = ["CheckpointSaver"]

@@ -1,0 +1,40 @@
+"""`python tests/fault_run.py STAGE:EVENT:K ARGS...`: the CLI (`python -m pipeline ARGS...`)
+killed with SIGKILL at an exact point, so nothing gets the chance to clean up.
+
+EVENT `step`: right after optimizer step K of stage STAGE, before any checkpoint of it;
+EVENT `checkpoint`: right after the checkpoint holding step K is written. Used by the
+exact-resume tests, through the trainer's step and checkpoint hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from pipeline import trainer
+from pipeline.cli import main
+
+
+def kill_self() -> None:
+    sys.stderr.flush()
+    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def install(fault: str) -> None:
+    """Hook a kill at the point `fault` (STAGE:EVENT:K) names."""
+    stage, event, k = fault.split(":")
+    step = int(k)
+    if event == "step":
+        trainer.add_step_hook(
+            lambda t: kill_self() if t.stage == stage and t.global_step == step else None)
+    elif event == "checkpoint":
+        trainer.add_checkpoint_hook(
+            lambda t: kill_self() if t.stage == stage and t.saved_step == step else None)
+    else:
+        raise SystemExit(f"fault_run.py: unknown event {event!r} (step or checkpoint)")
+
+
+if __name__ == "__main__":
+    install(sys.argv[1])
+    sys.exit(main(sys.argv[2:]))

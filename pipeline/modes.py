@@ -20,9 +20,17 @@ def set_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for every parameter: a model that is only evaluated (a
+    distillation teacher, an EMA copy). Returns `model`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """`with eval_mode(model):` BatchNorm uses its running statistics, dropout is off."""
     return set_mode(model, False)
 
 
-__all__ = ["set_mode", "eval_mode"]
+__all__ = ["set_mode", "eval_mode", "freeze"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from stages import REGISTRY, stage_of
 
-from .data_size import train_size
+from .data.sizes import train_size
 
 
 def build_plan(run) -> dict:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Invalid, opt
+from .modes import freeze
 
 
 @dataclass
@@ -131,9 +132,7 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = net
-        for p in net.parameters():
-            p.requires_grad_(False)
+        self.net = freeze(net)
         super().train(False)
 
     def train(self, mode: bool = True) -> FrozenTeacher:
@@ -154,9 +153,7 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.module = freeze(copy.deepcopy(model))
         self._param_names = {k for k, _ in self.module.named_parameters()}
 
     @torch.no_grad()

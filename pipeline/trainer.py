@@ -47,7 +47,7 @@ from .checkpoint_saver import CheckpointSaver
 from .config import ConfigError, opt
 from .csvlog import CsvLog
 from .errors import PipelineError
-from .modes import eval_mode
+from .modes import eval_mode, freeze
 from .recipes import (
     DistillConfig,
     ModelEMA,
@@ -214,9 +214,7 @@ class Trainer:
         self.schedule = Schedule(cfg.schedule, base_lr, cfg.epochs, self.steps_per_epoch)
         self.net = self._wrapped(self.module)  # what the training step calls
         if teacher is not None:
-            teacher.to(self.device).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+            freeze(teacher.to(self.device))
         # progress state (restored on resume)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_top1, self.best_epoch = -1.0, -1

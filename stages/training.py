@@ -12,7 +12,7 @@ import torch.nn as nn
 from pipeline import checkpoint as ckpt
 from pipeline.config import Loader
 from pipeline.data import build_data
-from pipeline.data_size import steps_per_epoch
+from pipeline.data.sizes import steps_per_epoch
 from pipeline.models import count_macs, count_params
 from pipeline.recipes import FrozenTeacher
 from pipeline.rundir import MODEL_FILE

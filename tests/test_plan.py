@@ -133,7 +133,7 @@ def test_plan_steps_per_epoch_match_the_loader(tiny_config, batch):
     import torch
 
     from pipeline.data import build_data
-    from pipeline.data_size import steps_per_epoch
+    from pipeline.data.sizes import steps_per_epoch
     from pipeline.runconfig import load_config
 
     cfg, _ = load_config(tiny_config())

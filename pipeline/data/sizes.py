@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import DataConfig
+from .config import DataConfig
 
 KNOWN_TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,10 @@ def _stage_dir(path: Path) -> Path:
 def load_source(stage_dir: str | Path, data_root: str | None = None) -> ExportSource:
     """Read RUN_DIR/STAGE: its model.pt (weights only, dense or pruned) and the run's data
     config. `data_root` replaces the config's data.root (data moved since the run)."""
-    stage_dir = _stage_dir(Path(stage_dir))
+    stage_dir = Path(stage_dir)
+    if stage_dir.name in ("", ".."):  # `export .`: the name and run dir of the absolute path
+        stage_dir = Path(os.path.abspath(stage_dir))
+    stage_dir = _stage_dir(stage_dir)
     model_path = stage_dir / MODEL_FILE
     if not model_path.is_file():
         raise ExportUsageError(f"{stage_dir}: no {MODEL_FILE} (the stage has not completed)")

@@ -1,4 +1,5 @@
-"""Command line: `python -m pipeline run CONFIG ...` and `python -m pipeline compare RUN_DIR ...`.
+"""Command line: `python -m pipeline run CONFIG ...`, `python -m pipeline compare RUN_DIR ...`
+and `python -m pipeline export RUN_DIR/STAGE ...`.
 
 Exit codes: 0 success, 1 a failure at run time (non-finite loss, ...), 2 a usage error
 (bad config or override, missing data, a stage whose input does not exist).
@@ -13,7 +14,8 @@ import sys
 from pathlib import Path
 
 from . import report, runner
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, first_line
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, UsageError, first_line
+from .export import DEFAULT_OPSET, FORMATS, ExportOptions, export_stage
 from .plan import build_plan, format_text
 from .provenance import command_line
 from .runconfig import load_config
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline",
         description="Pruning and finetuning pipeline: pretrain -> prune -> recover, from one "
                     "YAML file.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,export}")
     r = sub.add_parser("run", help="run (or resume) the stages of a config",
                        description="Run the stages of CONFIG in order. Completed stages are "
                        "skipped, an interrupted stage resumes from its last checkpoint.")
@@ -75,7 +77,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline", metavar="STAGE_DIR",
                    help="the dense model every run is compared with (a completed stage "
                         "directory), instead of each run's own pretrain stage")
+    _add_export_parser(sub)
     return p
+
+
+def _add_export_parser(sub) -> None:
+    e = sub.add_parser(
+        "export", help="write a stage's model as ONNX, TorchScript or a torch.export program",
+        description="Export RUN_DIR/STAGE's model.pt (eval mode, dense or pruned) for "
+        "deployment, carrying the run's provenance. The file is loaded back in its own "
+        "runtime and checked against the PyTorch model on a random batch and up to 256 test "
+        "images before it is written; a mismatch writes nothing and exits 1.")
+    e.add_argument("stage", metavar="RUN_DIR/STAGE", help="a completed stage directory")
+    e.add_argument("--format", required=True, choices=list(FORMATS),
+                   help="onnx (onnxruntime), torchscript (torch.jit) or exported "
+                        "(torch.export program, .pt2)")
+    e.add_argument("--out", metavar="FILE", help="output file (default: "
+                   "RUN_DIR/STAGE/model[.PRECISION].onnx|.torchscript.pt|.pt2)")
+    e.add_argument("--batch", type=int, metavar="N",
+                   help="fixed batch size of the input (default 1)")
+    e.add_argument("--dynamic-batch", action="store_true",
+                   help="a variable batch dimension instead of a fixed one")
+    e.add_argument("--opset", type=int, metavar="N",
+                   help=f"ONNX opset (default {DEFAULT_OPSET})")
+    e.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="weights, input and output precision (default fp32; onnx: fp32/fp16)")
+    e.add_argument("--channels-last", action="store_true",
+                   help="weights and input in NHWC memory format (torchscript, exported)")
+    e.add_argument("--data-root", metavar="DIR",
+                   help="where the run's data set is now, if not at its config's data.root")
 
 
 def _fail(message: str, code: int) -> int:
@@ -150,7 +180,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare}
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.batch is not None and args.dynamic_batch:
+        raise UsageError("--batch and --dynamic-batch exclude each other; give one")
+    options = ExportOptions(format=args.format, out=args.out,
+                            batch=None if args.dynamic_batch else (
+                                1 if args.batch is None else args.batch),
+                            opset=args.opset, precision=args.precision,
+                            channels_last=args.channels_last, data_root=args.data_root)
+    result = export_stage(args.stage, options)
+    meta = result.metadata
+    print(f"exported {meta['run']}/{meta['stage']} ({meta['model']}, {meta['num_classes']} "
+          f"classes, input {'x'.join(map(str, meta['input_size']))}) as {meta['format']} "
+          f"{meta['precision']}, batch {meta['batch']}"
+          + (f", opset {meta['opset']}" if "opset" in meta else ""))
+    for check in result.checks:
+        print(f"verified on {check.line()}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {result.path}" + (f" and {result.sidecar}" if result.sidecar else ""))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory format of weights and input in the latency measurement "
                         "(default channels_last, NHWC: the fast convolution path on CPU and "
                         "GPU; contiguous: NCHW)")
+    c.add_argument("--latency-backend", choices=list(report.LATENCY_BACKENDS), default="torch",
+                   help="what --latency times: torch (the PyTorch model, default), onnxruntime "
+                        "(the model exported to ONNX, run by onnxruntime's CPU provider) or "
+                        "torchscript (a frozen torch.jit file); the exported forms are written "
+                        "to a temporary file, verified, and timed on the CPU")
     c.add_argument("--plot", action="store_true",
                    help="also write accuracy_vs_macs.png and curves_<run>.png")
     c.add_argument("--provenance", action="store_true",
@@ -148,13 +153,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.latency_batch < 1:
         return _fail(f"--latency-batch: expected a positive integer, got {args.latency_batch}",
                      EXIT_USAGE)
+    if args.latency:
+        report.check_backend(args.latency_backend, args.latency_device)
     baseline = Path(args.baseline) if args.baseline else None
     if baseline is not None and not (baseline / "summary.json").is_file():
         return _fail(f"--baseline {baseline}: not a stage directory (no summary.json)",
                      EXIT_USAGE)
     options = report.Options(latency=args.latency, latency_batch=args.latency_batch,
                              latency_device=args.latency_device,
-                             latency_memory_format=args.latency_memory_format, baseline=baseline,
+                             latency_memory_format=args.latency_memory_format,
+                             latency_backend=args.latency_backend, baseline=baseline,
                              provenance=args.provenance)
     rows = []
     for d in dirs:

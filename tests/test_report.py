@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +338,105 @@ def test_curves_plot_draws_the_metrics(tmp_path):
         "top1/finetune": [(4.0, 85.0), (5.0, 87.0)],
         "train_loss/finetune": [(4.0, 0.9), (5.0, 0.8)],
         "test_loss/finetune": [(4.0, 1.0), (5.0, 0.9)]}
+
+
+def exported_stage(root, name: str, size: int = 16):
+    """A run directory with one completed pretrain stage of CIFAR network `name` (what
+    `compare` and `export` read: config.yaml, model.pt, summary.json)."""
+    arch = {"name": name, "num_classes": 10, "shortcut": "A"}
+    run_dir = root / name
+    (run_dir / "pretrain").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({
+        "name": name, "seed": 0, "model": {"arch": name, "shortcut": "A"},
+        "data": {"dataset": "synthetic", "synthetic": {"num_classes": 10, "image_size": size}},
+        "stages": {"pretrain": {"type": "pretrain"}}}, sort_keys=False))
+    torch.manual_seed(0)
+    model = build_model(arch)
+    x = torch.randn(8, 3, size, size)
+    with torch.no_grad():  # BN statistics of data and logits of a trained net's scale
+        model.train()(x)
+        model.fc.weight.mul_(10 / model.eval()(x).abs().max())
+    save_model(run_dir / "pretrain" / "model.pt", model.eval(), arch)
+    (run_dir / "pretrain" / "summary.json").write_text(json.dumps(
+        {"stage": "pretrain", "type": "pretrain", "status": "completed"}))
+    return run_dir / "pretrain"
+
+
+def test_latency_backends_end_to_end(tiny_config, cli, tmp_path, monkeypatch):
+    code, _, err = cli("run", tiny_config({"stages": {"pretrain": {"epochs": 1}}}))
+    assert code == 0, err
+    run_dir = next((tmp_path / "runs").iterdir())
+    exported = []
+    real_export = latency.export_stage
+
+    def spy(stage_dir, options):
+        result = real_export(stage_dir, options)
+        exported.append((Path(stage_dir).name, options.format, options.batch,
+                         options.channels_last, result.path, all(c.passed
+                                                                 for c in result.checks)))
+        return result
+
+    monkeypatch.setattr(latency, "export_stage", spy)
+    for backend, fmt in (("onnxruntime", "onnx"), ("torchscript", "torchscript")):
+        exported.clear()
+        out_dir = tmp_path / backend
+        code, out, err = cli("compare", str(run_dir), "--latency", "--latency-batch", "2",
+                             "--latency-backend", backend, "--format", "json",
+                             "--out", out_dir)
+        assert code == 0, err
+        rows = json.loads(out)
+        assert [r["stage"] for r in rows] == ["pretrain", "prune", "finetune"]
+        for r in rows:
+            assert r["latency_ms"] > 0 and r["latency_backend"] == backend
+            assert r["latency_device"] == "cpu" and r["latency_batch"] == 2
+            assert r["speedup"] > 0
+        by = {r["stage"]: r for r in rows}
+        assert by["pretrain"]["speedup"] == pytest.approx(1.0)
+        # each stage's model exported once (the baseline's result reused), verified, in
+        # the batch and layout asked for, and the temporary file removed
+        assert sorted(e[0] for e in exported) == ["finetune", "pretrain", "prune"]
+        nhwc = backend == "torchscript"  # an ONNX graph has no memory format
+        assert {e[1:4] for e in exported} == {(fmt, 2, nhwc)}
+        assert all(e[5] for e in exported) and not any(e[4].exists() for e in exported)
+        md = (out_dir / "compare.md").read_text()
+        assert f"{backend} latency (ms, cpu, batch 2)" in md
+        assert f"Latency ({backend})" in md
+    # the default stays the PyTorch model
+    exported.clear()
+    code, out, err = cli("compare", str(run_dir), "--latency", "--latency-batch", "2",
+                         "--format", "json", "--out", tmp_path / "torch")
+    assert code == 0, err and not exported
+    assert {r["latency_backend"] for r in json.loads(out)} == {"torch"}
+    assert "torch latency (ms, " in (tmp_path / "torch" / "compare.md").read_text()
+
+
+def test_more_macs_measure_slower_in_every_backend(tmp_path, one_thread):
+    small, large = (exported_stage(tmp_path, n) for n in ("resnet14", "resnet44"))
+    macs = {p.parent.name: count_macs(latency.load_model(p / "model.pt"), (3, 16, 16))["total"]
+            for p in (small, large)}
+    assert 3.5 < macs["resnet44"] / macs["resnet14"] < 4.5
+    for backend in latency.LATENCY_BACKENDS:
+        ms = {p.parent.name: latency.file_latency_ms(p / "model.pt", (3, 16, 16), 8, "cpu",
+                                                     "channels_last", backend)
+              for p in (small, large)}
+        assert ms["resnet44"] > 1.5 * ms["resnet14"] > 0, (backend, ms)
+
+
+def test_latency_backend_errors_are_one_line(tmp_path, cli, monkeypatch):
+    stage = exported_stage(tmp_path, "resnet8")
+    code, _, err = cli("compare", str(stage.parent), "--latency", "--latency-backend",
+                       "torchscript", "--latency-device", "cuda")
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(lines) == 1
+    assert "--latency-backend torchscript runs on the CPU" in lines[0]
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if absent
+    code, out, err = cli("compare", str(stage.parent), "--latency", "--latency-backend",
+                         "onnxruntime")
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and not out
+    assert "onnxruntime is not installed" in lines[0]
+    assert lines[0].endswith("pip install 'prune-pipeline[export]'")
+    assert not (stage.parent / "report").exists()  # failed before anything was written
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
+        cli("compare", str(stage.parent), "--latency", "--latency-backend", "tensorrt")
+    assert exc.value.code == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .latency import latency_device
+from .latency import latency_device_for
 from .plots import plot_curves, plot_pareto
 from .rows import Options
 from .tables import columns_for, provenance_markdown, to_csv, to_json, to_markdown
@@ -23,15 +23,28 @@ def _markdown(rows: list[dict], run_dirs: list[Path], cols: list[str], options: 
         md += [f"`{command}`", ""]
     md += [to_markdown(rows, cols), ""]
     if options.latency:
-        md += [f"Latency: median forward time of one batch of {options.latency_batch} on "
-               f"{latency_device(options.latency_device)} in {options.latency_memory_format} "
-               "memory format, measured on this machine; speedup against the run's baseline.",
-               ""]
+        md += [_latency_note(options), ""]
     if options.provenance:
         md += ["## Provenance", "", provenance_markdown(run_dirs), ""]
     for p in pngs:
         md += [f"![{p.stem}]({p.name})", ""]
     return "\n".join(md)
+
+
+def _latency_note(options: Options) -> str:
+    """What the latency column measured: backend, batch, device, memory format."""
+    backend = options.latency_backend
+    device = latency_device_for(backend, options.latency_device)
+    what = {"torch": "the PyTorch model",
+            "torchscript": "the model exported as a frozen TorchScript file (torch.jit, BN "
+                           "folded; exported and verified for the measurement)",
+            "onnxruntime": "the model exported to ONNX (BN folded) and run by onnxruntime's "
+                           "CPU provider (exported and verified for the measurement)"}[backend]
+    layout = ("onnxruntime picks its own memory layout" if backend == "onnxruntime" else
+              f"in {options.latency_memory_format} memory format")
+    return (f"Latency ({backend}): median forward time of one batch of "
+            f"{options.latency_batch} through {what} on {device}, {layout}, measured on this "
+            "machine; speedup against the run's baseline in the same backend.")
 
 
 def write_report(rows: list[dict], run_dirs: list[Path], out: Path, options: Options,

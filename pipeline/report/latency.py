@@ -5,12 +5,20 @@ after each (queued GPU work counts), the median kept. Weights and input may be p
 channels_last memory format (NHWC: the fast path of oneDNN on CPU and of cuDNN under AMP,
 where a pruned net's MAC savings show) or stay contiguous (NCHW). `compare --latency` and
 benchmarks/pruned_latency.py both measure through this module.
+
+Backends (`compare --latency-backend`): `torch` times the PyTorch module; `onnxruntime` and
+`torchscript` export the stage's model to a temporary file through pipeline.export (verified
+against the PyTorch model on a random batch, exactly as `python -m pipeline export` does)
+and time that file in its own runtime on the CPU, with torch's intra-op thread count, so the
+speedup is the one a deployment sees. ONNX has no memory format (onnxruntime picks its own
+layout); TorchScript files are exported in the memory format asked for.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +29,8 @@ import torch.nn as nn
 
 from ..config import Loader
 from ..data import DataConfig, input_size
+from ..errors import UsageError, first_line
+from ..export import FORMATS, ExportOptions, export_stage, time_exported
 from ..models import load_model
 from ..modes import eval_mode
 from ..rundir import CONFIG_FILE, read_config
@@ -28,6 +38,9 @@ from ..rundir import CONFIG_FILE, read_config
 log = logging.getLogger("pipeline")
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+# backend -> the export format it runs (None: the PyTorch module itself)
+LATENCY_BACKENDS: dict[str, str | None] = {"torch": None, "onnxruntime": "onnx",
+                                           "torchscript": "torchscript"}
 T = TypeVar("T", nn.Module, torch.Tensor)
 
 
@@ -36,6 +49,27 @@ def latency_device(requested: str | None) -> str:
     if requested:
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_backend(backend: str, device: str | None = None) -> None:
+    """UsageError (one line, exit 2) for a backend that cannot be timed here: an unknown
+    name, a device other than the CPU for an exported form, or a missing `export` extra
+    (MissingExtraError names the install command)."""
+    if backend not in LATENCY_BACKENDS:
+        raise UsageError(f"--latency-backend {backend}: expected one of "
+                         f"{list(LATENCY_BACKENDS)}")
+    fmt = LATENCY_BACKENDS[backend]
+    if fmt is None:
+        return
+    if device not in (None, "cpu"):
+        raise UsageError(f"--latency-backend {backend} runs on the CPU; --latency-device "
+                         f"{device} applies to --latency-backend torch only")
+    FORMATS[fmt].require()
+
+
+def latency_device_for(backend: str, requested: str | None) -> str:
+    """The device a backend is timed on: the exported forms run on the CPU."""
+    return latency_device(requested) if LATENCY_BACKENDS.get(backend) is None else "cpu"
 
 
 def in_memory_format(obj: T, memory_format: str) -> T:
@@ -116,16 +150,39 @@ def measure_latency(model_path: Path, input_size: tuple[int, ...], batch: int, d
                             min_seconds, min_runs)
 
 
+def exported_latency_ms(stage_dir: Path, backend: str, batch: int,
+                        memory_format: str = "channels_last", threads: int | None = None,
+                        min_seconds: float = 1.0, min_runs: int = 10) -> float:
+    """Median wall time (ms) of one forward pass of a random batch through RUN_DIR/STAGE's
+    model exported for `backend` ("onnxruntime" or "torchscript"): written to a temporary
+    file by pipeline.export (fixed batch `batch`, verified against the PyTorch model on a
+    random batch; a mismatch raises ExportError), then timed in its runtime on `threads`
+    intra-op threads (default: torch's current count). The file is removed afterwards."""
+    fmt = LATENCY_BACKENDS[backend]
+    if fmt is None:
+        raise UsageError(f"--latency-backend {backend}: not an exported form")
+    channels_last = memory_format == "channels_last" and fmt != "onnx"
+    with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
+        out = Path(tmp) / f"model{FORMATS[fmt].suffix}"
+        export_stage(stage_dir, ExportOptions(format=fmt, out=out, batch=batch,
+                                              channels_last=channels_last, eval_images=0))
+        return time_exported(out, fmt, batch, threads=threads or torch.get_num_threads(),
+                             min_seconds=min_seconds, min_runs=min_runs)
+
+
 def file_latency_ms(path: Path, input_size: tuple[int, ...], batch: int, device: str,
-                    memory_format: str) -> float | None:
-    """`measure_latency`, or None (with a warning saying why) when the file is missing or
-    cannot be measured: the report then shows the row without latency."""
+                    memory_format: str, backend: str = "torch") -> float | None:
+    """`measure_latency` (backend "torch") or `exported_latency_ms` of the stage holding the
+    file (the other backends), or None (with a warning saying why) when the file is missing
+    or cannot be measured: the report then shows the row without latency."""
     if not path.is_file():
         return None
     try:
-        return measure_latency(path, input_size, batch, device, memory_format)
+        if LATENCY_BACKENDS.get(backend) is None:
+            return measure_latency(path, input_size, batch, device, memory_format)
+        return exported_latency_ms(path.parent, backend, batch, memory_format)
     except Exception as err:  # report the row without latency, say why
-        log.warning("latency of %s not measured: %s", path, err)
+        log.warning("latency of %s (%s) not measured: %s", path, backend, first_line(err))
         return None
 
 
@@ -143,6 +200,7 @@ def input_size_of(run_dir: Path) -> tuple[int, int, int]:
         return (3, int(s), int(s))
 
 
-__all__ = ["MEMORY_FORMATS", "latency_device", "in_memory_format", "sync", "timed_forward",
+__all__ = ["MEMORY_FORMATS", "LATENCY_BACKENDS", "check_backend", "latency_device",
+           "latency_device_for", "exported_latency_ms", "in_memory_format", "sync", "timed_forward",
            "warm_up", "median_seconds", "interleaved_median_seconds", "model_latency_ms",
            "measure_latency", "file_latency_ms", "input_size_of"]

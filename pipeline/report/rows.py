@@ -25,7 +25,7 @@ from stages import REGISTRY, Stage
 
 from ..provenance import read_provenance, stale_reasons
 from ..rundir import MODEL_FILE, chain, is_run_dir, read_config, read_summary, stage_specs
-from .latency import file_latency_ms, input_size_of, latency_device
+from .latency import file_latency_ms, input_size_of, latency_device_for
 
 COLUMNS = ["run", "stage", "type", "status", "model", "method", "ratio", "top1", "top5",
            "delta_top1", "params_m", "macs_m", "mac_reduction_pct", "size_mb", "epochs",
@@ -111,13 +111,14 @@ class Baseline:
 
 @dataclass
 class Options:
-    """What `compare` adds to the rows: latency (batch, device, memory format), a given
-    baseline stage directory, the provenance columns."""
+    """What `compare` adds to the rows: latency (batch, device, memory format, backend: torch,
+    onnxruntime or torchscript), a given baseline stage directory, the provenance columns."""
 
     latency: bool = False
     latency_batch: int = 32
     latency_device: str | None = None
     latency_memory_format: str = "channels_last"
+    latency_backend: str = "torch"
     baseline: Path | None = None
     provenance: bool = False
     _latency_cache: dict = field(default_factory=dict)
@@ -246,17 +247,22 @@ def _size_mb(path: Path) -> float | None:
 def _add_latency(row: dict, run_dir: Path, stage_dir: Path, base: Baseline | None,
                  options: Options) -> None:
     """The stage model's latency and its speedup against the baseline's; each model file is
-    measured once (options keeps the results: many rows share a baseline)."""
-    device = latency_device(options.latency_device)
+    measured once (options keeps the results: many rows share a baseline). With an
+    exported backend each model is exported (verified) to a temporary file and timed in
+    that runtime."""
+    backend = options.latency_backend
+    device = latency_device_for(backend, options.latency_device)
     row["latency_batch"], row["latency_device"] = options.latency_batch, device
     row["latency_memory_format"] = options.latency_memory_format
+    row["latency_backend"] = backend
     size = input_size_of(run_dir)
 
     def lat(path: Path) -> float | None:
-        key = (str(path), size)
+        key = (str(path), size, backend)
         if key not in options._latency_cache:
             options._latency_cache[key] = file_latency_ms(
-                path, size, options.latency_batch, device, options.latency_memory_format)
+                path, size, options.latency_batch, device, options.latency_memory_format,
+                backend)
         return options._latency_cache[key]
 
     mine = lat(stage_dir / MODEL_FILE)

@@ -35,7 +35,8 @@ def _label(col: str, rows: list[dict]) -> str:
     if col == "latency_ms":
         r = next((r for r in rows if r.get("latency_device")), None)
         if r is not None:
-            return f"latency (ms, {r['latency_device']}, batch {r['latency_batch']})"
+            return (f"{r.get('latency_backend') or 'torch'} latency (ms, {r['latency_device']}, "
+                    f"batch {r['latency_batch']})")
         return "latency (ms)"
     return LABELS.get(col, col)
 

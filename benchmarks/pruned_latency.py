@@ -130,9 +130,14 @@ def main() -> int:
     p.add_argument("--policy", default="all", choices=["all", "block_internal"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v not in INFO],
+                   help="only these pruned variants (default: all; the targets then cover "
+                        "these only)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     names = ["fpgm40", "macs2x"] if args.quick else [v for v in VARIANTS if v not in INFO]
+    if args.variants:
+        names = args.variants
     # --quick: only the target batch of ResNet-56; ResNet-50 at batch 2 with FPGM 40% alone
     # (its 2x search takes ~15 s)
     quick_r50 = {"variants": ["fpgm40"], "batch": 2}
@@ -146,9 +151,10 @@ def main() -> int:
     best: dict[str, dict[str, float]] = {}  # model -> engine -> worst efficiency at target batch
     for key in args.models:
         arch, size, batches, target_batch = MODELS[key]
-        variants = names + (["fpgm40_r8"] if key == "resnet56" and not args.quick else [])
+        variants = names + (["fpgm40_r8"] if key == "resnet56" and not (args.quick or
+                                                                         args.variants) else [])
         if args.quick and key == "resnet50":
-            variants, batches = quick_r50["variants"], (quick_r50["batch"],)
+            variants, batches = args.variants or quick_r50["variants"], (quick_r50["batch"],)
             target_batch = quick_r50["batch"]
         elif args.quick:
             batches = (target_batch,)

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.export import FORMATS  # noqa: E402
+from pipeline.export import FORMATS, MissingExtraError  # noqa: E402
 from pipeline.export.formats import OnnxFormat  # noqa: E402
 from pipeline.models import build_model, count_macs  # noqa: E402
 from pipeline.pruning import PruneSpec, prune_model  # noqa: E402
@@ -147,6 +147,12 @@ def main() -> int:
     print("| model | conv | batch | variant | MACs (M) | MACs ratio | ms / batch | speedup | "
           "speedup / MACs ratio | prune s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    backends = dict(BACKENDS)
+    try:
+        FORMATS["onnx"].require()
+    except MissingExtraError as err:  # the onnxruntime rows need the export extra
+        print(f"# onnxruntime not timed: {err}")
+        del backends["onnxruntime"]
     targets = []
     best: dict[str, dict[str, float]] = {}  # model -> engine -> worst efficiency at target batch
     for key in args.models:
@@ -160,7 +166,7 @@ def main() -> int:
             batches = (target_batch,)
         models = pruned_variants(arch, size, args.policy, variants)
         dense = models[0]
-        for backend, (onednn, nhwc) in BACKENDS.items():
+        for backend, (onednn, nhwc) in backends.items():
             torch.backends.mkldnn.enabled = onednn
             for batch in batches:
                 rounds = rounds_for(batch, dense["macs"], args.quick)

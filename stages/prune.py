@@ -1,4 +1,5 @@
-"""prune: remove whole filters from the input model by FPGM / L1 / L2 / random.
+"""prune: remove whole filters from the input model by FPGM / L1 / L2 / random / Taylor /
+BN scale (network slimming) / DepGraph group norm.
 
 Writes model.pt (the pruned network as data: its state dict's shapes are the widths;
 `pipeline.load_model(path)` rebuilds it), `layers.json` (per pruned group: name, layer
@@ -25,7 +26,14 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
-from pipeline.pruning import SELECTION_KEYS, PruneSpec, PruningError, prune_model, remove_filters
+from pipeline.pruning import (
+    CRITERIA,
+    SELECTION_KEYS,
+    PruneSpec,
+    PruningError,
+    prune_model,
+    remove_filters,
+)
 from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate
 
@@ -40,6 +48,9 @@ class Config(StageBase, PruneSpec):
     type: str = opt("prune", "stage kind")
     evaluate: bool = opt(True, "measure the pruned model's accuracy before recovery")
     eval_batch_size: int = opt(256, "batch size of that evaluation", min=1)
+    batch_size: int = opt(128, "taylor: size of the training batches the gradients are "
+                          "taken on (the run's training data, its augmentation included)",
+                          min=1)
     use_soft_mask: bool | None = opt(
         None, "remove exactly the filters the input stage's prune_during_training zeroed "
         "(default: when the input has them); false: select anew with this stage's keys")
@@ -98,6 +109,15 @@ def _check_soft(spec: Config, name: str, run, loader: Loader) -> None:
                         "soft pruning zeroed (leave the key out, or set use_soft_mask: false)")
 
 
+def _training_batches(spec: Config, ctx: StageContext):
+    """The run's training batches for gradient-based criteria: the same batches on every
+    rank (one unsplit loader, epoch 0), so every rank selects the same filters."""
+    data = build_data(ctx.run.data, spec.batch_size, spec.eval_batch_size, ctx.run.seed,
+                      ctx.device)
+    data.train.set_epoch(0)
+    return data.train
+
+
 def _run(spec: Config, ctx: StageContext) -> dict:
     t0 = time.perf_counter()
     model, payload = ctx.load_input(spec.from_)
@@ -118,6 +138,12 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         how = soft.get("spec", {})
         selection = f"soft pruning of stage '{spec.from_}'"
         method, ratio, policy = how.get("method"), how.get("ratio"), how.get("policy")
+    elif CRITERIA[spec.method].needs_gradients:
+        model.to(ctx.device)
+        train = _training_batches(spec, ctx)
+        report = prune_model(model, spec, example.to(ctx.device), seed=seed,
+                             batches=lambda: train.iterate(0))
+        model.cpu()
     else:
         report = prune_model(model, spec, example, seed=seed)
         selection = "criterion"

@@ -97,12 +97,14 @@ def fpgm_mix_selection(weights: list[np.ndarray], n_norm: int, n_dist: int) -> l
 
 def _global_selection(spec: PruneSpec, groups: list[Group], n_total: int,
                       seed: int) -> Selection:
-    """Remove the n_total lowest filters across groups (scores / group mean), each group
-    keeping at least max(1, round_to) channels."""
-    scores = [CRITERIA[spec.method](g, seed + gi) for gi, g in enumerate(groups)]
+    """Remove the n_total lowest filters across groups (scores / group mean; bn_scale's
+    raw |gamma|, one global threshold), each group keeping at least max(1, round_to)
+    channels."""
+    criterion = CRITERIA[spec.method]
+    scores = [criterion(g, seed + gi) for gi, g in enumerate(groups)]
     pool = []
     for gi, s in enumerate(scores):
-        mean = float(np.abs(s).mean())
+        mean = float(np.abs(s).mean()) if criterion.normalize_global else 1.0
         pool += [(float(v), gi, i) for i, v in enumerate(s / mean if mean > 0 else s)]
     pool.sort()
     floor_keep = max(1, spec.round_to or 1)

@@ -163,7 +163,8 @@ def remove_filters(model: nn.Module, record: list[dict], example: torch.Tensor) 
         selection[len(groups)] = list(entry["removed"])
         groups.append(Group(root=root, name=names[root], convs=list(entry["convs"]),
                             modules=[mods[c] for c in entry["convs"]],
-                            coupled=bool(entry["coupled"]), number=entry.get("number")))
+                            coupled=bool(entry["coupled"]), number=entry.get("number"),
+                            graph=dg))
     apply_selection(dg, groups, selection)
     forward_check(model, example, shape, "all")
     return pruning_report(groups, 1)

@@ -72,6 +72,9 @@ class Prune(Stage):
         entry = dict(method=spec.method, ratio=spec.ratio, policy=spec.policy,
                      round_to=spec.round_to, round_mode=spec.round_mode,
                      target_macs_reduction=spec.target_macs_reduction)
+        entry["global_ranking"] = spec.global_ranking
+        if CRITERIA[spec.method].needs_gradients:
+            entry["batches"], entry["batch_size"] = spec.batches, spec.batch_size
         if spec.method == "fpgm" and (spec.fpgm.norm_ratio or spec.fpgm.distance_ratio):
             entry["fpgm"] = {"norm_ratio": spec.fpgm.norm_ratio,
                              "distance_ratio": spec.fpgm.distance_ratio}
@@ -83,6 +86,11 @@ class Prune(Stage):
         if entry.get("round_to"):
             what += (f", kept filters rounded {entry['round_mode']} to a multiple of "
                      f"{entry['round_to']}")
+        if entry.get("global_ranking"):
+            what += ", one global ranking"
+        if entry.get("batches"):
+            what += (f", gradients of {entry['batches']} training batches of "
+                     f"{entry['batch_size']}")
         return [f"    {entry['method']} {what}, policy {entry['policy']}"]
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
@@ -138,14 +146,15 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         how = soft.get("spec", {})
         selection = f"soft pruning of stage '{spec.from_}'"
         method, ratio, policy = how.get("method"), how.get("ratio"), how.get("policy")
-    elif CRITERIA[spec.method].needs_gradients:
-        model.to(ctx.device)
-        train = _training_batches(spec, ctx)
-        report = prune_model(model, spec, example.to(ctx.device), seed=seed,
-                             batches=lambda: train.iterate(0))
-        model.cpu()
     else:
-        report = prune_model(model, spec, example, seed=seed)
+        if CRITERIA[spec.method].needs_gradients:
+            model.to(ctx.device)
+            train = _training_batches(spec, ctx)
+            report = prune_model(model, spec, example.to(ctx.device), seed=seed,
+                                 batches=lambda: train.iterate(0))
+            model.cpu()
+        else:
+            report = prune_model(model, spec, example, seed=seed)
         selection = "criterion"
         method, ratio, policy = spec.method, spec.ratio, spec.policy
     prune_seconds = time.perf_counter() - t1

@@ -5,6 +5,7 @@ on BN scales (network slimming) and its resume."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -329,3 +330,46 @@ def test_l1_bn_needs_a_batchnorm(tmp_path):
     model(torch.zeros(1, 3, 16, 16))
     with pytest.raises(ConfigError, match="no BatchNorm"):
         make_trainer(tmp_path, model=model, sparsity=SparsityConfig(l1_bn=1e-4))
+
+
+# --------------------------------------------------------------------------- from YAML
+
+
+def test_slimming_and_taylor_from_yaml(tiny_config, cli, tmp_path):
+    """Sparsity training, then bn_scale with one global threshold and taylor on the
+    run's training batches, each a prune stage of the same pretrained model."""
+    cfg = tiny_config({"stages": {
+        "pretrain": {"epochs": 1, "sparsity": {"l1_bn": 1e-4}},
+        "prune": {"method": "bn_scale", "ratio": 0.5, "global_ranking": True,
+                  "policy": "all"},
+        "prune_taylor": {"type": "prune", "from": "pretrain", "method": "taylor",
+                         "ratio": 0.4, "batches": 2, "batch_size": 16},
+        "prune_group": {"type": "prune", "from": "pretrain", "method": "group_l2",
+                        "ratio": 0.4, "policy": "all"},
+        "finetune": {"from": "prune"}}})
+    code, out, err = cli("run", cfg, "--dry-run")
+    assert code == 0, err
+    assert "L1 sparsity 0.0001 on BN scales" in out and "one global ranking" in out
+    assert "gradients of 2 training batches of 16" in out
+    code, _, err = cli("run", cfg)
+    assert code == 0, err
+    runs = tmp_path / "runs/tiny"
+    rows = list(csv.DictReader(open(runs / "pretrain/metrics.csv")))
+    assert float(rows[-1]["bn_l1"]) > 0
+    for name, method in (("prune", "bn_scale"), ("prune_taylor", "taylor"),
+                         ("prune_group", "group_l2")):
+        s = json.loads((runs / name / "summary.json").read_text())
+        assert s["method"] == method and s["mac_reduction"] > 0.1, name
+    # the one global threshold: half of all candidate channels, by raw |gamma|
+    layers = json.loads((runs / "prune/layers.json").read_text())
+    dense = build_model({"name": "resnet8", "num_classes": 4, "shortcut": "A"})
+    dense.load_state_dict(torch.load(runs / "pretrain/model.pt", weights_only=True)[
+        "state_dict"])
+    spec = checked(PruneSpec(method="bn_scale", ratio=0.5, policy="all"))
+    groups = candidate_groups(dense, build_graph(dense, torch.zeros(1, 3, 16, 16)), spec)
+    scores = np.concatenate([CRITERIA["bn_scale"](g) for g in groups])
+    n = int(0.5 * scores.size)
+    assert sum(e["before"] - e["after"] for e in layers) == n
+    removed = np.concatenate([CRITERIA["bn_scale"](g)[
+        next((e["removed"] for e in layers if e["name"] == g.name), [])] for g in groups])
+    assert removed.max() <= np.sort(scores)[n - 1] + 1e-12

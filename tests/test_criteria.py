@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 from test_trainer import make_trainer
 
 from pipeline.config import ConfigError
@@ -21,7 +20,7 @@ from pipeline.pruning.criteria import CRITERIA
 from pipeline.pruning.prune import gradient_refresher, select_filters
 from pipeline.pruning.soft import SoftPruneSpec
 from pipeline.pruning.spec import checked
-from pipeline.pruning.surgery import build_graph
+from pipeline.pruning.surgery import build_graph, root_handler
 from pipeline.recipes import OptimizerConfig, SparsityConfig
 from pipeline.trainer import add_step_hook
 
@@ -254,7 +253,7 @@ def test_group_l2_on_a_residual_stream_counts_each_coupled_layer():
         m.load_state_dict(model.state_dict())
         dg = build_graph(m, EXAMPLE)
         root = dict(m.named_modules())[grp.name]
-        dg.get_pruning_group(root, tp.prune_conv_out_channels, [c]).prune()
+        dg.get_pruning_group(root, root_handler(dg, root), [c]).prune()
         left = sum(float((np_(p) ** 2).sum()) for n, p in m.named_parameters()
                    if not n.endswith("bias"))
         assert scores[c] == pytest.approx(total - left, rel=1e-9)

@@ -12,18 +12,20 @@ groups are pruned:
   include / skip          layer names, glob patterns or layer numbers (see `layer_numbers`);
   layer_ratios            ratio per name pattern or layer number (per-stage ratios);
   skip_downsample         groups containing a downsample/shortcut projection are kept.
-Groups that feed grouped (not depthwise) convolutions are never pruned.
+Groups that meet grouped (not depthwise) convolutions (ResNeXt) are pruned
+group-consistently: the same number of channels from every convolution group
+(`Group.channel_groups` blocks), so the grouped convs keep their group count.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch.nn as nn
-import torch_pruning as tp
 from torch_pruning import ops
 
 from ..models import PadShortcut
@@ -94,6 +96,7 @@ class Group:
     graph: object = None  # torch-pruning's DependencyGraph the group was found in
     # gradient x weight row sums of the current weights (`criteria.gradient_products`)
     products: dict | None = None
+    channel_groups: int = 1  # contiguous blocks that must lose equally (grouped convs)
 
     def __post_init__(self) -> None:
         self.width = self.width or self.channels
@@ -129,8 +132,7 @@ class Group:
     def pruning_group(self):
         """torch-pruning's group removing every channel (current numbering): each item
         names a layer, its handler and the indices it would delete."""
-        handler = (tp.prune_depthwise_conv_out_channels if is_depthwise(self.root)
-                   else tp.prune_conv_out_channels)
+        handler = self.graph.get_pruner_of_module(self.root).prune_out_channels
         return self.graph.get_pruning_group(self.root, handler, list(range(self.channels)))
 
     def coupled_slices(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -217,7 +219,7 @@ def is_depthwise(m: nn.Module) -> bool:
 
 def _is_grouped(m: nn.Module) -> bool:
     """A grouped, not depthwise, convolution (ResNeXt): its channel groups must shrink
-    evenly, which per-channel selection does not guarantee."""
+    evenly."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
 
 
@@ -234,7 +236,7 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
     def hit(conv_list: list[str], refs) -> bool:
         return any(_matches(c, numbers.get(c), r) for c in conv_list for r in refs)
 
-    out, skipped_by_policy, grouped = [], [], []
+    out, skipped_by_policy = [], []
     for group in conv_groups(model, dg):
         mods = out_convs(group, dg)
         if not mods:
@@ -242,9 +244,8 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
         # name the group by a full conv (a depthwise conv only follows its input)
         mods = sorted(mods, key=lambda m: (is_depthwise(m), order[m]))
         convs = [names[m] for m in mods]
-        if any(_is_grouped(item.dep.target.module) for item in group):
-            grouped.append(convs[0])
-            continue
+        blocks = math.lcm(1, *(item.dep.target.module.groups for item in group
+                                if _is_grouped(item.dep.target.module)))
         coupled = is_residual_coupled(group)
         if (spec.include and not hit(convs, spec.include)) or (
                 spec.skip and hit(convs, spec.skip)) or (
@@ -257,10 +258,8 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
                      spec.ratio or 0.0)
         out.append(Group(root=mods[0], name=convs[0], convs=convs, modules=mods,
                          coupled=coupled, number=numbers.get(convs[0]), ratio=ratio,
-                         order=min(order[m] for m in mods), graph=dg))
-    if grouped:
-        log.warning("%d channel group(s) feed grouped convolutions (e.g. %s), which this "
-                    "pruner leaves unpruned", len(grouped), grouped[0])
+                         order=min(order[m] for m in mods), graph=dg,
+                         channel_groups=blocks))
     if spec.include and skipped_by_policy:
         log.warning("include: %d matching group(s) are residual-coupled and not pruned under "
                     "policy block_internal (use policy: all)", len(skipped_by_policy))

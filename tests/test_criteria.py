@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -334,6 +335,25 @@ def test_l1_bn_needs_a_batchnorm(tmp_path):
 # --------------------------------------------------------------------------- from YAML
 
 
+@pytest.fixture
+def pipeline_logger():
+    """Restore the "pipeline" logger after an in-process run configured it (later tests
+    count its records)."""
+    log = logging.getLogger("pipeline")
+    saved = (log.level, list(log.handlers), log.propagate)
+    levels = {n: logging.getLogger(n).level for n in ("pipeline.data", "pipeline.pruning")}
+    yield
+    for h in log.handlers:
+        if h not in saved[1]:
+            h.close()
+    log.setLevel(saved[0])
+    log.handlers[:] = saved[1]
+    log.propagate = saved[2]
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
+@pytest.mark.usefixtures("pipeline_logger")
 def test_slimming_and_taylor_from_yaml(tiny_config, cli, tmp_path):
     """Sparsity training, then bn_scale with one global threshold and taylor on the
     run's training batches, each a prune stage of the same pretrained model."""

@@ -45,6 +45,36 @@ class DistillConfig:
                        min=0, max=1)
 
 
+@dataclass
+class SparsityConfig:
+    l1_bn: float = opt(0.0, "network slimming (Liu et al. 2017): lambda of the L1 penalty on "
+                       "every BatchNorm scale; its subgradient lambda * sign(gamma) is added "
+                       "to the BN weight gradients after each backward (paper: 1e-4)", min=0)
+
+
+def bn_scales(model: nn.Module) -> list[torch.Tensor]:
+    """The scale (gamma) of every affine BatchNorm layer."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+
+
+@torch.no_grad()
+def add_l1_subgradient(scales: list[torch.Tensor], lam: float) -> None:
+    """grad += lam * sign(gamma) on each scale: the subgradient of lam * sum |gamma|."""
+    for w in scales:
+        if w.grad is None:
+            w.grad = lam * torch.sign(w)
+        else:
+            w.grad.add_(torch.sign(w), alpha=lam)
+
+
+@torch.no_grad()
+def mean_abs(scales: list[torch.Tensor]) -> float:
+    """Mean |gamma| over every channel of the given scales (a host sync)."""
+    total = sum(float(w.abs().sum()) for w in scales)
+    return total / max(sum(w.numel() for w in scales), 1)
+
+
 def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
     """One group, or with `no_bias_decay` two: weights with decay, and every 1-D tensor
     (biases, BN/LayerNorm weights and biases) with weight decay 0 (Bag of Tricks sec. 3.1).

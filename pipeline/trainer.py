@@ -52,8 +52,12 @@ from .recipes import (
     DistillConfig,
     ModelEMA,
     OptimizerConfig,
+    SparsityConfig,
+    add_l1_subgradient,
+    bn_scales,
     build_optimizer,
     distillation_loss,
+    mean_abs,
     mix_batch,
     soft_cross_entropy,
 )
@@ -118,6 +122,9 @@ class TrainConfig:
     ema_decay: float | None = opt(None, "keep an EMA of the weights with this decay; the EMA "
                                   "is evaluated and saved", gt=0, lt=1)
     distill: DistillConfig | None = opt(None, "knowledge distillation from an earlier stage")
+    sparsity: SparsityConfig | None = opt(
+        None, "sparsity training: {l1_bn: lambda} adds the L1 penalty on BN scales (network "
+        "slimming); metrics.csv gets a bn_l1 column (mean |gamma| after the epoch)")
     channels_last: bool = opt(False, "NHWC memory format")
     compile: bool = opt(False, "torch.compile the model (after pruning; uncompiled one saved)")
     sync_bn: bool = opt(False, "SyncBatchNorm under DDP (CUDA only; ignored with a warning "
@@ -210,6 +217,15 @@ class Trainer:
         self.ema = ModelEMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda") if (
             self.precision == "fp16" and self.device.type == "cuda") else None
+        lam = cfg.sparsity.l1_bn if cfg.sparsity else 0.0
+        self.l1_bn = float(lam)
+        self.sparse_scales = bn_scales(self.module) if lam > 0 else []
+        if lam > 0 and not self.sparse_scales:
+            raise ConfigError(f"stages.{self.stage}.sparsity.l1_bn: the model has no "
+                              "BatchNorm scale to penalize")
+        if lam > 0 and self.dist.is_main:
+            log.info("sparsity: L1 penalty %g on the scales of %d BatchNorm layers", lam,
+                     len(self.sparse_scales))
         self.steps_per_epoch = len(data.train)
         self.schedule = Schedule(cfg.schedule, base_lr, cfg.epochs, self.steps_per_epoch)
         self.net = self._wrapped(self.module)  # what the training step calls
@@ -224,7 +240,8 @@ class Trainer:
         self.saved_step: int | None = None  # global step of the newest checkpoint on disk
         self.checkpoints = CheckpointSaver(self.out_dir, self.dist, stage=self.stage,
                                            required=TRAINER_KEYS)
-        self.metrics_log = CsvLog(self.out_dir / "metrics.csv", METRIC_FIELDS)
+        self.metrics_log = CsvLog(self.out_dir / "metrics.csv",
+                                  METRIC_FIELDS + (["bn_l1"] if self.sparse_scales else []))
         self.train_log = CsvLog(self.out_dir / "train_log.csv", TRAIN_LOG_FIELDS)
         self._mark = _Mark()
         self._tb = None
@@ -392,13 +409,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()
-            if self.cfg.grad_clip:
+            if self.cfg.grad_clip or self.sparse_scales:
                 self.scaler.unscale_(self.optimizer)
+            if self.sparse_scales:
+                add_l1_subgradient(self.sparse_scales, self.l1_bn)
+            if self.cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            if self.sparse_scales:
+                add_l1_subgradient(self.sparse_scales, self.l1_bn)
             if self.cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
@@ -529,6 +551,8 @@ class Trainer:
         row = {"epoch": self.epoch, "lr": self.schedule.lr(self.epoch * spe),
                "train_loss": train_loss / max(n, 1), "train_acc": 100 * correct / max(n, 1),
                **metrics, "seconds": time.perf_counter() - t0}
+        if self.sparse_scales:
+            row["bn_l1"] = mean_abs(self.sparse_scales)
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
         self._append(self.metrics_log, row)
         self._tb_scalars("epoch", row, self.global_step)
@@ -538,6 +562,8 @@ class Trainer:
         log.info("epoch %d/%d  lr %.4g  loss %.4f  acc %.2f  %s  %.0f img/s  %.1fs",
                  self.epoch + 1, cfg.epochs, row["lr"], row["train_loss"], row["train_acc"],
                  test, ips, row["seconds"])
+        if self.sparse_scales:
+            log.info("sparsity: mean |BN gamma| %.4f (l1_bn %g)", row["bn_l1"], self.l1_bn)
         improved = evaluated and metrics["top1"] > self.best_top1
         if improved:
             self.best_top1, self.best_epoch = metrics["top1"], self.epoch

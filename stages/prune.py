@@ -1,4 +1,5 @@
-"""prune: remove whole filters from the input model by FPGM / L1 / L2 / random.
+"""prune: remove whole filters from the input model by FPGM / L1 / L2 / random / Taylor /
+BN scale (network slimming) / DepGraph group norm.
 
 Writes model.pt (the pruned network as data: its state dict's shapes are the widths;
 `pipeline.load_model(path)` rebuilds it), `layers.json` (per pruned group: name, layer
@@ -25,7 +26,14 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
-from pipeline.pruning import SELECTION_KEYS, PruneSpec, PruningError, prune_model, remove_filters
+from pipeline.pruning import (
+    CRITERIA,
+    SELECTION_KEYS,
+    PruneSpec,
+    PruningError,
+    prune_model,
+    remove_filters,
+)
 from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate
 
@@ -40,6 +48,9 @@ class Config(StageBase, PruneSpec):
     type: str = opt("prune", "stage kind")
     evaluate: bool = opt(True, "measure the pruned model's accuracy before recovery")
     eval_batch_size: int = opt(256, "batch size of that evaluation", min=1)
+    batch_size: int = opt(128, "taylor: size of the training batches the gradients are "
+                          "taken on (the run's training data, its augmentation included)",
+                          min=1)
     use_soft_mask: bool | None = opt(
         None, "remove exactly the filters the input stage's prune_during_training zeroed "
         "(default: when the input has them); false: select anew with this stage's keys")
@@ -61,6 +72,9 @@ class Prune(Stage):
         entry = dict(method=spec.method, ratio=spec.ratio, policy=spec.policy,
                      round_to=spec.round_to, round_mode=spec.round_mode,
                      target_macs_reduction=spec.target_macs_reduction)
+        entry["global_ranking"] = spec.global_ranking
+        if CRITERIA[spec.method].needs_gradients:
+            entry["batches"], entry["batch_size"] = spec.batches, spec.batch_size
         if spec.method == "fpgm" and (spec.fpgm.norm_ratio or spec.fpgm.distance_ratio):
             entry["fpgm"] = {"norm_ratio": spec.fpgm.norm_ratio,
                              "distance_ratio": spec.fpgm.distance_ratio}
@@ -72,6 +86,11 @@ class Prune(Stage):
         if entry.get("round_to"):
             what += (f", kept filters rounded {entry['round_mode']} to a multiple of "
                      f"{entry['round_to']}")
+        if entry.get("global_ranking"):
+            what += ", one global ranking"
+        if entry.get("batches"):
+            what += (f", gradients of {entry['batches']} training batches of "
+                     f"{entry['batch_size']}")
         return [f"    {entry['method']} {what}, policy {entry['policy']}"]
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
@@ -98,6 +117,15 @@ def _check_soft(spec: Config, name: str, run, loader: Loader) -> None:
                         "soft pruning zeroed (leave the key out, or set use_soft_mask: false)")
 
 
+def _training_batches(spec: Config, ctx: StageContext):
+    """The run's training batches for gradient-based criteria: the same batches on every
+    rank (one unsplit loader, epoch 0), so every rank selects the same filters."""
+    data = build_data(ctx.run.data, spec.batch_size, spec.eval_batch_size, ctx.run.seed,
+                      ctx.device)
+    data.train.set_epoch(0)
+    return data.train
+
+
 def _run(spec: Config, ctx: StageContext) -> dict:
     t0 = time.perf_counter()
     model, payload = ctx.load_input(spec.from_)
@@ -119,7 +147,14 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         selection = f"soft pruning of stage '{spec.from_}'"
         method, ratio, policy = how.get("method"), how.get("ratio"), how.get("policy")
     else:
-        report = prune_model(model, spec, example, seed=seed)
+        if CRITERIA[spec.method].needs_gradients:
+            model.to(ctx.device)
+            train = _training_batches(spec, ctx)
+            report = prune_model(model, spec, example.to(ctx.device), seed=seed,
+                                 batches=lambda: train.iterate(0))
+            model.cpu()
+        else:
+            report = prune_model(model, spec, example, seed=seed)
         selection = "criterion"
         method, ratio, policy = spec.method, spec.ratio, spec.policy
     prune_seconds = time.perf_counter() - t1

@@ -1,6 +1,7 @@
 """Structured filter pruning: our criteria, torch-pruning's dependency-aware surgery.
 
-  criteria   a score per output channel (fpgm, l1, l2, random): the `CRITERIA` registry
+  criteria   a score per output channel (fpgm, l1, l2, random, taylor, bn_scale,
+             group_l2): the `CRITERIA` registry
   spec       `PruneSpec`, the keys of a prune stage, its validation, `PruningError`
   groups     the channel groups pruned together, policies, include/skip, layer numbers
   selection  which filters go: counts and rounding, local, FPGM-mix and global selection
@@ -10,7 +11,7 @@
   soft       soft pruning during training: zeroed filters, re-selected every epoch
 """
 
-from .criteria import fpgm_scores
+from .criteria import CRITERIA, fpgm_scores
 from .groups import candidate_groups, layer_numbers
 from .prune import prune_model, select_filters
 from .selection import prune_count
@@ -18,7 +19,7 @@ from .soft import SoftPruner, SoftPruneSpec, zero_pattern_record
 from .spec import SELECTION_KEYS, FPGMConfig, PruneSpec, PruningError
 from .surgery import build_graph, remove_filters
 
-__all__ = ["FPGMConfig", "PruneSpec", "PruningError", "SELECTION_KEYS", "SoftPruneSpec",
+__all__ = ["CRITERIA", "FPGMConfig", "PruneSpec", "PruningError", "SELECTION_KEYS", "SoftPruneSpec",
            "SoftPruner", "build_graph", "candidate_groups", "fpgm_scores", "layer_numbers",
            "prune_count", "prune_model", "remove_filters", "select_filters",
            "zero_pattern_record"]

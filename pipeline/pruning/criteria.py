@@ -5,30 +5,71 @@ Modelled on Torch-Pruning's `Importance` classes: a criterion is a small class w
 `method` key of a prune spec accepts exactly its names). A new criterion is one class and
 one entry there.
 
-  fpgm    Filter Pruning via Geometric Median (He et al. 2019) as the official code does
-          it: filters flattened to rows, the Euclidean distance matrix between them, each
-          filter scored by its summed distance to all others; the filters nearest the
-          geometric median (smallest sums) are the most replaceable.
-  l1/l2   sum of absolute weights / Euclidean norm per filter (Li et al. 2017).
-  random  a seeded random score (the baseline), one per channel of the group.
+  fpgm      Filter Pruning via Geometric Median (He et al. 2019) as the official code does
+            it: filters flattened to rows, the Euclidean distance matrix between them, each
+            filter scored by its summed distance to all others; the filters nearest the
+            geometric median (smallest sums) are the most replaceable.
+  l1/l2     sum of absolute weights / Euclidean norm per filter (Li et al. 2017).
+  random    a seeded random score (the baseline), one per channel of the group.
+  taylor    first-order Taylor importance (Molchanov et al. 2019, "Importance Estimation
+            for Neural Network Pruning"): per filter, (sum over the filter's weights and
+            bias and its BN's gamma and beta of gradient x weight)^2 for each training
+            batch, averaged over the batches; a group of coupled filters sums its filters'
+            importances, as the paper does for residual-coupled layers.
+  bn_scale  network slimming (Liu et al. 2017): |gamma| of the BatchNorm after each conv
+            (the mean over a group's BNs, as Torch-Pruning's BNScaleImportance); under
+            global ranking the raw |gamma| are compared, the paper's one global threshold.
+  group_l2  the group norm of DepGraph (Fang et al. 2023; Torch-Pruning's
+            GroupMagnitudeImportance with p=2): per channel, the sum of squares of every
+            parameter slice the removal deletes, the producers' rows, the consumers' input
+            slices and the normalization layers' scales.
 
-When several convolutions produce a group's channels (residual-coupled layers), each
-conv's scores are divided by their mean and the normalized scores are summed; a group of
-one conv uses its raw scores, so single layers rank exactly as in the official code.
+For fpgm/l1/l2, when several convolutions produce a group's channels (residual-coupled
+layers), each conv's scores are divided by their mean and the normalized scores are
+summed; a group of one conv uses its raw scores, so single layers rank exactly as in the
+official code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.nn as nn
+
+from ..errors import PipelineError
+from ..modes import eval_mode
+
+
+class PruningError(PipelineError):
+    """The requested pruning cannot be done on this model: one line, says why (also a
+    criterion that cannot score a group: no BN for bn_scale, no batches for taylor)."""
 
 
 class ScoredGroup(Protocol):
     """What a criterion reads of a channel group (see `groups.Group`)."""
 
-    def weights(self) -> list[np.ndarray]: ...
+    name: str
+
+    def weights(self) -> list[np.ndarray]:
+        """The filter rows of every layer producing the group's channels."""
+        ...
+
+    def bn_scales(self) -> list[np.ndarray]:
+        """gamma of the BatchNorm after each producing layer (those that have one)."""
+        ...
+
+    def coupled_slices(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every parameter slice removing the channels deletes: (rows, channel of each
+        row): producers' filter rows, consumers' input slices, norm layers' scales."""
+        ...
+
+    def taylor_terms(self) -> list[np.ndarray]:
+        """Per producing layer, (batches, channels): each batch's sum of gradient x
+        weight over the filter's parameters and its BN's."""
+        ...
 
 
 def filter_matrix(weight: torch.Tensor) -> np.ndarray:
@@ -48,6 +89,8 @@ class Criterion:
     """Scores the channels of a group; subclasses score one layer's filter rows."""
 
     name: ClassVar[str]
+    needs_gradients: ClassVar[bool] = False  # taylor: gradients of training batches
+    normalize_global: ClassVar[bool] = True  # global ranking divides by each group's mean
 
     def __call__(self, group: ScoredGroup, seed: int = 0) -> np.ndarray:
         """One score per channel of `group`, from the convs that produce its channels."""
@@ -98,8 +141,89 @@ class Random(Criterion):
         return np.random.default_rng(seed).random(weights[0].shape[0])
 
 
-CRITERIA: dict[str, Criterion] = {c.name: c for c in (FPGM(), L1(), L2(), Random())}
+class Taylor(Criterion):
+    name = "taylor"
+    needs_gradients = True
+
+    def __call__(self, group: ScoredGroup, seed: int = 0) -> np.ndarray:
+        terms = group.taylor_terms()
+        return np.sum([(t * t).mean(0) for t in terms], axis=0)
 
 
-__all__ = ["CRITERIA", "Criterion", "FPGM", "L1", "L2", "Random", "filter_matrix",
-           "fpgm_scores"]
+class BNScale(Criterion):
+    name = "bn_scale"
+    normalize_global = False
+
+    def __call__(self, group: ScoredGroup, seed: int = 0) -> np.ndarray:
+        scales = group.bn_scales()
+        if not scales:
+            raise PruningError(f"bn_scale: {group.name} is followed by no BatchNorm "
+                                 "(network slimming scores the BN scale of each channel)")
+        return np.mean([np.abs(s) for s in scales], axis=0)
+
+
+class GroupL2(Criterion):
+    name = "group_l2"
+
+    def __call__(self, group: ScoredGroup, seed: int = 0) -> np.ndarray:
+        slices = group.coupled_slices()
+        channels = group.weights()[0].shape[0]
+        score = np.zeros(channels)
+        for rows, channel in slices:
+            np.add.at(score, channel, (rows * rows).sum(1))
+        return score
+
+
+CRITERIA: dict[str, Criterion] = {c.name: c for c in (
+    FPGM(), L1(), L2(), Random(), Taylor(), BNScale(), GroupL2())}
+
+
+# --------------------------------------------------------------------------- gradients
+
+_GRAD_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
+               nn.LayerNorm)
+
+
+def gradient_products(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> dict[nn.Module, np.ndarray]:
+    """For every conv, linear and norm layer: (batches, out channels), each batch's sum of
+    gradient x weight over each output channel's parameters (weight row and bias) under
+    the cross-entropy loss. The model is run in eval mode (BN statistics unchanged) and
+    its gradients are left as they were: no update is applied."""
+    layers = [m for m in model.modules() if isinstance(m, _GRAD_TYPES)
+              and getattr(m, "weight", None) is not None]
+    params = [p for p in model.parameters()]
+    saved = [p.grad for p in params]
+    rows: dict[nn.Module, list[np.ndarray]] = {m: [] for m in layers}
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for x, y in batches:
+                for p in params:
+                    p.grad = None
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+                loss.backward()
+                for m in layers:
+                    s = _row_products(m.weight)
+                    bias = getattr(m, "bias", None)
+                    if isinstance(bias, torch.Tensor) and bias.grad is not None:
+                        s = s + (bias.grad * bias).detach().double()
+                    rows[m].append(s.cpu().numpy())
+    finally:
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+    if not any(rows.values()) and layers:
+        raise PruningError("taylor: no training batch to take gradients from")
+    return {m: np.stack(r) for m, r in rows.items() if r}
+
+
+def _row_products(weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel: the sum of gradient x weight over the channel's weights."""
+    if weight.grad is None:
+        return torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+    gw = (weight.grad * weight).detach().double()
+    return gw.reshape(weight.shape[0], -1).sum(1)
+
+
+__all__ = ["BNScale", "CRITERIA", "Criterion", "FPGM", "GroupL2", "L1",
+           "L2", "PruningError", "Random", "ScoredGroup", "Taylor", "filter_matrix", "fpgm_scores",
+           "gradient_products"]

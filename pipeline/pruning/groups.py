@@ -12,13 +12,16 @@ groups are pruned:
   include / skip          layer names, glob patterns or layer numbers (see `layer_numbers`);
   layer_ratios            ratio per name pattern or layer number (per-stage ratios);
   skip_downsample         groups containing a downsample/shortcut projection are kept.
-Groups that feed grouped (not depthwise) convolutions are never pruned.
+Groups that meet grouped (not depthwise) convolutions (ResNeXt) are pruned
+group-consistently: the same number of channels from every convolution group
+(`Group.channel_groups` blocks), so the grouped convs keep their group count.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +29,8 @@ import torch.nn as nn
 from torch_pruning import ops
 
 from ..models import PadShortcut
-from .criteria import filter_matrix
-from .spec import PruneSpec, PruningError
+from .criteria import PruningError, filter_matrix
+from .spec import PruneSpec
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,10 @@ class Group:
     order: int = 0
     width: int = 0  # channels before any pruning
     dense_ids: list[int] = field(default_factory=list)  # original index of each channel
+    graph: object = None  # torch-pruning's DependencyGraph the group was found in
+    # gradient x weight row sums of the current weights (`criteria.gradient_products`)
+    products: dict | None = None
+    channel_groups: int = 1  # contiguous blocks that must lose equally (grouped convs)
 
     def __post_init__(self) -> None:
         self.width = self.width or self.channels
@@ -101,6 +108,72 @@ class Group:
 
     def weights(self) -> list[np.ndarray]:
         return [filter_matrix(m.weight) for m in self.modules]
+
+    def norms(self) -> list[nn.Module | None]:
+        """The BatchNorm directly after each producing layer (None where there is none)."""
+        return [following_bn(self.graph, m) for m in self.modules]
+
+    def bn_scales(self) -> list[np.ndarray]:
+        return [bn.weight.detach().double().cpu().numpy() for bn in self.norms()
+                if bn is not None and bn.weight is not None]
+
+    def taylor_terms(self) -> list[np.ndarray]:
+        if self.products is None:
+            raise PruningError(f"taylor: no gradients were taken for {self.name} (the "
+                               "criterion needs training batches)")
+        out = []
+        for m, bn in zip(self.modules, self.norms(), strict=True):
+            t = self.products[m]
+            if bn is not None and bn in self.products:
+                t = t + self.products[bn]
+            out.append(t)
+        return out
+
+    def pruning_group(self):
+        """torch-pruning's group removing every channel (current numbering): each item
+        names a layer, its handler and the indices it would delete."""
+        handler = self.graph.get_pruner_of_module(self.root).prune_out_channels
+        return self.graph.get_pruning_group(self.root, handler, list(range(self.channels)))
+
+    def coupled_slices(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        dg, out, seen = self.graph, [], set()
+        for item in self.pruning_group():
+            m, fn = item.dep.target.module, item.dep.handler
+            root = item.root_idxs
+            if root is None or any(r is None for r in root) or (id(m), fn) in seen:
+                continue
+            seen.add((id(m), fn))
+            rows = _param_rows(dg, m, fn, list(item.idxs))
+            if rows is not None:
+                out.append((rows, np.asarray(root, dtype=np.int64)))
+        return out
+
+
+def _param_rows(dg, m: nn.Module, fn, idxs: list[int]) -> np.ndarray | None:
+    """The rows of m's parameters that removing `idxs` through handler `fn` deletes."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)) and dg.is_out_channel_pruning_fn(fn):
+        return filter_matrix(m.weight)[idxs]
+    if isinstance(m, (nn.Conv2d, nn.Linear)) and dg.is_in_channel_pruning_fn(fn):
+        if is_depthwise(m):  # its weights are counted once, as output rows
+            return None
+        w = m.weight.detach().double().cpu()
+        groups = m.groups if isinstance(m, nn.Conv2d) else 1
+        # input channel c of a grouped conv feeds only the outputs of its group
+        w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).permute(0, 2, 1, 3)
+        return w.reshape(groups * w.shape[1], -1).numpy()[idxs]
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) \
+            and getattr(m, "weight", None) is not None:
+        return m.weight.detach().double().cpu().numpy()[idxs][:, None]
+    return None
+
+
+def following_bn(dg, m: nn.Module) -> nn.Module | None:
+    """The BatchNorm that takes m's output directly, if any."""
+    node = dg.module2node.get(m) if dg is not None else None
+    for nxt in (node.outputs if node is not None else []):
+        if isinstance(nxt.module, nn.modules.batchnorm._BatchNorm):
+            return nxt.module
+    return None
 
 
 def out_convs(group, dg) -> list[nn.Module]:
@@ -146,7 +219,7 @@ def is_depthwise(m: nn.Module) -> bool:
 
 def _is_grouped(m: nn.Module) -> bool:
     """A grouped, not depthwise, convolution (ResNeXt): its channel groups must shrink
-    evenly, which per-channel selection does not guarantee."""
+    evenly."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
 
 
@@ -163,7 +236,7 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
     def hit(conv_list: list[str], refs) -> bool:
         return any(_matches(c, numbers.get(c), r) for c in conv_list for r in refs)
 
-    out, skipped_by_policy, grouped = [], [], []
+    out, skipped_by_policy = [], []
     for group in conv_groups(model, dg):
         mods = out_convs(group, dg)
         if not mods:
@@ -171,9 +244,8 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
         # name the group by a full conv (a depthwise conv only follows its input)
         mods = sorted(mods, key=lambda m: (is_depthwise(m), order[m]))
         convs = [names[m] for m in mods]
-        if any(_is_grouped(item.dep.target.module) for item in group):
-            grouped.append(convs[0])
-            continue
+        blocks = math.lcm(1, *(item.dep.target.module.groups for item in group
+                                if _is_grouped(item.dep.target.module)))
         coupled = is_residual_coupled(group)
         if (spec.include and not hit(convs, spec.include)) or (
                 spec.skip and hit(convs, spec.skip)) or (
@@ -186,10 +258,8 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
                      spec.ratio or 0.0)
         out.append(Group(root=mods[0], name=convs[0], convs=convs, modules=mods,
                          coupled=coupled, number=numbers.get(convs[0]), ratio=ratio,
-                         order=min(order[m] for m in mods)))
-    if grouped:
-        log.warning("%d channel group(s) feed grouped convolutions (e.g. %s), which this "
-                    "pruner leaves unpruned", len(grouped), grouped[0])
+                         order=min(order[m] for m in mods), graph=dg,
+                         channel_groups=blocks))
     if spec.include and skipped_by_policy:
         log.warning("include: %d matching group(s) are residual-coupled and not pruned under "
                     "policy block_internal (use policy: all)", len(skipped_by_policy))
@@ -204,5 +274,6 @@ def required(groups: list[Group], spec: PruneSpec) -> list[Group]:
     return groups
 
 
-__all__ = ["Group", "candidate_groups", "classifier_layers", "conv_groups", "is_depthwise",
-           "is_projection", "is_residual_coupled", "layer_numbers", "out_convs", "required"]
+__all__ = ["Group", "candidate_groups", "classifier_layers", "conv_groups", "following_bn",
+           "is_depthwise", "is_projection", "is_residual_coupled", "layer_numbers", "out_convs",
+           "required"]

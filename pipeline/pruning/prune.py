@@ -4,11 +4,13 @@ MAC target search); `select_filters` only tells which filters that would be."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from .groups import candidate_groups, required
+from .criteria import CRITERIA, gradient_products
+from .groups import Group, candidate_groups, required
 from .search import prune_to_target
 from .selection import select, selection_record
 from .spec import PruneSpec, PruningError, checked
@@ -23,11 +25,39 @@ from .surgery import (
 
 log = logging.getLogger(__name__)
 
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def gradient_refresher(model: nn.Module, spec: PruneSpec, groups: list[Group],
+                       batches: Batches | None) -> Callable[[], None]:
+    """What to run before every selection: for a criterion that needs gradients (taylor),
+    take them on `spec.batches` of the training batches `batches()` yields, on the current
+    weights; for the others nothing."""
+    if not CRITERIA[spec.method].needs_gradients:
+        return lambda: None
+    if batches is None:
+        raise PruningError(f"method {spec.method!r} needs training batches to take "
+                           "gradients on (none were given)")
+
+    def refresh() -> None:
+        taken = []
+        for i, batch in enumerate(batches()):
+            if i >= spec.batches:
+                break
+            taken.append(batch)
+        device = next(model.parameters()).device
+        products = gradient_products(model, ((x.to(device), y.to(device)) for x, y in taken))
+        for g in groups:
+            g.products = products
+    return refresh
+
 
 def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
-                seed: int = 0) -> PruneReport:
+                seed: int = 0, batches: Batches | None = None) -> PruneReport:
     """Prune `model` in place according to `spec`; returns the pruned groups' widths.
 
+    `batches()` yields training batches (x, y), for criteria that need gradients
+    (taylor: the first `spec.batches` of them, re-taken before every selection step).
     The forward output shape is checked to be unchanged; any failure is a PruningError.
     """
     spec = checked(spec)
@@ -35,9 +65,11 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     shape = output_shape(model, example)
     dg = build_graph(model, example)
     groups = required(candidate_groups(model, dg, spec), spec)
+    refresh = gradient_refresher(model, spec, groups, batches)
     if spec.target_macs_reduction is not None:
-        steps = prune_to_target(model, spec, example, dg, groups, seed)
+        steps = prune_to_target(model, spec, example, dg, groups, seed, refresh)
     else:
+        refresh()
         apply_selection(dg, groups, select(spec, groups, seed))
         steps = 1
     forward_check(model, example, shape, spec.policy)
@@ -47,7 +79,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
 
 
 def select_filters(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, batches: Batches | None = None) -> list[dict]:
     """The filters `spec` would remove, without removing them: one record entry per group
     ({"name", "convs", "removed", ...})."""
     spec = checked(spec)
@@ -56,7 +88,8 @@ def select_filters(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
                            "between steps); give a ratio")
     seed = spec.seed if spec.seed is not None else seed
     groups = candidate_groups(model, build_graph(model, example), spec)
+    gradient_refresher(model, spec, groups, batches)()
     return selection_record(groups, select(spec, groups, seed))
 
 
-__all__ = ["prune_model", "select_filters"]
+__all__ = ["Batches", "gradient_refresher", "prune_model", "select_filters"]

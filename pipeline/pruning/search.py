@@ -8,6 +8,7 @@ the MACs (conv + linear) have fallen by the target share.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -46,11 +47,14 @@ class MacCounter:
 
 
 def prune_to_target(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
-                    dg: tp.DependencyGraph, groups: list[Group], seed: int) -> int:
+                    dg: tp.DependencyGraph, groups: list[Group], seed: int,
+                    before_select: Callable[[], None] = lambda: None) -> int:
     """Grow every group's ratio by target_step (criterion re-scored on the current weights
     each step) until the MACs fall by target_macs_reduction. Within a step the groups are
     pruned in module order and the search stops at the first group that reaches the
-    target, so the result overshoots by at most one group's step. Returns the steps."""
+    target, so the result overshoots by at most one group's step. `before_select` runs
+    before each step's scoring (taylor: gradients on the current weights). Returns the
+    steps."""
     macs = MacCounter(model, example)
     base = macs.total()
     target = float(spec.target_macs_reduction or 0.0)
@@ -63,6 +67,7 @@ def prune_to_target(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
                                f"{spec.policy!r}: {reduction:.3f} with every pruned layer at its "
                                "minimum width")
         ratio = min(step * spec.target_step, 1.0)
+        before_select()
         selection = select(spec, groups, seed + 7919 * step, ratio_scale=ratio)
         for gi in sorted(selection):
             apply_selection(dg, groups, {gi: selection[gi]})

@@ -27,10 +27,16 @@ from .spec import PruneSpec
 Selection = dict[int, list[int]]  # group index -> filter indices (current numbering)
 
 
-def lowest(scores: np.ndarray, n: int) -> list[int]:
-    """Indices of the n lowest scores, sorted (ties broken by index)."""
+def lowest(scores: np.ndarray, n: int, blocks: int = 1) -> list[int]:
+    """Indices of the n lowest scores, sorted (ties broken by index). With `blocks` > 1
+    (channels of grouped convolutions, in that many contiguous blocks): n rounded down to
+    a multiple of blocks, the n / blocks lowest of every block."""
     if n <= 0:
         return []
+    if blocks > 1:
+        per, size = n // blocks, len(scores) // blocks
+        return sorted(b * size + int(i) for b in range(blocks)
+                      for i in np.argsort(scores[b * size:(b + 1) * size], kind="stable")[:per])
     return sorted(np.argsort(scores, kind="stable")[:n].tolist())
 
 
@@ -67,7 +73,7 @@ def _select_in_group(spec: PruneSpec, g: Group, ratio: float, seed: int) -> list
     if n <= 0:
         return []
     if not (spec.method == "fpgm" and spec.fpgm.is_mix):
-        return lowest(CRITERIA[spec.method](g, seed), n)
+        return lowest(CRITERIA[spec.method](g, seed), n, g.channel_groups)
     # the official counts: int(N * (1 - rate_norm)) by norm, int(N * rate_dist) by
     # distance; with round_to the distance share fills up torch-pruning's total
     n_norm = int(math.floor(spec.fpgm.norm_ratio * channels + 1e-9))
@@ -97,12 +103,14 @@ def fpgm_mix_selection(weights: list[np.ndarray], n_norm: int, n_dist: int) -> l
 
 def _global_selection(spec: PruneSpec, groups: list[Group], n_total: int,
                       seed: int) -> Selection:
-    """Remove the n_total lowest filters across groups (scores / group mean), each group
-    keeping at least max(1, round_to) channels."""
-    scores = [CRITERIA[spec.method](g, seed + gi) for gi, g in enumerate(groups)]
+    """Remove the n_total lowest filters across groups (scores / group mean; bn_scale's
+    raw |gamma|, one global threshold), each group keeping at least max(1, round_to)
+    channels."""
+    criterion = CRITERIA[spec.method]
+    scores = [criterion(g, seed + gi) for gi, g in enumerate(groups)]
     pool = []
     for gi, s in enumerate(scores):
-        mean = float(np.abs(s).mean())
+        mean = float(np.abs(s).mean()) if criterion.normalize_global else 1.0
         pool += [(float(v), gi, i) for i, v in enumerate(s / mean if mean > 0 else s)]
     pool.sort()
     floor_keep = max(1, spec.round_to or 1)
@@ -117,6 +125,9 @@ def _global_selection(spec: PruneSpec, groups: list[Group], n_total: int,
         count += 1
     if spec.round_to:
         _round_global(spec, groups, scores, taken)
+    for gi, g in enumerate(groups):  # grouped convs: as many from every block
+        if g.channel_groups > 1 and taken[gi]:
+            taken[gi] = lowest(scores[gi], len(taken[gi]), g.channel_groups)
     return {gi: sorted(v) for gi, v in taken.items() if v}
 
 
@@ -157,7 +168,8 @@ def select(spec: PruneSpec, groups: list[Group], seed: int,
             n_more = want - (g.width - g.channels)
             if n_more <= 0:
                 continue
-            idxs = lowest(CRITERIA[spec.method](g, seed + gi), min(n_more, g.channels - 1))
+            idxs = lowest(CRITERIA[spec.method](g, seed + gi), min(n_more, g.channels - 1),
+                          g.channel_groups)
         if idxs:
             out[gi] = idxs
     return out

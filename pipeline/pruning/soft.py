@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Invalid, opt
+from .criteria import CRITERIA
 from .groups import Group, candidate_groups, required
 from .selection import Selection, select, selection_record
 from .spec import PruneSpec, PruningError, checked
@@ -35,6 +36,9 @@ class SoftPruneSpec(PruneSpec):
         if self.target_macs_reduction is not None:
             raise Invalid("target_macs_reduction", "soft pruning needs a ratio (MACs only "
                           "fall when the filters are removed)")
+        if CRITERIA[self.method].needs_gradients:
+            raise Invalid("method", f"{self.method!r} takes gradients of training batches "
+                          "before it prunes: use it in a prune stage")
         super().validate()
 
 

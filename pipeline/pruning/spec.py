@@ -18,15 +18,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..config import Invalid, opt
-from ..errors import PipelineError
-from .criteria import CRITERIA
+from .criteria import CRITERIA, PruningError
 
 Method = Literal[tuple(CRITERIA)]  # type: ignore[valid-type]  # the registry's names
 DEFAULT_RATIO = 0.4
-
-
-class PruningError(PipelineError):
-    """The requested pruning cannot be done on this model: one line, says why."""
 
 
 @dataclass
@@ -78,6 +73,8 @@ class PruneSpec:
     global_ranking: bool = opt(False, "rank filters across groups (scores normalized by each "
                                "group's mean) instead of removing `ratio` from every group")
     seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)")
+    batches: int = opt(10, "taylor: training batches whose gradients the importance is "
+                       "averaged over (taken on the input model, no update applied)", min=1)
 
     def validate(self) -> None:
         if self.ratio is not None and self.target_macs_reduction is not None:

@@ -22,7 +22,7 @@ import torch_pruning as tp
 from ..errors import first_line
 from ..models import PadShortcut
 from ..modes import eval_mode
-from .groups import Group, conv_groups, is_depthwise, out_convs
+from .groups import Group, conv_groups, out_convs
 from .selection import Selection
 from .spec import PruningError
 
@@ -60,6 +60,37 @@ class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
         return layer.in_channels
 
 
+class GroupedConvPruner(tp.pruner.function.ConvPruner):
+    """torch-pruning's conv pruner, with input removal that is right for grouped
+    convolutions (ResNeXt): each group keeps its own remaining input positions (the
+    selection removes the same number of channels from every group), where torch-pruning
+    keeps the first group's positions for all."""
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if layer.groups == 1 or layer.transposed:
+            return super().prune_in_channels(layer, idxs)
+        per = layer.in_channels // layer.groups
+        gone = set(int(i) for i in idxs)
+        kept = [[c - g * per for c in range(g * per, (g + 1) * per) if c not in gone]
+                for g in range(layer.groups)]
+        if len({len(k) for k in kept}) != 1:
+            raise PruningError(f"a grouped convolution must lose as many inputs from every "
+                               f"group (got {[per - len(k) for k in kept]})")
+        out_per = layer.out_channels // layer.groups
+        index = torch.tensor([kept[o // out_per] for o in range(layer.out_channels)],
+                             device=layer.weight.device)
+        w = layer.weight.data.gather(1, index.view(layer.out_channels, -1, 1, 1).expand(
+            -1, -1, *layer.weight.shape[2:]))
+        layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)
+        layer.in_channels = layer.groups * len(kept[0])
+        return layer
+
+
+def root_handler(dg: tp.DependencyGraph, m: nn.Module):
+    """The graph's handler that removes m's output channels."""
+    return dg.get_pruner_of_module(m).prune_out_channels
+
+
 def customized_pruners() -> dict:
     """The custom pruners to pass to torch-pruning's DependencyGraph."""
     return {PadShortcut: PadShortcutPruner()}
@@ -69,9 +100,10 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model` (traced in eval mode)."""
     with eval_mode(model):
         try:
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example, customized_pruners=customized_pruners(),
-                verbose=False)
+            dg = tp.DependencyGraph()
+            dg.REGISTERED_PRUNERS[tp.ops.OPTYPE.CONV] = GroupedConvPruner()
+            return dg.build_dependency(model, example_inputs=example,
+                                       customized_pruners=customized_pruners(), verbose=False)
         except Exception as err:
             raise PruningError(f"torch-pruning cannot trace this model "
                                f"({first_line(err)[:160]})") from None
@@ -92,9 +124,7 @@ def apply_selection(dg: tp.DependencyGraph, groups: list[Group], selection: Sele
     """Remove the selected channels of each group (current numbering) from the model."""
     for gi, idxs in selection.items():
         g = groups[gi]
-        handler = (tp.prune_depthwise_conv_out_channels if is_depthwise(g.root)
-                   else tp.prune_conv_out_channels)
-        pg = dg.get_pruning_group(g.root, handler, idxs)
+        pg = dg.get_pruning_group(g.root, root_handler(dg, g.root), idxs)
         if not dg.check_pruning_group(pg):
             raise PruningError(f"{g.name}: torch-pruning refuses to remove {len(idxs)} of "
                                f"{g.channels} channels (a layer would be left empty)")
@@ -163,12 +193,13 @@ def remove_filters(model: nn.Module, record: list[dict], example: torch.Tensor) 
         selection[len(groups)] = list(entry["removed"])
         groups.append(Group(root=root, name=names[root], convs=list(entry["convs"]),
                             modules=[mods[c] for c in entry["convs"]],
-                            coupled=bool(entry["coupled"]), number=entry.get("number")))
+                            coupled=bool(entry["coupled"]), number=entry.get("number"),
+                            graph=dg))
     apply_selection(dg, groups, selection)
     forward_check(model, example, shape, "all")
     return pruning_report(groups, 1)
 
 
-__all__ = ["PadShortcutPruner", "PruneReport", "apply_selection", "build_graph",
-           "customized_pruners", "forward_check", "output_shape", "pruning_report",
-           "remove_filters"]
+__all__ = ["GroupedConvPruner", "PadShortcutPruner", "PruneReport", "apply_selection",
+           "build_graph", "customized_pruners", "forward_check", "output_shape", "pruning_report",
+           "remove_filters", "root_handler"]

@@ -1,0 +1,155 @@
+"""Criteria table: the CPU study's ResNet-20 on the real CIFAR-10 pruned at 40% by every
+criterion (fpgm, l1, l2, random, taylor, bn_scale, group_l2), each finetuned the same few
+epochs; accuracy before and after the finetune, MACs and parameters.
+
+The dense model is the CPU study's (configs/cifar10_cpu_study.yaml: ResNet-20, option A).
+Given `--pretrained FILE` (a pipeline checkpoint or state dict) it is loaded; otherwise the
+script trains it first with the study's recipe, shortened: SGD Nesterov, batch 256, lr 0.2
+(0.1 per 128 images), 1-epoch gradual warmup then cosine to 0, label smoothing 0.1,
+weight decay 5e-4, `--pretrain-epochs` epochs (19 in the study), saved for later runs.
+
+Every criterion prunes the same dense weights with the same spec (40% of the filters of
+every block-internal conv, the CPU study's policy) and finetunes with the same recipe
+(cosine from 0.02, `--finetune-epochs` epochs, same seed); random is the floor every
+criterion should beat after the finetune. Taylor takes its gradients on 10 training
+batches of 128; bn_scale scores the plain pretrained BN scales (no sparsity training).
+
+    python benchmarks/criteria.py --data data/cifar10           # full table
+    python benchmarks/criteria.py --data data/cifar10 --quick   # subsets: runs end to end
+
+The table goes to benchmarks/results/criteria/table.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.checkpoint import save_model  # noqa: E402
+from pipeline.data import build_data  # noqa: E402
+from pipeline.data.config import DataConfig  # noqa: E402
+from pipeline.models import build_model, count_macs, count_params, load_pretrained  # noqa: E402
+from pipeline.pruning import CRITERIA, PruneSpec, prune_model  # noqa: E402
+from pipeline.recipes import OptimizerConfig  # noqa: E402
+from pipeline.schedules import ScheduleConfig, WarmupConfig  # noqa: E402
+from pipeline.trainer import RunSettings, TrainConfig, Trainer, evaluate  # noqa: E402
+
+ARCH = {"name": "resnet20", "num_classes": 10, "shortcut": "A"}
+METHODS = ["fpgm", "l1", "l2", "random", "taylor", "bn_scale", "group_l2"]
+OUT = Path(__file__).resolve().parent / "results" / "criteria"
+
+
+def train(model, data, out_dir: Path, epochs: int, lr: float, warmup: float, smoothing: float,
+          seed: int) -> dict:
+    cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, label_smoothing=smoothing,
+                      optimizer=OptimizerConfig(momentum=0.9, nesterov=True, weight_decay=5e-4),
+                      schedule=ScheduleConfig(type="cosine", warmup=WarmupConfig(
+                          type="gradual" if warmup else "none", epochs=warmup)),
+                      eval_every=max(epochs, 1), log_interval=10_000)
+    run = RunSettings(seed=seed, show_progress=False)
+    return Trainer(model, cfg, data, out_dir, run=run, arch=ARCH, base_lr=lr).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="data/cifar10", help="CIFAR-10 folder (ImageFolder tree "
+                   "or torchvision's download, fetched there when absent)")
+    p.add_argument("--pretrained", type=Path, default=OUT / "resnet20_pretrained.pt",
+                   help="dense weights; trained and written there when the file is absent")
+    p.add_argument("--pretrain-epochs", type=int, default=19)
+    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--ratio", type=float, default=0.4)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=list(CRITERIA))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--quick", action="store_true", help="1,000 training / 500 test images, "
+                   "1 pretrain epoch (no warmup) and 1 finetune epoch, a temporary pretrained "
+                   "model: checks that the script runs, its accuracies mean nothing")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed = 0
+    dcfg = DataConfig(dataset="cifar10", root=args.data, download=True)
+    if args.quick:
+        dcfg.train_samples, dcfg.test_samples = 1000, 500
+        args.pretrain_epochs, args.finetune_epochs = 1, 1
+        args.pretrained = Path(tempfile.mkdtemp()) / "resnet20_quick.pt"
+    data = build_data(dcfg, 256, 500, seed, torch.device("cpu"))
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="criteria-"))
+
+    dense = build_model(ARCH)
+    if args.pretrained.is_file():
+        load_pretrained(dense, args.pretrained)
+        print(f"dense: {args.pretrained}")
+    else:
+        print(f"dense: training ResNet-20 for {args.pretrain_epochs} epochs (no file at "
+              f"{args.pretrained})")
+        warmup = 0.0 if args.quick else 1.0
+        train(dense, data, work / "pretrain", args.pretrain_epochs, 0.2, warmup, 0.1, seed)
+        args.pretrained.parent.mkdir(parents=True, exist_ok=True)
+        save_model(args.pretrained, dense, ARCH, {"stage": "pretrain",
+                                                  "epochs": args.pretrain_epochs})
+    dense_top1 = evaluate(dense, data.test, torch.device("cpu"), "fp32")["top1"]
+    size = data.input_size
+    dense_macs = count_macs(dense, size)["total"]
+    print(f"dense top-1 {dense_top1:.2f}%  MACs {dense_macs / 1e6:.2f}M")
+
+    def taylor_batches():
+        data.train.set_epoch(0)
+        return data.train.iterate(0)
+
+    rows = []
+    for method in args.methods:
+        model = copy.deepcopy(dense)
+        spec = PruneSpec(method=method, ratio=args.ratio, batches=10)
+        prune_model(model, spec, torch.zeros(1, *size), seed=seed, batches=taylor_batches)
+        before = evaluate(model, data.test, torch.device("cpu"), "fp32")["top1"]
+        res = train(model, data, work / method, args.finetune_epochs, 0.02, 0.0, 0.1, seed)
+        rows.append({"method": method, "top1_pruned": round(before, 2),
+                     "top1_finetuned": round(res["top1"], 2),
+                     "macs": count_macs(model, size)["total"], "params": count_params(model)})
+        print(f"{method:9s} pruned {before:6.2f}%  finetuned {res['top1']:6.2f}%  "
+              f"MACs {rows[-1]['macs'] / 1e6:.2f}M", flush=True)
+
+    floor = next((r["top1_finetuned"] for r in rows if r["method"] == "random"), None)
+    lines = [f"| ResNet-20, {args.ratio:.0%} per block-internal conv | top-1 pruned | "
+             f"top-1 finetuned ({args.finetune_epochs} ep) | MACs | params | beats random |",
+             "|---|---:|---:|---:|---:|:-:|",
+             f"| dense | {dense_top1:.2f} | | {dense_macs / 1e6:.2f}M | "
+             f"{count_params(dense):,} | |"]
+    for r in rows:
+        beat = "" if floor is None or r["method"] == "random" else (
+            "yes" if r["top1_finetuned"] > floor else "no")
+        lines.append(f"| {r['method']} | {r['top1_pruned']:.2f} | {r['top1_finetuned']:.2f} | "
+                     f"{r['macs'] / 1e6:.2f}M | {r['params']:,} | {beat} |")
+    table = "\n".join(lines)
+    print(table)
+    OUT.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (OUT / f"table{suffix}.md").write_text(table + "\n")
+    meta = {"dense_top1": dense_top1, "dense_macs": dense_macs, "rows": rows,
+            "quick": args.quick, "pretrain_epochs": args.pretrain_epochs,
+            "finetune_epochs": args.finetune_epochs, "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    (OUT / f"table{suffix}.json").write_text(json.dumps(meta, indent=1))
+    if floor is not None:
+        others = [r for r in rows if r["method"] != "random"]
+        beat = sum(r["top1_finetuned"] > floor for r in others)
+        print(f"target criteria_beat_random: {beat} of {len(others)} (goal {len(others)} of "
+              f"{len(others)}) {'met' if beat == len(others) else 'missed'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

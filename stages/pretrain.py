@@ -35,7 +35,7 @@ from pipeline.pruning import (
     zero_pattern_record,
 )
 from pipeline.rundir import MODEL_FILE
-from pipeline.trainer import TrainConfig, evaluate
+from pipeline.trainer import TrainConfig, evaluate_splits
 
 from . import training
 from .base import StageBase, StageContext
@@ -118,8 +118,8 @@ def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict
     batch = training.eval_batch(spec)
     data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
                       ctx.dist.world_size, spec.channels_last)
-    metrics = evaluate(model.to(ctx.device), data.test, ctx.device,
-                       training.precision_of(spec, ctx))
+    metrics = evaluate_splits(model.to(ctx.device), data, ctx.device,
+                              training.precision_of(spec, ctx))
     model.cpu()
     if ctx.dist.is_main:
         ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch,

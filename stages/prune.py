@@ -27,7 +27,7 @@ from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
 from pipeline.pruning import SELECTION_KEYS, PruneSpec, PruningError, prune_model, remove_filters
 from pipeline.rundir import MODEL_FILE
-from pipeline.trainer import evaluate
+from pipeline.trainer import evaluate_splits
 
 from .base import Stage, StageBase, StageContext
 from .registry import register
@@ -138,8 +138,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     if spec.evaluate:
         data = build_data(ctx.run.data, spec.eval_batch_size, spec.eval_batch_size, ctx.run.seed,
                           ctx.device, ctx.dist.rank, ctx.dist.world_size)
-        metrics = evaluate(model.to(ctx.device), data.test, ctx.device, ctx.run.precision)
-        summary.update(top1=metrics["top1"], top5=metrics["top5"], test_loss=metrics["test_loss"])
+        metrics = evaluate_splits(model.to(ctx.device), data, ctx.device, ctx.run.precision)
+        summary.update(metrics)
         model.cpu()
     meta = {"stage": ctx.name, "method": method, "ratio": ratio, "policy": policy,
             "selection": selection, "macs_before": before_macs["total"],

@@ -28,7 +28,8 @@ class StageInputError(UsageError):
 
 @dataclass
 class StageBase:
-    type: str = opt(help="stage kind: pretrain | prune | finetune | scratch")
+    type: str = opt(help="stage kind: pretrain | sensitivity | prune | finetune | scratch | "
+                    "rewind | iterative")
     from_: str | None = opt(None, key="from", help="the earlier stage whose model is the input")
 
 

@@ -31,6 +31,7 @@ from pipeline.trainer import evaluate_splits
 
 from .base import Stage, StageBase, StageContext
 from .registry import register
+from .sensitivity import check_layer_ratios_from, with_suggested
 
 log = logging.getLogger("pipeline")
 
@@ -40,6 +41,9 @@ class Config(StageBase, PruneSpec):
     type: str = opt("prune", "stage kind")
     evaluate: bool = opt(True, "measure the pruned model's accuracy before recovery")
     eval_batch_size: int = opt(256, "batch size of that evaluation", min=1)
+    layer_ratios_from: str | None = opt(
+        None, "an earlier sensitivity stage: prune with its suggested.yaml's layer_ratios "
+        "(only those layers) and skip")
     use_soft_mask: bool | None = opt(
         None, "remove exactly the filters the input stage's prune_during_training zeroed "
         "(default: when the input has them); false: select anew with this stage's keys")
@@ -56,11 +60,13 @@ class Prune(Stage):
 
     def check(self, spec: Config, name: str, run, loader: Loader) -> None:
         _check_soft(spec, name, run, loader)
+        check_layer_ratios_from(spec, name, run, loader)
 
     def plan_entry(self, spec: Config, name: str, run) -> dict:
         entry = dict(method=spec.method, ratio=spec.ratio, policy=spec.policy,
                      round_to=spec.round_to, round_mode=spec.round_mode,
-                     target_macs_reduction=spec.target_macs_reduction)
+                     target_macs_reduction=spec.target_macs_reduction,
+                     layer_ratios_from=spec.layer_ratios_from)
         if spec.method == "fpgm" and (spec.fpgm.norm_ratio or spec.fpgm.distance_ratio):
             entry["fpgm"] = {"norm_ratio": spec.fpgm.norm_ratio,
                              "distance_ratio": spec.fpgm.distance_ratio}
@@ -72,6 +78,8 @@ class Prune(Stage):
         if entry.get("round_to"):
             what += (f", kept filters rounded {entry['round_mode']} to a multiple of "
                      f"{entry['round_to']}")
+        if entry.get("layer_ratios_from"):
+            what = f"per-layer ratios from stage '{entry['layer_ratios_from']}' (suggested.yaml)"
         return [f"    {entry['method']} {what}, policy {entry['policy']}"]
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
@@ -119,7 +127,7 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         selection = f"soft pruning of stage '{spec.from_}'"
         method, ratio, policy = how.get("method"), how.get("ratio"), how.get("policy")
     else:
-        report = prune_model(model, spec, example, seed=seed)
+        report = prune_model(model, with_suggested(spec, ctx), example, seed=seed)
         selection = "criterion"
         method, ratio, policy = spec.method, spec.ratio, spec.policy
     prune_seconds = time.perf_counter() - t1

@@ -204,7 +204,7 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, data, out_dir: Path, *,
                  run: RunSettings, arch: dict, base_lr: float,
                  teacher: nn.Module | None = None, meta: dict | None = None,
-                 epoch_end_hooks: list[Hook] | None = None):
+                 epoch_end_hooks: list[Hook] | None = None, schedule=None):
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.device, self.dist, self.seed = run.device, run.dist, run.seed
         self.precision = cfg.precision or run.precision
@@ -223,7 +223,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if (
             self.precision == "fp16" and self.device.type == "cuda") else None
         self.steps_per_epoch = len(data.train)
-        self.schedule = Schedule(cfg.schedule, base_lr, cfg.epochs, self.steps_per_epoch)
+        # `schedule`: any object with lr(step), e.g. a ReplaySchedule (rewinding)
+        self.schedule = schedule or Schedule(cfg.schedule, base_lr, cfg.epochs,
+                                             self.steps_per_epoch)
         self.net = self._wrapped(self.module)  # what the training step calls
         if teacher is not None:
             freeze(teacher.to(self.device))

@@ -91,6 +91,11 @@ class Stage(abc.ABC):
         """The text form of `plan_entry`'s result, indented under the stage's header."""
         return []
 
+    def snapshots_wanted(self, spec: Any, name: str, run: Any) -> dict[str, list[int]]:
+        """Weight snapshots this stage needs from earlier training stages: {stage: [epoch]}
+        (those stages save them, `save_epochs`)."""
+        return {}
+
     @abc.abstractmethod
     def run(self, spec: Any, ctx: StageContext) -> dict:
         """Do the stage's work in ctx.stage_dir, write model.pt, return the summary fields."""

@@ -162,7 +162,8 @@ class Rewind(TrainingStage):
         start = entry["replay_start_epoch"]
         what = (f"weights of '{entry['upstream']}' after epoch {entry['rewind_epoch']}"
                 if entry["mode"] == "weights" else "the pruned weights")
-        lines.insert(0, f"    {entry['mode']} rewinding: {what}, upstream lr of epochs "
+        mode = "weight" if entry["mode"] == "weights" else "lr"
+        lines.insert(0, f"    {mode} rewinding: {what}, upstream lr of epochs "
                         f"{start}..{start + entry['epochs']} replayed")
         lrs = entry["replayed_lr"]
         shown = [f"{start + e}: {lr:g}" for e, lr in enumerate(lrs)]

@@ -91,6 +91,12 @@ class Stage(abc.ABC):
         """The text form of `plan_entry`'s result, indented under the stage's header."""
         return []
 
+    def report_rows(self, summary: dict) -> list[dict]:
+        """Extra `compare` rows of a completed stage, before its own (e.g. an iterative
+        stage's rounds): dicts with `stage` (a suffix), `top1`, `top5`, `macs`, `params`,
+        `ratio`, `epochs`; the plot joins them, in order, into a path."""
+        return []
+
     def snapshots_wanted(self, spec: Any, name: str, run: Any) -> dict[str, list[int]]:
         """Weight snapshots this stage needs from earlier training stages: {stage: [epoch]}
         (those stages save them, `save_epochs`)."""

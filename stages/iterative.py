@@ -172,6 +172,13 @@ class Iterative(Stage):
                     f"lowest lr of '{upstream_training_stage(run, name)}'",
                     stop_below=spec.stop_below)
 
+    def report_rows(self, summary: dict) -> list[dict]:
+        return [{"stage": f"round_{r['round']}", "top1": r["top1"], "top5": r["top5"],
+                 "macs": r["macs"], "params": r["params"], "epochs": r["epochs"],
+                 "ratio": r["ratio"] if r["ratio"] is not None
+                 else f"MACs -{100 * r['target_macs_reduction']:.3g}%"}
+                for r in summary.get("rounds") or []]
+
     def plan_lines(self, entry: dict) -> list[str]:
         what = ("ratio" if entry["ratio"] is not None else "MAC reduction")
         final = entry["ratio"] if entry["ratio"] is not None else entry["target_macs_reduction"]

@@ -10,6 +10,8 @@ import pytest
 from test_resume import assert_bitwise_equal, run_cli
 
 from pipeline import checkpoint as ckpt
+from pipeline.report.plots import plot_pareto
+from pipeline.report.rows import rows_for
 from stages.iterative import amounts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +65,15 @@ def test_rounds_widths_files_and_plan(tmp_path, tiny_config, cli):
     s = json.loads((d / "summary.json").read_text())
     assert s["rounds_done"] == 3 and s["split"] == "val" and s["macs"] == macs[-1]
     assert len(s["rounds"]) == 3 and s["epochs"] == 3
+    # compare: the rounds as rows before the stage's own, the plot joins them into a path
+    table = rows_for(tmp_path / "runs/tiny")
+    names = [r["stage"] for r in table]
+    i = names.index("it")
+    assert names[i - 3:i] == ["it/round_1", "it/round_2", "it/round_3"]
+    assert [r["macs"] for r in table[i - 3:i]] == macs
+    assert [r["top1"] for r in table[i - 3:i]] == pytest.approx([float(r["top1"]) for r in rows])
+    plot = plot_pareto(table, tmp_path / "p.png")
+    assert "tiny/it path" in plot.series and len(plot.series["tiny/it path"]) == 5
 
 
 def test_stop_below_and_mac_target(tmp_path, tiny_config, cli):

@@ -162,6 +162,20 @@ def check_cifar10_cpu_recovery(cli) -> None:
     assert stage(p, "scratch_b")["budget"] == "B"
 
 
+def check_cifar10_cpu_sensitivity(cli) -> None:
+    p = plan_of(cli, "cifar10_cpu_sensitivity.yaml")
+    assert [s["type"] for s in p["stages"]] == ["pretrain", "sensitivity", "sensitivity",
+                                                "prune"]
+    study = plan_of(cli, "cifar10_cpu_study.yaml")
+    assert stage(p, "pretrain")["lr_by_epoch"] == stage(study, "pretrain")["lr_by_epoch"]
+    assert p["data"]["train_images"] == 45000
+    for name, method in (("sens_fpgm", "fpgm"), ("sens_l1", "l1")):
+        s = stage(p, name)
+        assert s["method"] == method and s["split"] == "val"
+        assert s["ratios"] == pytest.approx([0.1 * k for k in range(1, 10)])
+    assert stage(p, "prune_suggested")["layer_ratios_from"] == "sens_fpgm"
+
+
 def check_cifar10_fpgm(cli) -> None:
     p = plan_of(cli, "cifar10_fpgm.yaml")
     assert (p["model"]["arch"], p["model"]["shortcut"]) == ("resnet56", "A")

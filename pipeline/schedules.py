@@ -269,6 +269,73 @@ class Schedule:
         return out
 
 
+@dataclass(frozen=True)
+class ReplaySchedule:
+    """The tail of an upstream schedule replayed (Renda et al. 2020's rewinding): step s of
+    a run of `epochs` x `steps_per_epoch` steps takes the upstream lr at the same position,
+    epoch `start_epoch` + s / steps_per_epoch of the upstream run (so a different batch size
+    replays the same lr per epoch position). A pure function of the step, like `Schedule`."""
+
+    upstream: Schedule
+    start_epoch: int
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr(0)
+
+    warmup_steps = 0
+
+    def upstream_step(self, step: int) -> int:
+        up = self.upstream.steps_per_epoch
+        return self.start_epoch * up + (step * up) // max(self.steps_per_epoch, 1)
+
+    def lr(self, step: int) -> float:
+        return self.upstream.lr(self.upstream_step(step))
+
+    def milestone_steps(self) -> list[int]:
+        return []
+
+    def lowest_lr(self) -> float:
+        return min(self.lr(0), self.lr(max(self.total_steps - 1, 0)))
+
+    @property
+    def decays_to_zero(self) -> bool:
+        return self.upstream.decays_to_zero
+
+    def lr_by_epoch(self) -> list[float]:
+        """The lr at the start of every epoch of the replay."""
+        return [round_lr(self.lr(e * self.steps_per_epoch)) for e in range(self.epochs)]
+
+    def epoch_changes(self) -> list[dict]:
+        out: list[dict] = []
+        for e, lr in enumerate(self.lr_by_epoch()):
+            if not out or not math.isclose(lr, out[-1]["lr"], rel_tol=1e-9, abs_tol=1e-15):
+                out.append({"epoch": e, "lr": lr})
+        return out
+
+    def key_steps(self) -> list[dict]:
+        total = max(self.total_steps, 1)
+        marks = {0: "start"}
+        for ch in self.epoch_changes()[1:]:
+            marks[ch["epoch"] * self.steps_per_epoch] = f"upstream lr change (epoch {ch['epoch']})"
+        marks[total - 1] = "last step"
+        return [{"step": s, "what": w} for s, w in sorted(marks.items()) if 0 <= s < total]
+
+    def describe(self) -> str:
+        end = self.start_epoch + self.epochs
+        return (f"replay of the upstream schedule's epochs {self.start_epoch}..{end} "
+                f"({self.upstream.describe()})")
+
+    def warnings(self) -> list[str]:
+        return []
+
+
 def round_lr(x: float) -> float:
     """An lr for display: 10 significant digits (drops 0.0010000000000000002 noise)."""
     return float(f"{x:.10g}")

@@ -15,8 +15,9 @@ Invariants:
   * only rank 0 writes files, and the other ranks wait for it at a barrier;
   * metrics are sums over ranks of what each rank saw (each sample counted once).
 
-Files in the stage folder: last.pt, last.prev.pt, best.pt (by test top-1), metrics.csv
-(one row per epoch), train_log.csv (one row per log interval, rank 0, from sums over all
+Files in the stage folder: last.pt, last.prev.pt, best.pt (by validation top-1 with
+`data.val_split`, else by test top-1), metrics.csv (one row per epoch; val_* columns with a
+validation split), train_log.csv (one row per log interval, rank 0, from sums over all
 ranks: step, lr, mean loss and accuracy over the interval, images, images/s) and, with
 `logging.tensorboard`, tb/.
 
@@ -68,6 +69,7 @@ log = logging.getLogger("pipeline")
 
 Precision = Literal["fp32", "bf16", "fp16"]
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "top1", "top5", "seconds"]
+VAL_FIELDS = ["val_loss", "val_top1", "val_top5"]  # with data.val_split
 TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "acc", "images", "images_per_s"]
 TRAINER_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "best_top1", "best_epoch",
                 "epoch_acc", "rng", "steps_per_epoch")
@@ -184,6 +186,16 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
     return {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n}
 
 
+def evaluate_splits(model: nn.Module, data, device: torch.device, precision: str) -> dict:
+    """The test metrics (reported), and the validation split's as val_loss, val_top1,
+    val_top5 (what in-run decisions use) when `data` has one."""
+    out = evaluate(model, data.test, device, precision)
+    if getattr(data, "val", None) is not None:
+        v = evaluate(model, data.val, device, precision)
+        out.update(val_loss=v["test_loss"], val_top1=v["top1"], val_top5=v["top5"])
+    return out
+
+
 class Trainer:
     """Trains `model` under `cfg`, writing checkpoints and metrics into `out_dir`.
 
@@ -199,7 +211,7 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, data, out_dir: Path, *,
                  run: RunSettings, arch: dict, base_lr: float,
                  teacher: nn.Module | None = None, meta: dict | None = None,
-                 epoch_end_hooks: list[Hook] | None = None):
+                 epoch_end_hooks: list[Hook] | None = None, schedule=None):
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.device, self.dist, self.seed = run.device, run.dist, run.seed
         self.precision = cfg.precision or run.precision
@@ -227,7 +239,9 @@ class Trainer:
             log.info("sparsity: L1 penalty %g on the scales of %d BatchNorm layers", lam,
                      len(self.sparse_scales))
         self.steps_per_epoch = len(data.train)
-        self.schedule = Schedule(cfg.schedule, base_lr, cfg.epochs, self.steps_per_epoch)
+        # `schedule`: any object with lr(step), e.g. a ReplaySchedule (rewinding)
+        self.schedule = schedule or Schedule(cfg.schedule, base_lr, cfg.epochs,
+                                             self.steps_per_epoch)
         self.net = self._wrapped(self.module)  # what the training step calls
         if teacher is not None:
             freeze(teacher.to(self.device))
@@ -240,8 +254,10 @@ class Trainer:
         self.saved_step: int | None = None  # global step of the newest checkpoint on disk
         self.checkpoints = CheckpointSaver(self.out_dir, self.dist, stage=self.stage,
                                            required=TRAINER_KEYS)
-        self.metrics_log = CsvLog(self.out_dir / "metrics.csv",
-                                  METRIC_FIELDS + (["bn_l1"] if self.sparse_scales else []))
+        self.val = getattr(data, "val", None)  # the validation split: best epoch by it
+        self.metrics_log = CsvLog(self.out_dir / "metrics.csv", METRIC_FIELDS + (
+            ["bn_l1"] if self.sparse_scales else []) + (
+            VAL_FIELDS if self.val is not None else []))
         self.train_log = CsvLog(self.out_dir / "train_log.csv", TRAIN_LOG_FIELDS)
         self._mark = _Mark()
         self._tb = None
@@ -501,11 +517,12 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         if not last_metrics:  # resumed after the final epoch: evaluate for the summary
-            last_metrics = evaluate(self.final_model(), self.data.test, self.device,
-                                    self.precision)
+            last_metrics = self._evaluate()
+        val = {} if self.val is None else {k: last_metrics[k] for k in VAL_FIELDS}
         return {"top1": last_metrics["top1"], "top5": last_metrics["top5"],
-                "test_loss": last_metrics["test_loss"], "best_top1": self.best_top1,
-                "best_epoch": self.best_epoch, "epochs": self.cfg.epochs,
+                "test_loss": last_metrics["test_loss"], **val, "best_top1": self.best_top1,
+                "best_epoch": self.best_epoch, "best_split": "test" if self.val is None else "val",
+                "epochs": self.cfg.epochs,
                 "global_steps": self.global_step,
                 "images_per_s": round(images / seconds, 1) if seconds else None}
 
@@ -546,8 +563,8 @@ class Trainer:
             hook(self)
         train_loss, correct, n = sums
         evaluated = self.evaluates(self.epoch)
-        metrics = (evaluate(self.final_model(), self.data.test, self.device, self.precision)
-                   if evaluated else {"test_loss": None, "top1": None, "top5": None})
+        metrics = (self._evaluate() if evaluated else
+                   {k: None for k in ["test_loss", "top1", "top5", *VAL_FIELDS]})
         row = {"epoch": self.epoch, "lr": self.schedule.lr(self.epoch * spe),
                "train_loss": train_loss / max(n, 1), "train_acc": 100 * correct / max(n, 1),
                **metrics, "seconds": time.perf_counter() - t0}
@@ -559,18 +576,24 @@ class Trainer:
         ips = (n - n0) / max(train_seconds, 1e-9)
         test = (f"test loss {row['test_loss']:.4f}  top1 {row['top1']:.2f}  top5 {row['top5']:.2f}"
                 if evaluated else f"(test every {cfg.eval_every} epochs)")
+        if evaluated and self.val is not None:
+            test += f"  val top1 {row['val_top1']:.2f}"
         log.info("epoch %d/%d  lr %.4g  loss %.4f  acc %.2f  %s  %.0f img/s  %.1fs",
                  self.epoch + 1, cfg.epochs, row["lr"], row["train_loss"], row["train_acc"],
                  test, ips, row["seconds"])
         if self.sparse_scales:
             log.info("sparsity: mean |BN gamma| %.4f (l1_bn %g)", row["bn_l1"], self.l1_bn)
-        improved = evaluated and metrics["top1"] > self.best_top1
+        chosen = metrics["val_top1" if self.val is not None else "top1"]
+        improved = evaluated and chosen > self.best_top1
         if improved:
-            self.best_top1, self.best_epoch = metrics["top1"], self.epoch
+            self.best_top1, self.best_epoch = chosen, self.epoch
         self.epoch += 1
         self.step_in_epoch = 0
         self._save(best=improved)
         return row, n - n0, train_seconds
+
+    def _evaluate(self) -> dict:
+        return evaluate_splits(self.final_model(), self.data, self.device, self.precision)
 
     def evaluates(self, epoch: int) -> bool:
         """Whether epoch (0-based) ends with a test-set evaluation."""

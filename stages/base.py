@@ -28,7 +28,8 @@ class StageInputError(UsageError):
 
 @dataclass
 class StageBase:
-    type: str = opt(help="stage kind: pretrain | prune | finetune | scratch")
+    type: str = opt(help="stage kind: pretrain | sensitivity | prune | finetune | scratch | "
+                    "rewind | iterative")
     from_: str | None = opt(None, key="from", help="the earlier stage whose model is the input")
 
 
@@ -89,6 +90,17 @@ class Stage(abc.ABC):
     def plan_lines(self, entry: dict) -> list[str]:
         """The text form of `plan_entry`'s result, indented under the stage's header."""
         return []
+
+    def report_rows(self, summary: dict) -> list[dict]:
+        """Extra `compare` rows of a completed stage, before its own (e.g. an iterative
+        stage's rounds): dicts with `stage` (a suffix), `top1`, `top5`, `macs`, `params`,
+        `ratio`, `epochs`; the plot joins them, in order, into a path."""
+        return []
+
+    def snapshots_wanted(self, spec: Any, name: str, run: Any) -> dict[str, list[int]]:
+        """Weight snapshots this stage needs from earlier training stages: {stage: [epoch]}
+        (those stages save them, `save_epochs`)."""
+        return {}
 
     @abc.abstractmethod
     def run(self, spec: Any, ctx: StageContext) -> dict:

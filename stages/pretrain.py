@@ -19,6 +19,7 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline.config import opt, to_plain
 from pipeline.data import build_data
+from pipeline.errors import UsageError
 from pipeline.models import (
     arch_spec,
     build_model,
@@ -35,11 +36,11 @@ from pipeline.pruning import (
     zero_pattern_record,
 )
 from pipeline.rundir import MODEL_FILE
-from pipeline.trainer import TrainConfig, evaluate
+from pipeline.trainer import TrainConfig, evaluate_splits
 
 from . import training
 from .base import StageBase, StageContext
-from .registry import register
+from .registry import register, stage_of
 from .training import TrainingStage
 
 log = logging.getLogger("pipeline")
@@ -50,9 +51,28 @@ class Config(StageBase, TrainConfig):
     type: str = opt("pretrain", "stage kind")
     zero_init_residual: bool | None = opt(
         None, "init each residual block's last BN gamma to 0 (default: model.zero_init_residual)")
+    save_epochs: list[int] = opt([], "also keep the weights after these epochs (0: the "
+                                 "initialization) in snapshots/epoch_N.pt, for weight rewinding; "
+                                 "epochs a downstream rewind stage asks for are added", min=0)
     prune_during_training: SoftPruneSpec | None = opt(
         None, "soft filter pruning (FPGM/SFP): after every epoch zero the filters the criterion "
         "selects and re-select next time; a downstream prune stage removes them")
+
+
+SNAPSHOT_DIR = "snapshots"
+
+
+def snapshot_path(stage_dir, epoch: int):
+    """Where a training stage keeps its weights after `epoch` epochs (`save_epochs`)."""
+    return stage_dir / SNAPSHOT_DIR / f"epoch_{epoch}.pt"
+
+
+def snapshot_epochs(spec: Config, name: str, run) -> list[int]:
+    """`save_epochs` and every epoch a downstream stage asks this stage for."""
+    wanted = set(spec.save_epochs)
+    for other, s in run.stages.items():
+        wanted |= set(stage_of(s).snapshots_wanted(s, other, run).get(name, []))
+    return sorted(wanted)
 
 
 def dense_model(ctx: StageContext, zero_init: bool) -> tuple[torch.nn.Module, dict]:
@@ -84,9 +104,10 @@ def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:
     model, arch = dense_model(ctx, zero)
     if spec.epochs == 0:
         return _pass_on(ctx, spec, model, arch)
+    hooks = _snapshot_hooks(ctx, spec, model, arch)
     soft = spec.prune_during_training
     if soft is None:
-        return training.train(ctx, spec, model, arch, lr)
+        return training.train(ctx, spec, model, arch, lr, epoch_end_hooks=hooks)
     meta: dict = {}
     example = torch.zeros((1, *ctx.input_size))
     pruner = SoftPruner(model, soft, example, seed=ctx.run.seed,
@@ -104,7 +125,7 @@ def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:
                  sum(len(e["removed"]) for e in record), len(record))
 
     result = training.train(ctx, spec, model, arch, lr, meta=meta,
-                            epoch_end_hooks=[soft_prune])
+                            epoch_end_hooks=[soft_prune, *hooks])
     if "soft_pruning" not in meta:  # resumed after the last epoch: read the zeros back
         _record_from_zeros(ctx, soft)
     record = _stored_record(ctx)
@@ -113,13 +134,41 @@ def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:
     return result
 
 
+def _snapshot_hooks(ctx: StageContext, spec: Config, model: torch.nn.Module,
+                    arch: dict) -> list:
+    """Keep the weights after the wanted epochs (before the epoch's evaluation; the EMA
+    when kept, as the stage's output); epoch 0 (the initialization) is saved now."""
+    epochs = snapshot_epochs(spec, ctx.name, ctx.run)
+    if not epochs:
+        return []
+    bad = [e for e in epochs if e >= spec.epochs]
+    if bad:
+        raise UsageError(f"stage '{ctx.name}': weight snapshot after epoch {bad[0]} asked for, "
+                         f"but the stage trains {spec.epochs} epochs")
+    log.info("stage %s keeps weight snapshots after epochs %s", ctx.name, epochs)
+    first = snapshot_path(ctx.stage_dir, 0)
+    if 0 in epochs and ctx.dist.is_main and not first.is_file():
+        first.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.save_model(first, model, arch, {"stage": ctx.name, "epoch": 0})
+
+    def keep(trainer) -> None:
+        done = trainer.epoch + 1
+        if done in epochs and ctx.dist.is_main:
+            path = snapshot_path(ctx.stage_dir, done)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.save_model(path, trainer.final_model(), arch, {"stage": ctx.name,
+                                                                "epoch": done})
+
+    return [keep]
+
+
 def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict) -> dict:
     """0 epochs: the pretrained weights, evaluated, become this stage's output."""
     batch = training.eval_batch(spec)
     data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
                       ctx.dist.world_size, spec.channels_last)
-    metrics = evaluate(model.to(ctx.device), data.test, ctx.device,
-                       training.precision_of(spec, ctx))
+    metrics = evaluate_splits(model.to(ctx.device), data, ctx.device,
+                              training.precision_of(spec, ctx))
     model.cpu()
     if ctx.dist.is_main:
         ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch,

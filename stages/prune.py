@@ -35,10 +35,11 @@ from pipeline.pruning import (
     remove_filters,
 )
 from pipeline.rundir import MODEL_FILE
-from pipeline.trainer import evaluate
+from pipeline.trainer import evaluate_splits
 
 from .base import Stage, StageBase, StageContext
 from .registry import register
+from .sensitivity import check_layer_ratios_from, with_suggested
 
 log = logging.getLogger("pipeline")
 
@@ -51,6 +52,9 @@ class Config(StageBase, PruneSpec):
     batch_size: int = opt(128, "taylor: size of the training batches the gradients are "
                           "taken on (the run's training data, its augmentation included)",
                           min=1)
+    layer_ratios_from: str | None = opt(
+        None, "an earlier sensitivity stage: prune with its suggested.yaml's layer_ratios "
+        "(only those layers) and skip")
     use_soft_mask: bool | None = opt(
         None, "remove exactly the filters the input stage's prune_during_training zeroed "
         "(default: when the input has them); false: select anew with this stage's keys")
@@ -67,11 +71,13 @@ class Prune(Stage):
 
     def check(self, spec: Config, name: str, run, loader: Loader) -> None:
         _check_soft(spec, name, run, loader)
+        check_layer_ratios_from(spec, name, run, loader)
 
     def plan_entry(self, spec: Config, name: str, run) -> dict:
         entry = dict(method=spec.method, ratio=spec.ratio, policy=spec.policy,
                      round_to=spec.round_to, round_mode=spec.round_mode,
-                     target_macs_reduction=spec.target_macs_reduction)
+                     target_macs_reduction=spec.target_macs_reduction,
+                     layer_ratios_from=spec.layer_ratios_from)
         entry["global_ranking"] = spec.global_ranking
         if CRITERIA[spec.method].needs_gradients:
             entry["batches"], entry["batch_size"] = spec.batches, spec.batch_size
@@ -91,6 +97,8 @@ class Prune(Stage):
         if entry.get("batches"):
             what += (f", gradients of {entry['batches']} training batches of "
                      f"{entry['batch_size']}")
+        if entry.get("layer_ratios_from"):
+            what = f"per-layer ratios from stage '{entry['layer_ratios_from']}' (suggested.yaml)"
         return [f"    {entry['method']} {what}, policy {entry['policy']}"]
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
@@ -147,14 +155,15 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         selection = f"soft pruning of stage '{spec.from_}'"
         method, ratio, policy = how.get("method"), how.get("ratio"), how.get("policy")
     else:
+        pspec = with_suggested(spec, ctx)
         if CRITERIA[spec.method].needs_gradients:
             model.to(ctx.device)
             train = _training_batches(spec, ctx)
-            report = prune_model(model, spec, example.to(ctx.device), seed=seed,
+            report = prune_model(model, pspec, example.to(ctx.device), seed=seed,
                                  batches=lambda: train.iterate(0))
             model.cpu()
         else:
-            report = prune_model(model, spec, example, seed=seed)
+            report = prune_model(model, pspec, example, seed=seed)
         selection = "criterion"
         method, ratio, policy = spec.method, spec.ratio, spec.policy
     prune_seconds = time.perf_counter() - t1
@@ -173,8 +182,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     if spec.evaluate:
         data = build_data(ctx.run.data, spec.eval_batch_size, spec.eval_batch_size, ctx.run.seed,
                           ctx.device, ctx.dist.rank, ctx.dist.world_size)
-        metrics = evaluate(model.to(ctx.device), data.test, ctx.device, ctx.run.precision)
-        summary.update(top1=metrics["top1"], top5=metrics["top5"], test_loss=metrics["test_loss"])
+        metrics = evaluate_splits(model.to(ctx.device), data, ctx.device, ctx.run.precision)
+        summary.update(metrics)
         model.cpu()
     meta = {"stage": ctx.name, "method": method, "ratio": ratio, "policy": policy,
             "selection": selection, "macs_before": before_macs["total"],

@@ -75,7 +75,7 @@ def eval_batch(spec: TrainConfig) -> int:
 
 def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, base_lr: float,
           teacher: nn.Module | None = None, meta: dict | None = None,
-          epoch_end_hooks: list | None = None) -> dict:
+          epoch_end_hooks: list | None = None, schedule=None) -> dict:
     """Train `model` under `spec` in ctx.stage_dir; write model.pt; return the summary."""
     t0 = time.perf_counter()
     if teacher is None and getattr(spec, "distill", None) is not None:
@@ -90,7 +90,8 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
                       tensorboard=ctx.run.logging.tensorboard)
     trainer = Trainer(model, spec, data, ctx.stage_dir, run=run, arch=arch, base_lr=base_lr,
                       teacher=teacher, meta={"stage": ctx.name, **(meta or {})},
-                      epoch_end_hooks=epoch_end_hooks)
+                      epoch_end_hooks=epoch_end_hooks,
+                      schedule=None if schedule is None else schedule(trainer_steps(data)))
     result = trainer.fit()
     final = trainer.final_model()
     if ctx.dist.is_main:
@@ -100,6 +101,11 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
     return {**result, "params": count_params(final), "macs": macs["total"],
             "conv_macs": macs["conv"], "lr": base_lr, "batch_size": spec.batch_size,
             "steps_per_epoch": trainer.steps_per_epoch, "train_seconds": time.perf_counter() - t0}
+
+
+def trainer_steps(data) -> int:
+    """Steps per epoch of the training loader (what the trainer's schedule counts)."""
+    return len(data.train)
 
 
 def _fmt(x: float) -> float:

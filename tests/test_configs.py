@@ -119,6 +119,63 @@ def check_cifar10_cpu_study(cli) -> None:
     assert (pre["eval_every"], sb["eval_every"]) == (2, 4)
 
 
+def check_cifar10_recovery(cli) -> None:
+    p = plan_of(cli, "cifar10_recovery.yaml")
+    assert [s["name"] for s in p["stages"]] == ["pretrain", "prune", "finetune", "lr_rewind",
+                                                "weight_rewind", "scratch_b", "iterative_agp"]
+    ref = plan_of(cli, "cifar10_fpgm.yaml")
+    # the dense model and pruning of cifar10_fpgm.yaml
+    assert stage(p, "prune") == stage(ref, "prune")
+    for key in ("epochs", "batch_size", "lr", "optimizer", "lr_by_epoch", "recipe"):
+        assert stage(p, "pretrain")[key] == stage(ref, "pretrain")[key], key
+    assert p["data"]["train_images"] == 45000  # 5,000 held out for validation
+    expect_training(stage(p, "finetune"), epochs=40, batch=128, lr=0.001, wd=5e-4,
+                   changes={0: 0.001})
+    lr_rw, w_rw = stage(p, "lr_rewind"), stage(p, "weight_rewind")
+    # the second half of 300 epochs, x0.1 at 150 and 225: 0.01 for 75 epochs, then 0.001
+    for s in (lr_rw, w_rw):
+        assert s["epochs"] == 150 and s["replay_start_epoch"] == 150
+        assert s["replayed_lr"] == pytest.approx([0.01] * 75 + [0.001] * 75)
+    assert (lr_rw["mode"], w_rw["mode"], w_rw["rewind_epoch"]) == ("lr", "weights", 150)
+    sb = stage(p, "scratch_b")
+    assert sb["budget"] == "B" and sb["epochs"] == 300
+    it = stage(p, "iterative_agp")
+    assert (it["pruning_schedule"], it["rounds"], it["finetune_epochs"]) == ("agp", 5, 8)
+    assert it["ratio"] == pytest.approx(0.4) and it["lr"] == pytest.approx(0.001)
+    assert it["amounts"] == pytest.approx([0.4 - 0.4 * (1 - t / 5) ** 3 for t in range(1, 6)])
+
+
+def check_cifar10_cpu_recovery(cli) -> None:
+    p = plan_of(cli, "cifar10_cpu_recovery.yaml")
+    assert p["model"]["arch"] == "resnet20" and p["data"]["train_images"] == 45000
+    study = plan_of(cli, "cifar10_cpu_study.yaml")
+    pre, ref = stage(p, "pretrain"), stage(study, "pretrain")
+    assert pre["lr_by_epoch"] == ref["lr_by_epoch"] and pre["epochs"] == 19
+    assert (stage(p, "prune")["round_to"], stage(p, "prune")["round_mode"]) == (8, "nearest")
+    expect_training(stage(p, "finetune"), epochs=10, batch=256, lr=0.02, wd=5e-4)
+    sched = [ref["lr_by_epoch"].get(str(e)) for e in range(9, 19)]
+    for name in ("lr_rewind", "weight_rewind"):
+        s = stage(p, name)
+        assert s["epochs"] == 10 and s["replayed_lr"] == pytest.approx(sched)
+    it = stage(p, "iterative_agp")
+    assert (it["rounds"], it["finetune_epochs"], it["lr"]) == (5, 2, 0.01)
+    assert stage(p, "scratch_b")["budget"] == "B"
+
+
+def check_cifar10_cpu_sensitivity(cli) -> None:
+    p = plan_of(cli, "cifar10_cpu_sensitivity.yaml")
+    assert [s["type"] for s in p["stages"]] == ["pretrain", "sensitivity", "sensitivity",
+                                                "prune"]
+    study = plan_of(cli, "cifar10_cpu_study.yaml")
+    assert stage(p, "pretrain")["lr_by_epoch"] == stage(study, "pretrain")["lr_by_epoch"]
+    assert p["data"]["train_images"] == 45000
+    for name, method in (("sens_fpgm", "fpgm"), ("sens_l1", "l1")):
+        s = stage(p, name)
+        assert s["method"] == method and s["split"] == "val"
+        assert s["ratios"] == pytest.approx([0.1 * k for k in range(1, 10)])
+    assert stage(p, "prune_suggested")["layer_ratios_from"] == "sens_fpgm"
+
+
 def check_cifar10_fpgm(cli) -> None:
     p = plan_of(cli, "cifar10_fpgm.yaml")
     assert (p["model"]["arch"], p["model"]["shortcut"]) == ("resnet56", "A")

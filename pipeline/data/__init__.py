@@ -28,6 +28,8 @@ from .config import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     IMAGENET_STD,
+    SYNTHETIC_MEAN,
+    SYNTHETIC_STD,
     DataConfig,
     DataError,
     SyntheticConfig,
@@ -43,7 +45,8 @@ from .tensor_loader import TensorLoader
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "IMAGENET_STD", "DataBundle", "DataConfig",
-    "DataError", "FolderLoader", "ImageSet", "SyntheticConfig", "TensorLoader", "build_data",
+    "DataError", "FolderLoader", "SYNTHETIC_MEAN", "SYNTHETIC_STD", "ImageSet",
+    "SyntheticConfig", "TensorLoader", "build_data",
     "cache_paths", "check_available", "class_names", "describe", "input_size",
     "list_image_folder", "load_small_folder", "normalization", "read_split", "use_tensor_path",
 ]

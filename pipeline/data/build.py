@@ -21,11 +21,12 @@ from .config import (
     normalization,
     resolve_root,
     use_tensor_path,
+    val_count,
 )
 from .folder_loader import ArraySource, FileSource, FolderLoader
 from .folders import list_image_folder, split_folders
-from .images import balanced_indices
-from .sources import read_split
+from .images import balanced_indices, split_off
+from .sources import read_split, read_train_val
 from .tensor_loader import TensorLoader
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,25 @@ log = logging.getLogger(__name__)
 @dataclass
 class DataBundle:
     """A stage's loaders, the number of classes, the (C, H, W) of a batch, and one line
-    describing the data for the log."""
+    describing the data for the log. `val` is the validation split (None without
+    `data.val_split`); `select` is what in-run decisions evaluate on: val when there is
+    one, else the test set."""
 
     train: TensorLoader | FolderLoader
     test: TensorLoader | FolderLoader
     num_classes: int
     input_size: tuple[int, int, int]
     description: str
+    val: TensorLoader | FolderLoader | None = None
+
+    @property
+    def select(self) -> TensorLoader | FolderLoader:
+        return self.val if self.val is not None else self.test
+
+    @property
+    def select_split(self) -> str:
+        """The name of the split in-run decisions use: "val" or "test"."""
+        return "val" if self.val is not None else "test"
 
 
 @contextlib.contextmanager
@@ -74,7 +87,7 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int
 def _build_tensor(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                   device: torch.device, **kw) -> DataBundle:
     with _rank_zero_first():
-        train = read_split(cfg, True, seed)
+        train, val = read_train_val(cfg, seed)
         test = read_split(cfg, False, seed, classes=train.classes)
     mean, std = normalization(cfg)
     pad = cfg.pad if crop_mode(cfg) == "pad" else 0
@@ -82,12 +95,15 @@ def _build_tensor(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: 
                       **kw)
     vl = TensorLoader(test, eval_batch_size, False, seed, device, mean, std, pad=0, flip=False,
                       **kw)
+    val_l = None if val is None else TensorLoader(
+        val, eval_batch_size, False, seed, device, mean, std, pad=0, flip=False, **kw)
     nc = cfg.synthetic.num_classes if cfg.dataset == "synthetic" else len(train.classes)
     nc = max(nc, int(train.labels.max()) + 1)
     shape = tuple(train.images.shape[1:])
     where = "" if device.type == "cpu" else f" on {device}"
-    desc = f"{cfg.dataset} ({tl.n} train / {vl.n} test, {shape}, in memory{where})"
-    return DataBundle(tl, vl, nc, shape, desc)
+    vals = "" if val_l is None else f" / {val_l.n} val"
+    desc = f"{cfg.dataset} ({tl.n} train{vals} / {vl.n} test, {shape}, in memory{where})"
+    return DataBundle(tl, vl, nc, shape, desc, val_l)
 
 
 def _build_dataloader(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
@@ -100,16 +116,22 @@ def _build_dataloader(cfg: DataConfig, batch_size: int, eval_batch_size: int, se
         train_src: FileSource | ArraySource = FileSource(items, train_dir)
         test_src: FileSource | ArraySource = FileSource(test_items, eval_dir)
         where = str(root)
-        labels = (torch.tensor(train_src.labels), torch.tensor(test_src.labels))
-        limits = (cfg.train_samples, cfg.test_samples)
-        train_idx, test_idx = (None if n is None else balanced_indices(lab, n, seed)
-                               for lab, n in zip(labels, limits, strict=True))
+        train_labels = torch.tensor(train_src.labels)
+        kept, held = split_off(train_labels, val_count(cfg, len(train_labels)), cfg.val_seed)
+        val_src: FileSource | ArraySource | None = train_src if len(held) else None
+        val_idx = held if len(held) else None
+        train_idx = kept if len(held) else None
+        if cfg.train_samples is not None:
+            train_idx = kept[balanced_indices(train_labels[kept], cfg.train_samples, seed)]
+        test_idx = (None if cfg.test_samples is None else
+                    balanced_indices(torch.tensor(test_src.labels), cfg.test_samples, seed))
     else:  # decoded in memory already (synthetic, torchvision CIFAR): subsets applied
-        train_set, test_set = read_split(cfg, True, seed), read_split(cfg, False, seed)
+        (train_set, val_set), test_set = read_train_val(cfg, seed), read_split(cfg, False, seed)
         classes = train_set.classes
         train_src, test_src = ArraySource(train_set, "train"), ArraySource(test_set, "test")
+        val_src = None if val_set is None else ArraySource(val_set, "val")
         where = cfg.dataset if cfg.dataset == "synthetic" else str(root)
-        train_idx = test_idx = None
+        train_idx = test_idx = val_idx = None
     crop, s = crop_mode(cfg), input_size(cfg)[1]
     views = dict(size=s, crop=crop, pad=cfg.pad, flip=cfg.flip, scale_min=cfg.crop_scale,
                  resize=cfg.resize_size or int(round(s * 256 / 224)))
@@ -119,8 +141,12 @@ def _build_dataloader(cfg: DataConfig, batch_size: int, eval_batch_size: int, se
                       indices=train_idx, **common)
     vl = FolderLoader(test_src, eval_batch_size, False, seed, views=Views(False, **views),
                       indices=test_idx, **common)
+    val_l = None if val_src is None else FolderLoader(
+        val_src, eval_batch_size, False, seed, views=Views(False, **views), indices=val_idx,
+        **common)
     tl.probe()
     vl.probe()
-    desc = (f"{cfg.dataset} {where} ({tl.n} train / {vl.n} test, {crop} crop {s}px, "
+    vals = "" if val_l is None else f" / {val_l.n} val"
+    desc = (f"{cfg.dataset} {where} ({tl.n} train{vals} / {vl.n} test, {crop} crop {s}px, "
             f"DataLoader x{cfg.num_workers} workers)")
-    return DataBundle(tl, vl, len(classes), (3, s, s), desc)
+    return DataBundle(tl, vl, len(classes), (3, s, s), desc, val_l)

@@ -42,6 +42,13 @@ class DataConfig:
         None, "use a fixed, class-balanced, seeded subset of this many training images", min=1)
     test_samples: int | None = opt(
         None, "use a fixed, class-balanced, seeded subset of this many test images", min=1)
+    val_split: int | float | None = opt(
+        None, "hold out a fixed, class-balanced part of the training set as the validation "
+        "split: a number of images (>= 1) or a fraction (< 1); best epoch and every decision "
+        "inside a run (sensitivity, iterative stopping) use it, the test set is only reported",
+        gt=0)
+    val_seed: int = opt(0, "seed of the validation split (independent of the run's seed, so "
+                        "that every run and rank holds out the same images)")
     loader: Literal["auto", "tensor", "dataloader"] = opt(
         "auto", "tensor = in-memory fast path on the training device; dataloader = torch "
         "DataLoader with workers; auto = tensor for CIFAR/synthetic and for imagefolder "
@@ -77,6 +84,9 @@ class DataConfig:
     synthetic: SyntheticConfig = opt(SyntheticConfig, "synthetic data set settings")
 
     def validate(self) -> None:
+        if isinstance(self.val_split, float) and not self.val_split < 1:
+            raise Invalid("val_split", f"a fraction must be below 1 (or give a number of "
+                          f"images), got {self.val_split:g}")
         if self.loader == "tensor" and self.train_crop == "resized":
             raise Invalid("train_crop", "the tensor path does 'pad' or 'none' crops; use "
                           "loader: dataloader for RandomResizedCrop")
@@ -90,6 +100,18 @@ class DataConfig:
             v = getattr(self, key)
             if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
                 raise Invalid(key, f"expected 3 numbers{' > 0' if key == 'std' else ''}, got {v}")
+
+
+def val_count(cfg: DataConfig, n_train: int) -> int:
+    """Images the validation split holds out of `n_train` training images (0: none)."""
+    v = cfg.val_split
+    if v is None:
+        return 0
+    n = int(v * n_train) if isinstance(v, float) else int(v)
+    if n >= n_train:
+        raise DataError(f"data.val_split: {v} holds out {n} of the {n_train} training images; "
+                        "leave some to train on")
+    return n
 
 
 def resolve_root(cfg: DataConfig) -> Path:

@@ -38,3 +38,18 @@ def balanced_subset(data: ImageSet, n: int, seed: int) -> ImageSet:
         return data
     chosen = balanced_indices(data.labels, n, seed)
     return ImageSet(data.images[chosen], data.labels[chosen], data.classes, data.skipped)
+
+
+def split_off(labels: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out): sorted indices of the rest and of a fixed, class-balanced, seeded
+    part of n samples (n = 0: all kept, none held out)."""
+    if n <= 0:
+        return torch.arange(len(labels)), torch.zeros(0, dtype=torch.long)
+    held = balanced_indices(labels, n, seed)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten(), held
+
+
+def take(data: ImageSet, idx: torch.Tensor) -> ImageSet:
+    return ImageSet(data.images[idx], data.labels[idx], data.classes, data.skipped)

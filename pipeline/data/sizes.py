@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import DataConfig
+from .config import DataConfig, val_count
 
 KNOWN_TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
 
@@ -27,6 +27,9 @@ def train_size(d: DataConfig) -> tuple[int, str]:
             how = f"counted in {folder}"
         else:
             n, how = KNOWN_TRAIN_SIZES["imagenet"], "assumed ImageNet-1k size (folder absent)"
+    held = val_count(d, n)
+    if held:
+        n, how = n - held, f"{how}, less {held} held out by data.val_split"
     if d.train_samples is not None and d.train_samples < n:
         n, how = d.train_samples, "data.train_samples"
     return n, how

@@ -18,9 +18,10 @@ from .config import (
     is_torchvision_cifar,
     resolve_root,
     small_size,
+    val_count,
 )
 from .folders import IMAGE_EXTENSIONS, class_names, has_image, reason, split_folders
-from .images import ImageSet, balanced_subset
+from .images import ImageSet, balanced_subset, split_off, take
 
 
 def torchvision_cifar(cfg: DataConfig, train: bool) -> ImageSet:
@@ -60,7 +61,32 @@ def synthetic_split(cfg: SyntheticConfig, train: bool, seed: int) -> ImageSet:
 def read_split(cfg: DataConfig, train: bool, seed: int,
                classes: Sequence[str] | None = None) -> ImageSet:
     """A whole split decoded to uint8 (synthetic, torchvision CIFAR, or a small-image tree),
-    reduced to the configured class-balanced subset."""
+    reduced to the configured class-balanced subset (training: without the validation
+    split, see `read_train_val`)."""
+    if train:
+        return read_train_val(cfg, seed, classes)[0]
+    return _read_whole(cfg, False, seed, classes)
+
+
+def read_train_val(cfg: DataConfig, seed: int, classes: Sequence[str] | None = None
+                   ) -> tuple[ImageSet, ImageSet | None]:
+    """The training split and the validation split held out of it (None without
+    `val_split`). The validation images are drawn class-balanced from the whole training
+    set with `val_seed` (the same for every run seed and rank); `train_samples` then
+    subsets the rest with the run's seed."""
+    data = _read_whole(cfg, True, seed, classes, subset=False)
+    n_val = val_count(cfg, len(data.labels))
+    val = None
+    if n_val:
+        kept, held = split_off(data.labels, n_val, cfg.val_seed)
+        data, val = take(data, kept), take(data, held)
+    if cfg.train_samples is not None:
+        data = balanced_subset(data, cfg.train_samples, seed)
+    return data, val
+
+
+def _read_whole(cfg: DataConfig, train: bool, seed: int,
+                classes: Sequence[str] | None = None, subset: bool = True) -> ImageSet:
     if cfg.dataset == "synthetic":
         data = synthetic_split(cfg.synthetic, train, seed)
         if cfg.image_size and cfg.image_size != cfg.synthetic.image_size:
@@ -74,7 +100,7 @@ def read_split(cfg: DataConfig, train: bool, seed: int,
         data = load_small_folder(train_dir if train else eval_dir, small_size(cfg),
                                  cfg.cache, classes, cfg.max_unreadable, cfg.cache_dir)
     limit = cfg.train_samples if train else cfg.test_samples
-    if limit is not None:
+    if subset and limit is not None:
         data = balanced_subset(data, limit, seed)
     return data
 

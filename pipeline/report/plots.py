@@ -82,7 +82,18 @@ def pareto_front(points: Points) -> Points:
 def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int, float]) -> None:
     """One run's models: its baseline starred, the others joined to it."""
     base = next((r for r in mine if r.get("baseline") == f"{run}/{r['stage']}"), None)
+    paths: dict[str, list[dict]] = {}
     for r in mine:
+        if r.get("path_of"):
+            paths.setdefault(r["path_of"], []).append(r)
+    for owner, steps in paths.items():  # rounds: a path from the star to the stage's model
+        end = next((r for r in mine if r["stage"] == owner), None)
+        pts = ([base] if base is not None else []) + steps + ([end] if end else [])
+        ax.plot([p["macs_m"] for p in pts], [p["top1"] for p in pts], color=color, lw=1,
+                ls="-.", marker=".", alpha=0.7, gid=f"{run}/{owner} path")
+    for r in mine:
+        if r.get("path_of"):
+            continue
         gid = f"{run}/{r['stage']}"
         if r is base:
             ax.scatter(r["macs_m"], r["top1"], marker="*", s=180, color=color, zorder=3,

@@ -184,8 +184,9 @@ def rows_for(run_dir: Path, options: Options | None = None) -> list[dict]:
         if not s or s.get("status") != "completed":
             row["status"], row["note"] = stage_state(stage_dir, spec)
         else:
-            _add_results(row, run_dir, specs, name, s, _baseline_for(run_dir, specs, name, given),
-                         prov, options)
+            base = _baseline_for(run_dir, specs, name, given)
+            _add_results(row, run_dir, specs, name, s, base, prov, options)
+            rows += _sub_rows(row, s, base)
         rows.append(row)
     if options.provenance:
         for row in rows:
@@ -193,6 +194,26 @@ def rows_for(run_dir: Path, options: Options | None = None) -> list[dict]:
             if row.get("git_commit"):
                 row["git_commit"] = row["git_commit"][:10]
     return rows
+
+
+def _sub_rows(row: dict, s: dict, base: Baseline | None) -> list[dict]:
+    """The stage kind's extra rows (an iterative stage's rounds), each tagged `path_of`."""
+    kind = _kind(s)
+    out = []
+    for extra in (kind.report_rows(s) if kind is not None else []):
+        r = {**row, "stage": f"{row['stage']}/{extra['stage']}", "path_of": row["stage"],
+             "note": None, "size_mb": None, "wall_seconds": None, "latency_ms": None,
+             "speedup": None}
+        macs = extra.get("macs")
+        r.update(top1=extra.get("top1"), top5=extra.get("top5"), macs=macs,
+                 params=extra.get("params"), params_m=_m(extra.get("params")), macs_m=_m(macs),
+                 epochs=extra.get("epochs"), ratio=extra.get("ratio"), delta_top1=None)
+        if base is not None and r["top1"] is not None and base.summary.get("top1") is not None:
+            r["delta_top1"] = r["top1"] - base.summary["top1"]
+        dense = (base.summary.get("macs") if base else None) or s.get("macs_before")
+        r["mac_reduction_pct"] = 100 * (1 - macs / dense) if macs and dense else None
+        out.append(r)
+    return out
 
 
 def _add_results(row: dict, run_dir: Path, specs: dict[str, dict], name: str, s: dict,

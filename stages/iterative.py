@@ -1,0 +1,383 @@
+"""iterative: `rounds` prune-then-finetune cycles toward a final `ratio` or
+`target_macs_reduction` (Zhu & Gupta 2017, "To prune, or not to prune").
+
+The amount reached after round t of n is on the pruning `schedule`:
+
+  linear   s_t = s_i + (s_f - s_i) t / n
+  agp      s_t = s_f + (s_i - s_f) (1 - t / n)^3   (the automated gradual pruner: large
+           steps first, small ones near the end)
+
+with s_i = `initial_ratio` (0 by default) and s_f the final ratio (or MAC reduction). A
+ratio is the share of each pruned group's dense width removed by then; a MAC reduction is
+reached as the prune stage's `target_macs_reduction` search does, against the input's MACs.
+Each round re-scores the criterion on the current (finetuned) weights, removes what the
+round adds, and finetunes `finetune_epochs` at a constant `lr` (default: the lowest lr of
+the upstream training stage). With `stop_below`, the run stops after the first round whose
+validation top-1 falls more than that many points below the input's.
+
+Files: round_N/ (the round's pruned.pt, its trainer checkpoints and model.pt, round.json),
+rounds.csv (one row per round: widths, MACs, validation and test top-1) and model.pt, the
+last round's. Exact resume: a completed round is never redone, an interrupted round
+restarts from its pruned.pt and its trainer's last checkpoint (the step).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.atomic import atomic_open, atomic_write_text
+from pipeline.config import Invalid, Loader, opt
+from pipeline.data import build_data
+from pipeline.data.sizes import steps_per_epoch
+from pipeline.models import count_macs, count_params, model_from_payload
+from pipeline.pruning import PruneSpec, PruningError, build_graph, candidate_groups
+from pipeline.pruning.criteria import CRITERIA
+from pipeline.pruning.groups import required
+from pipeline.pruning.search import MacCounter
+from pipeline.pruning.selection import select
+from pipeline.pruning.spec import FPGMConfig
+from pipeline.pruning.surgery import apply_selection, forward_check, output_shape
+from pipeline.rundir import MODEL_FILE
+from pipeline.schedules import Schedule, ScheduleConfig
+from pipeline.trainer import TrainConfig, evaluate_splits
+
+from . import training
+from .base import Stage, StageBase, StageContext
+from .finetune import finetune_default_problem, lowest_lr_of
+from .registry import register, upstream_training_stage
+
+log = logging.getLogger("pipeline")
+
+ROUNDS_FILE = "rounds.csv"
+ROUND_FIELDS = ["round", "ratio", "target_macs_reduction", "macs", "mac_reduction", "params",
+                "widths", "val_top1", "top1", "top5", "epochs"]
+
+
+@dataclass
+class Config(StageBase, TrainConfig):
+    type: str = opt("iterative", "stage kind")
+    epochs: int | None = opt(  # type: ignore[assignment]
+        None, "leave unset: a round trains finetune_epochs", min=0)
+    schedule: Literal["linear", "agp"] = opt(  # type: ignore[assignment]
+        "agp", "the pruning schedule over the rounds: linear, or agp (Zhu & Gupta's cubic "
+        "s_t = s_f + (s_i - s_f)(1 - t/n)^3)")
+    rounds: int = opt(5, "prune-then-finetune cycles", min=1)
+    finetune_epochs: int = opt(1, "finetune epochs after each round's pruning (constant lr)",
+                               min=0)
+    ratio: float | None = opt(None, "final share of each pruned group's filters (default 0.4 "
+                              "unless target_macs_reduction is given)", gt=0, lt=1)
+    target_macs_reduction: float | None = opt(
+        None, "instead of a ratio: the final share of the input's MACs removed", gt=0, lt=1)
+    initial_ratio: float = opt(0.0, "s_i: the amount the schedule starts from", min=0, lt=1)
+    stop_below: float | None = opt(
+        None, "stop after the first round whose validation top-1 is more than this many points "
+        "below the input's", min=0)
+    method: Literal[tuple(CRITERIA)] = opt(  # type: ignore[valid-type]
+        "fpgm", f"criterion: {' | '.join(CRITERIA)}")
+    policy: Literal["block_internal", "all"] = opt("block_internal", "as the prune stage's")
+    include: list[int | str] = opt([], "only prune these layers (names, globs, numbers)")
+    skip: list[int | str] = opt([], "never prune these layers (names, globs, numbers)")
+    skip_downsample: bool = opt(False, "never prune groups with a downsample projection")
+    round_to: int | None = opt(None, "the prune stage's round_to", min=1)
+    round_mode: Literal["down", "nearest"] = opt("down", "the prune stage's round_mode")
+    target_step: float = opt(0.02, "target_macs_reduction: ratio added per search step",
+                             gt=0, lt=1)
+    seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)")
+
+    def validate(self) -> None:
+        if self.ratio is not None and self.target_macs_reduction is not None:
+            raise Invalid("target_macs_reduction", "give either ratio or "
+                          "target_macs_reduction, not both")
+        if self.ratio is None and self.target_macs_reduction is None:
+            self.ratio = 0.4
+        final = self.ratio if self.ratio is not None else self.target_macs_reduction
+        if self.initial_ratio >= final:
+            raise Invalid("initial_ratio", f"{self.initial_ratio:g} must be below the final "
+                          f"amount {final:g}")
+
+    @property
+    def final(self) -> float:
+        return float(self.ratio if self.ratio is not None else self.target_macs_reduction)
+
+
+def amounts(schedule: str, rounds: int, final: float, initial: float = 0.0) -> list[float]:
+    """The amount reached after each round 1..n (see the module docstring)."""
+    out = []
+    for t in range(1, rounds + 1):
+        if schedule == "agp":
+            s = final + (initial - final) * (1 - t / rounds) ** 3
+        else:
+            s = initial + (final - initial) * t / rounds
+        out.append(round(s, 10))
+    return out
+
+
+def prune_spec(spec: Config) -> PruneSpec:
+    return PruneSpec(method=spec.method, ratio=0.5, fpgm=FPGMConfig(), policy=spec.policy,
+                     include=list(spec.include), skip=list(spec.skip),
+                     skip_downsample=spec.skip_downsample, round_to=spec.round_to,
+                     round_mode=spec.round_mode, target_step=spec.target_step, seed=spec.seed)
+
+
+@register
+class Iterative(Stage):
+    """Prune-then-finetune rounds on a linear or AGP schedule."""
+
+    kind = "iterative"
+    Config = Config
+    needs_input = True
+    trains = True
+    prunes = True
+
+    def base_lr(self, spec: Config, run, name: str) -> float:
+        if spec.lr is not None:
+            return spec.resolved_lr(0.0)
+        return lowest_lr_of(run, upstream_training_stage(run, name))
+
+    def schedule(self, spec: Config, run, name: str) -> Schedule:
+        """The lr of a round's finetune: constant."""
+        return Schedule(ScheduleConfig(type="constant"), self.base_lr(spec, run, name),
+                        spec.finetune_epochs, steps_per_epoch(run.data, spec.batch_size))
+
+    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+        if spec.epochs is not None:
+            loader.fail(f"stages.{name}.epochs", "an iterative stage trains finetune_epochs "
+                        "per round: leave epochs unset")
+        if spec.lr is None and spec.finetune_epochs and (
+                problem := finetune_default_problem(run, name)):
+            loader.fail(f"stages.{name}.lr", problem)
+
+    def plan_entry(self, spec: Config, name: str, run) -> dict:
+        lr = self.base_lr(spec, run, name) if (spec.lr is not None or spec.finetune_epochs) \
+            else None
+        return dict(method=spec.method, policy=spec.policy, rounds=spec.rounds,
+                    pruning_schedule=spec.schedule, ratio=spec.ratio,
+                    target_macs_reduction=spec.target_macs_reduction,
+                    initial_ratio=spec.initial_ratio,
+                    amounts=amounts(spec.schedule, spec.rounds, spec.final, spec.initial_ratio),
+                    finetune_epochs=spec.finetune_epochs, epochs=spec.rounds *
+                    spec.finetune_epochs, batch_size=spec.batch_size,
+                    lr=lr, lr_source="config" if spec.lr is not None else
+                    f"lowest lr of '{upstream_training_stage(run, name)}'",
+                    stop_below=spec.stop_below)
+
+    def report_rows(self, summary: dict) -> list[dict]:
+        return [{"stage": f"round_{r['round']}", "top1": r["top1"], "top5": r["top5"],
+                 "macs": r["macs"], "params": r["params"], "epochs": r["epochs"],
+                 "ratio": r["ratio"] if r["ratio"] is not None
+                 else f"MACs -{100 * r['target_macs_reduction']:.3g}%"}
+                for r in summary.get("rounds") or []]
+
+    def plan_lines(self, entry: dict) -> list[str]:
+        what = ("ratio" if entry["ratio"] is not None else "MAC reduction")
+        final = entry["ratio"] if entry["ratio"] is not None else entry["target_macs_reduction"]
+        lines = [f"    {entry['rounds']} rounds of {entry['method']} toward {what} {final:g} "
+                 f"({entry['pruning_schedule']}), policy {entry['policy']}",
+                 f"    {what} after each round: "
+                 f"{', '.join(f'{a:.4g}' for a in entry['amounts'])}"]
+        lr = "n/a" if entry["lr"] is None else f"{entry['lr']:g}"
+        lines.append(f"    finetune {entry['finetune_epochs']} epoch(s) per round at constant lr "
+                     f"{lr} ({entry['lr_source']}), batch {entry['batch_size']}")
+        if entry["stop_below"] is not None:
+            lines.append(f"    stop when validation top-1 falls more than "
+                         f"{entry['stop_below']:g} below the input's")
+        return lines
+
+    def run(self, spec: Config, ctx: StageContext) -> dict:
+        return _run(self, spec, ctx)
+
+
+# --------------------------------------------------------------------------- one round
+
+
+def prune_round(model: torch.nn.Module, pspec: PruneSpec, example: torch.Tensor,
+                dense: dict[str, list[int]], amount: float, by_macs: bool, dense_macs: int,
+                seed: int) -> None:
+    """Prune `model` in place up to `amount`: every group to that share of its dense width
+    (`dense`: group name -> the dense ids of its current channels, updated), or, `by_macs`,
+    until the MACs have fallen by that share of `dense_macs` (ratio grown by target_step,
+    re-scored each step, groups in module order within the last step)."""
+    shape = output_shape(model, example)
+    dg = build_graph(model, example)
+    groups = required(candidate_groups(model, dg, pspec), pspec)
+    for g in groups:
+        if g.name not in dense:
+            raise PruningError(f"iterative: group {g.name} is not among the input's groups")
+        g.dense_ids = list(dense[g.name])
+        g.width = int(dense[WIDTH + g.name][0])
+    if not by_macs:
+        apply_selection(dg, groups, select(pspec, groups, seed, ratio_scale=amount))
+    else:
+        macs = MacCounter(model, example)
+        ratio = max(1 - g.channels / g.width for g in groups)
+        for step in range(1, int(math.ceil(1.0 / pspec.target_step)) + 2):
+            if 1 - macs.total() / dense_macs + 1e-12 >= amount:
+                break
+            ratio = min(ratio + pspec.target_step, 1.0)
+            selection = select(pspec, groups, seed + 7919 * step, ratio_scale=ratio)
+            for gi in sorted(selection):
+                apply_selection(dg, groups, {gi: selection[gi]})
+                if 1 - macs.total() / dense_macs + 1e-12 >= amount:
+                    break
+        else:
+            raise PruningError(f"target_macs_reduction {amount:g} is out of reach with policy "
+                               f"{pspec.policy!r}")
+    forward_check(model, example, shape, pspec.policy)
+    for g in groups:
+        dense[g.name] = list(g.dense_ids)
+
+
+WIDTH = "__width__"  # state key prefix: a group's dense width
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
+    t0 = time.perf_counter()
+    model, payload = ctx.load_input(spec.from_)
+    arch = payload["arch"]
+    size = ctx.input_size
+    example = torch.zeros((1, *size))
+    seed = ctx.run.seed if spec.seed is None else spec.seed
+    pspec = prune_spec(spec)
+    by_macs = spec.target_macs_reduction is not None
+    plan = amounts(spec.schedule, spec.rounds, spec.final, spec.initial_ratio)
+    lr = stage.base_lr(spec, ctx.run, ctx.name)
+    state_path = ctx.stage_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is None:
+        batch = training.eval_batch(spec)
+        data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
+                          ctx.dist.world_size)
+        m = evaluate_splits(model.to(ctx.device), data, ctx.device, ctx.run.precision)
+        model.cpu()
+        dense: dict[str, list[int]] = {}
+        for g in candidate_groups(model, build_graph(model, example), pspec):
+            dense[g.name] = list(range(g.channels))
+            dense[WIDTH + g.name] = [g.channels]
+        state = {"input_top1": m["top1"], "input_val_top1": m.get("val_top1"),
+                 "split": data.select_split, "dense_macs": count_macs(model, size)["total"],
+                 "dense": dense, "rows": []}
+        if ctx.dist.is_main:
+            ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(state_path, json.dumps(state))
+    rows: list[dict] = state["rows"]
+    dense = state["dense"]
+    base_sel = state["input_val_top1"] if state["split"] == "val" else state["input_top1"]
+    stopped = None
+    for r in rows:  # a stop decided before an interruption stands
+        if _falls(spec, r, base_sel, state["split"]):
+            stopped = r["round"]
+    if rows:
+        last = rows[-1]["round"]
+        model = model_from_payload(ckpt.load(ctx.stage_dir / f"round_{last}" / MODEL_FILE))
+        log.info("iterative: %d of %d round(s) done; resuming", last, spec.rounds)
+    t = len(rows)
+    while t < spec.rounds and stopped is None:
+        t += 1
+        rdir = ctx.stage_dir / f"round_{t}"
+        pruned_path = rdir / "pruned.pt"
+        if pruned_path.is_file():  # interrupted while finetuning: the same pruned network
+            saved = ckpt.load(pruned_path)
+            model = model_from_payload(saved)
+            dense = saved["meta"]["dense"]
+        else:
+            prune_round(model, pspec, example, dense, plan[t - 1], by_macs, state["dense_macs"],
+                        seed + 104729 * t)
+            if ctx.dist.is_main:
+                rdir.mkdir(parents=True, exist_ok=True)
+                ckpt.save_model(pruned_path, model, arch, {"stage": ctx.name, "round": t,
+                                                           "dense": dense})
+        round_spec = dataclasses.replace(spec, epochs=spec.finetune_epochs)
+        rctx = dataclasses.replace(ctx, stage_dir=rdir, name=f"{ctx.name}/round_{t}")
+        if spec.finetune_epochs:
+            res = training.train(rctx, round_spec, model, arch, lr,
+                                 meta={"round": t}, schedule=lambda spe: stage_const(lr, spe,
+                                                                                    spec))
+            model = model_from_payload(ckpt.load(rdir / MODEL_FILE)) if ctx.dist.is_main \
+                else model.cpu()
+        else:
+            batch = training.eval_batch(spec)
+            data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device,
+                              ctx.dist.rank, ctx.dist.world_size)
+            res = evaluate_splits(model.to(ctx.device), data, ctx.device, ctx.run.precision)
+            model.cpu()
+            if ctx.dist.is_main:
+                ckpt.save_model(rdir / MODEL_FILE, model, arch, {"stage": ctx.name, "round": t})
+        macs = count_macs(model, size)["total"]
+        row = {"round": t, "ratio": plan[t - 1] if not by_macs else None,
+               "target_macs_reduction": plan[t - 1] if by_macs else None,
+               "macs": macs, "mac_reduction": round(1 - macs / state["dense_macs"], 6),
+               "params": count_params(model), "widths": _widths(dense),
+               "val_top1": res.get("val_top1"), "top1": res["top1"], "top5": res["top5"],
+               "epochs": spec.finetune_epochs}
+        rows.append(row)
+        state["dense"] = dense
+        if ctx.dist.is_main:
+            atomic_write_text(rdir / "round.json", json.dumps(row))
+            atomic_write_text(state_path, json.dumps(state))
+            write_rounds(ctx.stage_dir / ROUNDS_FILE, rows)
+        log.info("iterative round %d/%d: %s %.4g, MACs %.4g (%.1f%% fewer), %s top-1 %s, "
+                 "test top-1 %.2f", t, spec.rounds, "MAC target" if by_macs else "ratio",
+                 plan[t - 1], macs, 100 * row["mac_reduction"], state["split"],
+                 _f(row["val_top1"] if state["split"] == "val" else row["top1"]), row["top1"])
+        if _falls(spec, row, base_sel, state["split"]):
+            stopped = t
+            log.info("iterative: stopping after round %d (more than %g below the input's "
+                     "%s top-1 %.2f)", t, spec.stop_below, state["split"], base_sel)
+    last = rows[-1]
+    if ctx.dist.is_main:
+        shutil.copyfile(ctx.stage_dir / f"round_{last['round']}" / MODEL_FILE,
+                        ctx.stage_dir / MODEL_FILE)
+    return {"top1": last["top1"], "top5": last["top5"], "val_top1": last["val_top1"],
+            "params": last["params"], "macs": last["macs"], "macs_before": state["dense_macs"],
+            "mac_reduction": last["mac_reduction"], "epochs": spec.finetune_epochs * len(rows),
+            "rounds": rows, "rounds_done": len(rows), "stopped_after": stopped,
+            "input_top1": state["input_top1"], "input_val_top1": state["input_val_top1"],
+            "split": state["split"], "method": spec.method, "ratio": spec.ratio,
+            "policy": spec.policy, "target_macs_reduction": spec.target_macs_reduction,
+            "pruning_schedule": spec.schedule, "lr": lr,
+            "stage_seconds": time.perf_counter() - t0}
+
+
+def stage_const(lr: float, spe: int, spec: Config) -> Schedule:
+    return Schedule(ScheduleConfig(type="constant"), lr, spec.finetune_epochs, spe)
+
+
+def _falls(spec: Config, row: dict, base: float | None, split: str) -> bool:
+    if spec.stop_below is None or base is None:
+        return False
+    got = row["val_top1"] if split == "val" else row["top1"]
+    return got is not None and got < base - spec.stop_below
+
+
+def _widths(dense: dict[str, list[int]]) -> dict[str, int]:
+    return {k: len(v) for k, v in dense.items() if not k.startswith(WIDTH)}
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def write_rounds(path, rows: list[dict]) -> None:
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ROUND_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: (round(v, 6) if isinstance(v, float) else v)
+                           for k, v in r.items()}, "widths": json.dumps(r["widths"])})
+
+
+__all__ = ["Config", "Iterative", "amounts", "prune_round"]

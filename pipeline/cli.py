@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import report, runner
+from .distributed import joined
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, UsageError, first_line
 from .export import DEFAULT_OPSET, FORMATS, ExportOptions, export_stage
 from .plan import build_plan, format_text
@@ -108,10 +109,14 @@ def _add_export_parser(sub) -> None:
                    help="where the run's data set is now, if not at its config's data.root")
 
 
-def _fail(message: str, code: int) -> int:
-    # under torchrun every rank fails the same way; one line is enough
-    if int(os.environ.get("RANK", 0)) == 0:
+def _fail(message: str, code: int, all_ranks: bool = True) -> int:
+    # under torchrun rank 0 speaks for errors every rank raised; an error of one rank
+    # alone is printed by that rank (torchrun then stops the others)
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
         print(f"error: {message}", file=sys.stderr)
+    elif not all_ranks:
+        print(f"error: rank {rank}: {message}", file=sys.stderr)
     return code
 
 
@@ -210,6 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except PipelineError as err:  # every user-facing failure, with its exit code
-        return _fail(first_line(err), err.exit_code)
+        return _fail(first_line(err), err.exit_code, getattr(err, "all_ranks", not joined()))
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to resume", 130)

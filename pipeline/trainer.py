@@ -173,8 +173,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
             sums[3] += y.numel()
     D.all_reduce_sum(sums)
     loss, c1, c5, n = sums.tolist()
-    n = max(n, 1)
-    return {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n}
+    images, n = int(n), max(n, 1)
+    return {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n,
+            "images": images}
 
 
 class Trainer:
@@ -552,6 +553,7 @@ class Trainer:
         evaluated = self.evaluates(self.epoch)
         metrics = (evaluate(self.final_model(), self.data.test, self.device, self.precision)
                    if evaluated else {"test_loss": None, "top1": None, "top5": None})
+        metrics.pop("images", None)
         row = {"epoch": self.epoch, "lr": self.schedule.lr(self.epoch * spe),
                "train_loss": train_loss / max(n, 1), "train_acc": 100 * correct / max(n, 1),
                **metrics, "seconds": time.perf_counter() - t0}

@@ -121,6 +121,7 @@ def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict
                       ctx.dist.world_size, spec.channels_last)
     metrics = evaluate(model.to(ctx.device), data.test, ctx.device,
                        training.precision_of(spec, ctx))
+    metrics.pop("images", None)
     model.cpu()
     with D.together():  # rank 0 writes; a failure there stops every rank
         if ctx.dist.is_main:

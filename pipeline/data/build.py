@@ -102,7 +102,7 @@ def _build_dataloader(cfg: DataConfig, batch_size: int, eval_batch_size: int, se
                       device: torch.device, **kw) -> DataBundle:
     root = resolve_root(cfg)
     if cfg.dataset != "synthetic" and not is_torchvision_cifar(cfg):  # an ImageFolder tree
-        train_dir, eval_dir = split_folders(root)
+        train_dir, eval_dir = split_folders(root, cfg.eval_split)
         items, classes = list_image_folder(train_dir)
         test_items, _ = list_image_folder(eval_dir, classes, require_all=False)
         train_src: FileSource | ArraySource = FileSource(items, train_dir)

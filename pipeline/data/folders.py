@@ -82,14 +82,19 @@ def list_image_folder(folder: Path, classes: Sequence[str] | None = None,
     return items, list(classes)
 
 
-def split_folders(root: Path) -> tuple[Path, Path]:
-    """root/train and root/val (or root/test), or a one-line error naming what is missing."""
+def split_folders(root: Path, split: str = "auto") -> tuple[Path, Path]:
+    """root/train and root/val (or root/test; `split` names one), or a one-line error
+    naming what is missing."""
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found (data.root)")
     train = root / "train"
     if not train.is_dir():
         raise DataError(f"{root}: no train/ folder (expected {root}/train/<class>/<image> and "
                         "val/ or test/ beside it)")
+    if split != "auto":
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: no {split}/ folder beside train/ (the split asked for)")
+        return train, root / split
     for name in ("val", "test"):
         if (root / name).is_dir():
             return train, root / name

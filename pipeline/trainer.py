@@ -207,9 +207,7 @@ class Trainer:
         self._check_batch_size()
         self.model = self._placed(model)
         self.module = self.model  # the unwrapped module, what gets saved
-        # fused kernels on CUDA: one launch per step, and GradScaler.step without a host sync
-        self.optimizer = build_optimizer(self.module, cfg.optimizer, base_lr,
-                                         fused=self.device.type == "cuda")
+        self.optimizer = self._build_optimizer(self.module, cfg.optimizer, base_lr)
         self.ema = ModelEMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda") if (
             self.precision == "fp16" and self.device.type == "cuda") else None
@@ -238,6 +236,11 @@ class Trainer:
         if batch < 2 * world:
             raise ConfigError(f"stages.{self.stage}.batch_size: {batch} is the global "
                               f"batch; {world} processes need at least {2 * world}")
+
+    def _build_optimizer(self, module: nn.Module, cfg, base_lr: float):
+        # fused kernels on CUDA: one launch per step, and GradScaler.step without a host
+        # sync (for a non-fused optimizer it reads the inf check with .item())
+        return build_optimizer(module, cfg, base_lr, fused=self.device.type == "cuda")
 
     def _placed(self, model: nn.Module) -> nn.Module:
         """The model on the device, in its memory format, with SyncBatchNorm if asked."""

@@ -94,7 +94,8 @@ def test_ranks_agree_on_buffers_eval_and_decisions(tmp_path, cli):
         single = json.loads(out)
         assert single["images"] == 64
         assert round(single["top1"] * 64 / 100) == round(summary["top1"] * 64 / 100), stage
-        assert single["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4), stage
+        # (the summary keeps 6 decimals; rank 1 with its own statistics is ~2e-4 off)
+        assert single["test_loss"] == pytest.approx(summary["test_loss"], rel=2e-5), stage
 
         # eval under torchrun: the same numbers, each image counted once
         if stage == "finetune":

@@ -228,3 +228,13 @@ def test_compile_with_sync_bn_warns_and_runs_uncompiled(caplog):
     compile_.assert_not_called()
     assert net is module
     assert "107372" in caplog.text and "uncompiled" in caplog.text
+
+
+# --------------------------------------------- item 10: a resume across world sizes
+
+def test_resume_names_a_changed_world_size():
+    fake = SimpleNamespace(steps_per_epoch=4, dist=TORCHRUN_2)
+    why = Trainer._incompatibility(fake, {"steps_per_epoch": 3, "world_size": 3})
+    assert "written by 3 processes, this run has 2" in why
+    why = Trainer._incompatibility(fake, {"steps_per_epoch": 3, "world_size": 2})
+    assert "data or batch size changed" in why

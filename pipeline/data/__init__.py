@@ -28,6 +28,8 @@ from .config import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     IMAGENET_STD,
+    SYNTHETIC_MEAN,
+    SYNTHETIC_STD,
     DataConfig,
     DataError,
     SyntheticConfig,
@@ -42,7 +44,8 @@ from .sources import check_available, describe, read_split
 from .tensor_loader import TensorLoader
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "IMAGENET_STD", "DataBundle", "DataConfig",
+    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "IMAGENET_STD", "SYNTHETIC_MEAN",
+    "SYNTHETIC_STD", "DataBundle", "DataConfig",
     "DataError", "FolderLoader", "ImageSet", "SyntheticConfig", "TensorLoader", "build_data",
     "cache_paths", "check_available", "class_names", "describe", "input_size",
     "list_image_folder", "load_small_folder", "normalization", "read_split", "use_tensor_path",

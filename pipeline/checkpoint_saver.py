@@ -14,7 +14,8 @@ Files in the stage folder:
     in place, so the link is safe;
   * *.corrupt, an unreadable checkpoint moved out of the rotation (kept for inspection).
 
-Only rank 0 touches the files; the other ranks wait for it at a barrier.
+Only rank 0 touches the files; the other ranks wait for it, and learn of its failure
+(`distributed.together`).
 """
 
 from __future__ import annotations
@@ -57,14 +58,14 @@ class CheckpointSaver:
     def save(self, state: dict, best: bool = False) -> None:
         """Write `state` as last.pt (the previous one kept as last.prev.pt) and, with
         `best`, as best.pt too. Called on every rank; only rank 0 writes."""
-        if self.dist.is_main:
-            if best:
-                ckpt.save(state, self.best_path)
-            if self.last_path.exists():
-                os.replace(self.last_path, self.prev_path)
-            if not (best and ckpt.link(self.best_path, self.last_path)):
-                ckpt.save(state, self.last_path)
-        D.barrier()
+        with D.together():  # a failed write (disk full) on rank 0 stops every rank
+            if self.dist.is_main:
+                if best:
+                    ckpt.save(state, self.best_path)
+                if self.last_path.exists():
+                    os.replace(self.last_path, self.prev_path)
+                if not (best and ckpt.link(self.best_path, self.last_path)):
+                    ckpt.save(state, self.last_path)
 
     def resume(self, problem: Callable[[dict], str | None],
                restore: Callable[[dict], None]) -> Path | None:
@@ -76,18 +77,23 @@ class CheckpointSaver:
         cannot take, is a CheckpointError: resuming it would silently train something
         else.
         """
-        found = self._find(problem) if self.dist.is_main else None
+        found = None
+        with D.together():
+            if self.dist.is_main:
+                found = self._find(problem)
         path, error = D.broadcast_object(found[:2] if found else (None, None))
         if error:
             raise ckpt.CheckpointError(error)
         if path is None:
             return None
-        state = found[2] if found else ckpt.load(Path(path))
-        try:
-            restore(state)
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise ckpt.CheckpointError(f"{path}: cannot resume from it ({first_line(err)}); "
-                                       f"{self._restart_hint()}") from None
+        with D.together():
+            state = found[2] if found else ckpt.load(Path(path))
+            try:
+                restore(state)
+            except (KeyError, RuntimeError, ValueError, TypeError) as err:
+                raise ckpt.CheckpointError(f"{path}: cannot resume from it "
+                                           f"({first_line(err)}); {self._restart_hint()}"
+                                           ) from None
         return Path(path)
 
     def _find(self, problem: Callable[[dict], str | None]

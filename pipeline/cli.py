@@ -1,5 +1,5 @@
-"""Command line: `python -m pipeline run CONFIG ...`, `python -m pipeline compare RUN_DIR ...`
-and `python -m pipeline export RUN_DIR/STAGE ...`.
+"""Command line: `python -m pipeline run CONFIG ...`, `python -m pipeline compare RUN_DIR ...`,
+`python -m pipeline export RUN_DIR/STAGE ...` and `python -m pipeline eval RUN_DIR/STAGE ...`.
 
 Exit codes: 0 success, 1 a failure at run time (non-finite loss, ...), 2 a usage error
 (bad config or override, missing data, a stage whose input does not exist).
@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 from . import report, runner
+from .distributed import joined
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, UsageError, first_line
+from .evaluate import PRECISIONS, SPLITS, EvalOptions, evaluate_stage
+from .evaluate import format_text as format_eval
 from .export import DEFAULT_OPSET, FORMATS, ExportOptions, export_stage
 from .plan import build_plan, format_text
 from .provenance import command_line
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline",
         description="Pruning and finetuning pipeline: pretrain -> prune -> recover, from one "
                     "YAML file.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,export}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,export,eval}")
     r = sub.add_parser("run", help="run (or resume) the stages of a config",
                        description="Run the stages of CONFIG in order. Completed stages are "
                        "skipped, an interrupted stage resumes from its last checkpoint.")
@@ -83,7 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dense model every run is compared with (a completed stage "
                         "directory), instead of each run's own pretrain stage")
     _add_export_parser(sub)
+    _add_eval_parser(sub)
     return p
+
+
+def _add_eval_parser(sub) -> None:
+    v = sub.add_parser(
+        "eval", help="evaluate a stage's model on the run's test set (or other data)",
+        description="Evaluate RUN_DIR/STAGE's model.pt (dense or pruned, loaded with "
+        "weights_only) on the run's configured test set: top-1, top-5, loss and the number "
+        "of images. Under `torchrun --nproc_per_node N` the processes share the work and "
+        "each image is counted once.")
+    v.add_argument("stage", metavar="RUN_DIR/STAGE", help="a completed stage directory")
+    v.add_argument("--checkpoint", metavar="FILE",
+                   help="evaluate this checkpoint of the stage instead (best.pt, last.pt, ...)")
+    v.add_argument("--data-root", metavar="DIR",
+                   help="evaluate on this data folder instead of the config's data.root")
+    v.add_argument("--split", choices=list(SPLITS),
+                   help="the ImageFolder split beside train/ (default: the run's data.eval_split)")
+    v.add_argument("--batch-size", type=int, default=256, metavar="N",
+                   help="global evaluation batch (default 256)")
+    v.add_argument("--precision", choices=list(PRECISIONS),
+                   help="autocast precision (default: the run's precision)")
+    v.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    v.add_argument("--format", choices=["text", "json"], default="text",
+                   help="output format (json keys: top1, top5, test_loss, images, "
+                        "checkpoint, ...)")
 
 
 def _add_export_parser(sub) -> None:
@@ -113,10 +142,14 @@ def _add_export_parser(sub) -> None:
                    help="where the run's data set is now, if not at its config's data.root")
 
 
-def _fail(message: str, code: int) -> int:
-    # under torchrun every rank fails the same way; one line is enough
-    if int(os.environ.get("RANK", 0)) == 0:
+def _fail(message: str, code: int, all_ranks: bool = True) -> int:
+    # under torchrun rank 0 speaks for errors every rank raised; an error of one rank
+    # alone is printed by that rank (torchrun then stops the others)
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
         print(f"error: {message}", file=sys.stderr)
+    elif not all_ranks:
+        print(f"error: rank {rank}: {message}", file=sys.stderr)
     return code
 
 
@@ -210,7 +243,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export}
+def cmd_eval(args: argparse.Namespace) -> int:
+    options = EvalOptions(checkpoint=args.checkpoint, data_root=args.data_root,
+                          split=args.split, batch_size=args.batch_size,
+                          precision=args.precision, device=args.device)
+    result = evaluate_stage(args.stage, options)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result, indent=2) if args.format == "json" else format_eval(result))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except PipelineError as err:  # every user-facing failure, with its exit code
-        return _fail(first_line(err), err.exit_code)
+        return _fail(first_line(err), err.exit_code, getattr(err, "all_ranks", not joined()))
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to resume", 130)

@@ -8,15 +8,46 @@ world of one and needs no process group: every helper here is then a no-op.
 Batch sizes in configs are global: each rank takes a contiguous share of every global
 batch (see `pipeline.data`), so a run's result does not depend on the number of processes
 beyond floating-point summation order and per-rank BatchNorm statistics (`sync_bn`).
+
+Failures: a rank that fails alone (an unreadable file in its shard, rank 0's disk full in a
+checkpoint write) must not leave the others blocked in the next collective. The places
+where one rank can fail alone run inside `together()`: every rank learns of the failure and
+raises the same one-line error. Decisions read from the shared filesystem (is a stage
+complete, does an input exist) are rank 0's, broadcast (`decide`): on NFS another node's
+view may be stale.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+
+from .config import ConfigError, opt
+from .errors import EXIT_FAILED, PipelineError, first_line
+
+
+@dataclass
+class DistributedConfig:
+    timeout_minutes: float = opt(
+        60, "how long a rank waits in a collective before the job fails (torchrun; long "
+        "enough for rank 0 to decode and cache an ImageNet-size folder)", gt=0)
+
+
+class RankFailure(PipelineError):
+    """A failure on some rank, raised on every rank (so the job stops as one)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.all_ranks = True
 
 
 @dataclass(frozen=True)
@@ -24,6 +55,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -36,29 +68,53 @@ class DistInfo:
 
 def env_info() -> DistInfo:
     """This process's place in the torchrun world (a world of one without torchrun)."""
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return DistInfo(int(os.environ.get("RANK", 0)), world,
+                    int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    """`auto` -> this process's CUDA device when CUDA is present, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+def resolve_device(name: str, info: DistInfo, source: str = "config") -> torch.device:
+    """`auto` -> this process's CUDA device when CUDA is present, else the CPU; `cuda` ->
+    cuda:LOCAL_RANK. Under torchrun each local rank needs a GPU of its own (NCCL refuses
+    two ranks on one device): more local ranks than visible GPUs, or one explicit `cuda:N`
+    for every rank, is a config error."""
+    if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
-    return dev
+    dev = torch.device("cuda" if name == "auto" else name)
+    if dev.type != "cuda":
+        return dev
+    if info.enabled and dev.index is not None:
+        raise ConfigError(f"{source}: device: {name} would put all {info.world_size} "
+                          "processes on one GPU; under torchrun use device: cuda (or auto): "
+                          "local rank k takes cuda:k (choose GPUs with CUDA_VISIBLE_DEVICES)")
+    count = torch.cuda.device_count()
+    if info.enabled and info.local_world_size > count:
+        raise ConfigError(f"{source}: device: {name}: torchrun starts {info.local_world_size} "
+                          f"processes on this node but {count} GPU(s) are visible; NCCL needs "
+                          f"one GPU per process: use --nproc_per_node {count} or device: cpu")
+    return torch.device("cuda", info.local_rank if dev.index is None else dev.index)
 
 
-def init(info: DistInfo, device: torch.device) -> None:
-    """Join the process group torchrun set up: nccl on CUDA, gloo on the CPU."""
+_joined = False
+
+
+def joined() -> bool:
+    """Whether this process has joined a process group (its errors may be its own)."""
+    return _joined
+
+
+def init(info: DistInfo, device: torch.device, timeout_minutes: float = 60) -> None:
+    """Make `device` current (CUDA) and join the process group torchrun set up: nccl on
+    CUDA, gloo on the CPU, collectives failing after `timeout_minutes`."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # also in a single process: cuda:N, not cuda:0
     if not info.enabled or dist.is_initialized():
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    global _joined
+    _joined = True
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(minutes=timeout_minutes))
 
 
 def shutdown() -> None:
@@ -97,3 +153,54 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value of a small picklable object, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def decide(question: Callable[[], Any]):
+    """Rank 0's answer to `question` (e.g. a look at the shared filesystem), on every rank."""
+    if not dist.is_initialized():
+        return question()
+    return broadcast_object(question() if dist.get_rank() == 0 else None)
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Run a block that may fail on one rank alone (file I/O, decoding its shard) and must
+    not contain collectives: when it raised on any rank, every rank raises `RankFailure`
+    with the first failing rank's one-line message and exit code. The block's end is a
+    barrier (an exchange of outcomes)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as err:  # reported to every rank below
+        error = err
+    mine = None if error is None else (
+        first_line(error), getattr(error, "exit_code", EXIT_FAILED), type(error).__name__)
+    outcomes = all_gather_object(mine)
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return
+    rank, (message, code, _) = failed[0]
+    raise RankFailure(message if rank == 0 else f"rank {rank}: {message}", code) from error
+
+
+def broadcast_buffers(*modules: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics, ...) in `modules` on every rank:
+    before an evaluation or a checkpoint, so that every rank evaluates the model that is
+    saved."""
+    if not dist.is_initialized():
+        return
+    for m in modules:
+        for b in m.buffers():
+            dist.broadcast(b.data, src=0)

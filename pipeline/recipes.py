@@ -89,12 +89,15 @@ def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
     """SGD (momentum, optionally Nesterov; L2 decay) or AdamW (decoupled decay)."""
     groups = param_groups(model, cfg.weight_decay, cfg.no_bias_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=fused or None)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
@@ -105,6 +108,14 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     if smoothing:
         target = target * (1 - smoothing) + smoothing / logits.shape[1]
     return torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without a host sync: CUDA copies go through pinned memory
+    (asynchronous); a pageable copy would wait for the device."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
@@ -120,7 +131,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, 
     mode = modes[pick]
     alpha = mixup if mode == "mixup" else cutmix
     lam = _beta(alpha, generator)
-    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    perm = to_device(torch.randperm(x.shape[0], generator=generator), x.device)
     if mode == "mixup":
         xm = lam * x + (1 - lam) * x[perm]
     else:

@@ -10,6 +10,7 @@ from stages import REGISTRY, stage_of
 
 from .config import Loader, apply_overrides, opt, read_yaml
 from .data import DataConfig
+from .distributed import DistributedConfig
 from .errors import did_you_mean
 from .models import ModelConfig, check_arch
 
@@ -33,6 +34,12 @@ class RunConfig:
     model: ModelConfig = opt(ModelConfig, "network")
     stages: dict[str, Any] = opt({}, "stage name -> stage spec, run in the order written")
     logging: LoggingConfig = opt(LoggingConfig, "what the run shows and logs")
+    distributed: DistributedConfig = opt(DistributedConfig, "multi-process runs (torchrun)")
+    deterministic: bool = opt(
+        False, "deterministic CUDA kernels (cudnn.deterministic, "
+        "torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG) and no cuDNN autotuning: "
+        "bitwise-reproducible GPU runs and resumes, typically 10-30% slower; the CPU is "
+        "deterministic without it")
 
     @property
     def run_dir(self) -> Path:

@@ -31,6 +31,7 @@ from .atomic import atomic_write_text
 from .config import ConfigError, to_plain
 from .data import check_available, describe
 from .errors import UsageError, did_you_mean, first_line
+from .rng import configure_kernels
 from .runconfig import RunConfig, load_config
 from .rundir import CONFIG_FILE, is_complete, read_summary, write_json
 
@@ -98,19 +99,20 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
         raise ConfigError(f"{config_path}: --stage {stage}: no such stage{hint}; stages: "
                           f"{list(cfg.stages)}")
     info = D.env_info()
-    device = D.resolve_device(cfg.device, info)
+    device = D.resolve_device(cfg.device, info, config_path)
     _check_precision(cfg, device, config_path)
     check_available(cfg.data)
     num_classes, input_size = describe(cfg.data)
     run_dir = cfg.run_dir
-    D.init(info, device)
+    D.init(info, device, cfg.distributed.timeout_minutes)
+    configure_kernels(device, cfg.deterministic)
     try:
         setup_logging(run_dir, info.is_main)
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_config(cfg, run_dir / CONFIG_FILE)
-            provenance.record_provenance(run_dir, cfg, config_path, overrides, device)
-        D.barrier()
+        with D.together():  # rank 0 writes; a failure there stops every rank
+            if info.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                _write_config(cfg, run_dir / CONFIG_FILE)
+                provenance.record_provenance(run_dir, cfg, config_path, overrides, device)
         if show_progress is None:
             show_progress = {"on": True, "off": False}.get(cfg.logging.progress)
         names = [stage] if stage else list(cfg.stages)
@@ -144,7 +146,12 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
     spec = cfg.stages[name]
     stage_dir = run_dir / name
     digest = stage_hash(cfg, name)
-    done = read_summary(stage_dir)
+    # rank 0 looks at the shared filesystem and decides for every rank (a stale NFS view
+    # on another node must not make the ranks diverge)
+    done, input_done, teacher_done = D.decide(lambda: (
+        read_summary(stage_dir),
+        spec.from_ is None or is_complete(run_dir / spec.from_),
+        getattr(spec, "distill", None) is None or is_complete(run_dir / spec.distill.from_)))
     if done and done.get("status") == "completed" and not restart:
         if done.get("config_hash") not in (None, digest):
             log.warning("stage %s: completed with a different config or upstream (hash %s, now "
@@ -157,26 +164,26 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
             log.info("stage %s: already completed (top-1 %s); skipping", name,
                      _fmt(done.get("top1")))
         return done
-    if spec.from_ is not None and not is_complete(run_dir / spec.from_):
+    if not input_done:
         raise UsageError(
             f"stage '{name}' needs stage '{spec.from_}' to be completed first "
             f"({run_dir / spec.from_} has no completed summary): run "
             f"`python -m pipeline run {source} --stage {spec.from_}`")
     distill = getattr(spec, "distill", None)
-    if distill is not None and not is_complete(run_dir / distill.from_):
+    if distill is not None and not teacher_done:
         raise UsageError(f"stage '{name}' distills from stage '{distill.from_}', which is not "
                          f"completed: run `python -m pipeline run {source} --stage "
                          f"{distill.from_}` first")
-    consumed = provenance.input_record(run_dir, spec.from_)  # the input as this run uses it
+    consumed = (provenance.input_record(run_dir, spec.from_)  # the input as this run uses it
+                if info.is_main else None)
     work_dir = stage_dir
     if done and done.get("status") == "completed" and restart:
         work_dir = run_dir / f"{name}.restart"
-    if restart and info.is_main and work_dir.exists():
-        shutil.rmtree(work_dir)  # never a completed stage: that one is swapped at the end
-    D.barrier()
-    if info.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    D.barrier()
+    with D.together():
+        if restart and info.is_main and work_dir.exists():
+            shutil.rmtree(work_dir)  # never a completed stage: that one is swapped at the end
+        if info.is_main:
+            work_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(run=cfg, name=name, run_dir=run_dir, stage_dir=work_dir, device=device,
                        dist=info, source=source, show_progress=show_progress,
                        extra={"num_classes": num_classes, "input_size": input_size})
@@ -198,17 +205,17 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
                "epochs": result.pop("epochs", getattr(spec, "epochs", 0)),
                "wall_seconds": round(time.time() - t0, 3), **result,
                "config_hash": digest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if info.is_main:
-        summary.update(provenance.stage_record(work_dir, run_dir, spec.from_, consumed))
-        write_json(work_dir / "summary.json", summary)
-        if work_dir != stage_dir:
-            old = run_dir / f"{name}.old"
-            if old.exists():
+    with D.together():
+        if info.is_main:
+            summary.update(provenance.stage_record(work_dir, run_dir, spec.from_, consumed))
+            write_json(work_dir / "summary.json", summary)
+            if work_dir != stage_dir:
+                old = run_dir / f"{name}.old"
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(stage_dir, old)
+                os.replace(work_dir, stage_dir)
                 shutil.rmtree(old)
-            os.replace(stage_dir, old)
-            os.replace(work_dir, stage_dir)
-            shutil.rmtree(old)
-    D.barrier()
     log.info("stage %s: completed in %.1fs (top-1 %s, params %s, MACs %s)", name,
              summary["wall_seconds"], _fmt(summary["top1"]), summary["params"], summary["macs"])
     return summary

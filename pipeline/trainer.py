@@ -182,14 +182,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
             sums[3] += y.numel()
     D.all_reduce_sum(sums)
     loss, c1, c5, n = sums.tolist()
-    n = max(n, 1)
-    return {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n}
+    images, n = int(n), max(n, 1)
+    return {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n,
+            "images": images}
 
 
 def evaluate_splits(model: nn.Module, data, device: torch.device, precision: str) -> dict:
     """The test metrics (reported), and the validation split's as val_loss, val_top1,
-    val_top5 (what in-run decisions use) when `data` has one."""
+    val_top5 (what in-run decisions use) when `data` has one. Without `images`: a summary
+    or a metrics row reports accuracy, `eval` counts images."""
     out = evaluate(model, data.test, device, precision)
+    out.pop("images")
     if getattr(data, "val", None) is not None:
         v = evaluate(model, data.val, device, precision)
         out.update(val_loss=v["test_loss"], val_top1=v["top1"], val_top5=v["top5"])
@@ -225,7 +228,7 @@ class Trainer:
         self._check_batch_size()
         self.model = self._placed(model)
         self.module = self.model  # the unwrapped module, what gets saved
-        self.optimizer = build_optimizer(self.module, cfg.optimizer, base_lr)
+        self.optimizer = self._build_optimizer(self.module, cfg.optimizer, base_lr)
         self.ema = ModelEMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda") if (
             self.precision == "fp16" and self.device.type == "cuda") else None
@@ -252,6 +255,7 @@ class Trainer:
         self.acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.saved_step: int | None = None  # global step of the newest checkpoint on disk
+        self._saved_world: int | None = None  # processes that wrote the resumed checkpoint
         self.checkpoints = CheckpointSaver(self.out_dir, self.dist, stage=self.stage,
                                            required=TRAINER_KEYS)
         self.val = getattr(data, "val", None)  # the validation split: best epoch by it
@@ -267,6 +271,11 @@ class Trainer:
         if batch < 2 * world:
             raise ConfigError(f"stages.{self.stage}.batch_size: {batch} is the global "
                               f"batch; {world} processes need at least {2 * world}")
+
+    def _build_optimizer(self, module: nn.Module, cfg, base_lr: float):
+        # fused kernels on CUDA: one launch per step, and GradScaler.step without a host
+        # sync (for a non-fused optimizer it reads the inf check with .item())
+        return build_optimizer(module, cfg, base_lr, fused=self.device.type == "cuda")
 
     def _placed(self, model: nn.Module) -> nn.Module:
         """The model on the device, in its memory format, with SyncBatchNorm if asked."""
@@ -288,7 +297,17 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.compile:
-            net = torch.compile(net)
+            if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+                # torch.compile of a DDP model with SyncBatchNorm fails or computes wrong
+                # gradients (pytorch#107372)
+                if self.dist.is_main:
+                    log.warning("stages.%s.compile: torch.compile does not support "
+                                "SyncBatchNorm under DDP (pytorch#107372); training uncompiled",
+                                self.stage)
+                return net
+            # static shapes: the last partial batch compiles once more instead of switching
+            # every later step to a dynamic-shape graph
+            net = torch.compile(net, dynamic=False)
         return net
 
     # ------------------------------------------------------------------ checkpoints
@@ -303,7 +322,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "best_top1": self.best_top1,
             "best_epoch": self.best_epoch, "epoch_acc": self._global_acc().cpu(),
-            "rng": rng_state(), "steps_per_epoch": self.steps_per_epoch,
+            "rng": rng_state(self.device), "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.dist.world_size, "precision": self.precision,
         })
         return payload
@@ -324,13 +343,22 @@ class Trainer:
         self.saved_step = self.global_step
         log.info("resumed from %s at epoch %d, step %d (of %d)", path, self.epoch,
                  self.global_step, self.cfg.epochs * self.steps_per_epoch)
+        if self._saved_world not in (None, self.dist.world_size):
+            log.warning("%s was written by %d processes, this run has %d: the same global "
+                        "batches go on, but the BatchNorm statistics (per process) and the "
+                        "summation order differ from an uninterrupted run", path,
+                        self._saved_world, self.dist.world_size)
         return True
 
     def _incompatibility(self, s: dict) -> str | None:
         """Why checkpoint `s` cannot continue this run, or None."""
         if s["steps_per_epoch"] != self.steps_per_epoch:
+            saved_world = s.get("world_size", self.dist.world_size)
+            why = (f"it was written by {saved_world} processes, this run has "
+                   f"{self.dist.world_size}: the last partial batch is split differently"
+                   if saved_world != self.dist.world_size else "data or batch size changed")
             return (f"it has {s['steps_per_epoch']} steps per epoch, this config "
-                    f"{self.steps_per_epoch} (data or batch size changed)")
+                    f"{self.steps_per_epoch} ({why})")
         ours = self.module.state_dict()
         theirs = s.get("state_dict", {})
         if set(ours) != set(theirs):
@@ -348,6 +376,7 @@ class Trainer:
         return None
 
     def _restore(self, s: dict) -> None:
+        self._saved_world = s.get("world_size")
         self.module.load_state_dict(s["state_dict"], strict=True)
         self.optimizer.load_state_dict(s["optimizer"])
         if self.scaler and s.get("scaler"):
@@ -360,7 +389,7 @@ class Trainer:
         # the stored sums are over all ranks: rank 0 carries them, the others start at 0
         acc = s["epoch_acc"].to(self.device, torch.float64)[:3]
         self.acc = acc if self.dist.is_main else torch.zeros_like(acc)
-        set_rng_state(s["rng"])
+        set_rng_state(s["rng"], self.device, self.dist.rank, self.dist.world_size)
 
     # ------------------------------------------------------------------ log files
 
@@ -503,7 +532,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
         if not resumed:
-            seed_everything(self.seed)
+            seed_everything(self.seed, self.device, self.dist.rank)
         self._trim_logs()
         progress = _Progress(self.dist.is_main and self._progress_enabled())
         self._tb = self._open_tb(resumed)
@@ -561,6 +590,9 @@ class Trainer:
         train_seconds = time.perf_counter() - t0
         for hook in self.epoch_end_hooks:
             hook(self)
+        # each rank updated its BatchNorm statistics (and the EMA copied them) with its own
+        # last batch: evaluate and save rank 0's everywhere, the model that model.pt holds
+        self.sync_buffers()
         train_loss, correct, n = sums
         evaluated = self.evaluates(self.epoch)
         metrics = (self._evaluate() if evaluated else
@@ -594,6 +626,10 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         return evaluate_splits(self.final_model(), self.data, self.device, self.precision)
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) in the model and the EMA on every rank."""
+        D.broadcast_buffers(self.module, *([self.ema.module] if self.ema else []))
 
     def evaluates(self, epoch: int) -> bool:
         """Whether epoch (0-based) ends with a test-set evaluation."""

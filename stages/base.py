@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from pipeline import checkpoint as ckpt
+from pipeline import distributed as D
 from pipeline.config import Loader, opt
 from pipeline.distributed import DistInfo
 from pipeline.errors import UsageError
@@ -55,12 +56,15 @@ class StageContext:
         if name is None:
             raise StageInputError(f"stage '{self.name}' has no input (set 'from')")
         path = self.input_path(name)
-        if not path.is_file():
+        # rank 0 looks (another node's view of a shared filesystem may be stale)
+        if not D.decide(path.is_file):
             raise StageInputError(
                 f"stage '{self.name}' needs the output of stage '{name}' ({path}), which does "
                 f"not exist: run `python -m pipeline run {self.source} --stage {name}` first")
-        payload = ckpt.load(path)
-        return model_from_payload(payload, str(path)), payload
+        with D.together():
+            payload = ckpt.load(path)
+            model = model_from_payload(payload, str(path))
+        return model, payload
 
     @property
     def input_size(self) -> tuple[int, int, int]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline import distributed as D
 from pipeline.config import opt, to_plain
 from pipeline.data import build_data
 from pipeline.errors import UsageError
@@ -170,9 +171,10 @@ def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict
     metrics = evaluate_splits(model.to(ctx.device), data, ctx.device,
                               training.precision_of(spec, ctx))
     model.cpu()
-    if ctx.dist.is_main:
-        ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch,
-                        {"stage": ctx.name, "pretrained": ctx.run.model.pretrained})
+    with D.together():  # rank 0 writes; a failure there stops every rank
+        if ctx.dist.is_main:
+            ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch,
+                            {"stage": ctx.name, "pretrained": ctx.run.model.pretrained})
     macs = count_macs(model, data.input_size)
     return {**metrics, "params": count_params(model), "macs": macs["total"],
             "conv_macs": macs["conv"], "epochs": 0, "pretrained": ctx.run.model.pretrained}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline import distributed as D
 from pipeline.config import Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
@@ -188,10 +189,11 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     meta = {"stage": ctx.name, "method": method, "ratio": ratio, "policy": policy,
             "selection": selection, "macs_before": before_macs["total"],
             "layers": report.layers}
-    if ctx.dist.is_main:
-        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch, meta)
-        (ctx.stage_dir / "layers.json").write_text(json.dumps(report.layers, indent=1))
+    with D.together():  # rank 0 writes; a failure there stops every rank
+        if ctx.dist.is_main:
+            ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch, meta)
+            (ctx.stage_dir / "layers.json").write_text(json.dumps(report.layers, indent=1))
     log.info("pruned %d group(s): MACs %.4g -> %.4g (%.1f%% fewer), params %d -> %d",
              len(report.layers), before_macs["total"], after_macs["total"],
              100 * summary["mac_reduction"], before_params, summary["params"])

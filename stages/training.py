@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch.nn as nn
 
 from pipeline import checkpoint as ckpt
+from pipeline import distributed as D
 from pipeline.config import Loader
 from pipeline.data import build_data
 from pipeline.data.sizes import steps_per_epoch
@@ -94,9 +95,10 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
                       schedule=None if schedule is None else schedule(trainer_steps(data)))
     result = trainer.fit()
     final = trainer.final_model()
-    if ctx.dist.is_main:
-        ckpt.save_model(ctx.stage_dir / MODEL_FILE, final, arch,
-                        {"stage": ctx.name, **(meta or {})})
+    with D.together():  # rank 0 writes; a failure there stops every rank
+        if ctx.dist.is_main:
+            ckpt.save_model(ctx.stage_dir / MODEL_FILE, final, arch,
+                            {"stage": ctx.name, **(meta or {})})
     macs = count_macs(final, data.input_size)
     return {**result, "params": count_params(final), "macs": macs["total"],
             "conv_macs": macs["conv"], "lr": base_lr, "batch_size": spec.batch_size,

@@ -30,7 +30,7 @@ CASES = [
      ["stages.pretrain.schedule.milestones", "increasing"]),
     ("unknown optimizer key", {"stages": {"pretrain": {"optimizer": {"momentun": 0.9}}}},
      ["stages.pretrain.optimizer.momentun", "did you mean 'momentum'"]),
-    ("fp16 on the CPU", {"precision": "fp16"}, ["precision", "fp16"]),
+    ("fp16 on the CPU", {"device": "cpu", "precision": "fp16"}, ["precision", "fp16"]),
     ("finetune without input", {"stages": {"finetune": {"from": None}}},
      ["stages.finetune.from", "needs an input"]),
 ]

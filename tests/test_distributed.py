@@ -26,7 +26,8 @@ from pipeline.models import load_model
 pytestmark = pytest.mark.slow
 
 # the smoke pipeline with a train_log.csv row every 2 steps (8 steps per epoch)
-OVERRIDES = ["--set", "stages.pretrain.log_interval=2", "--progress", "off"]
+OVERRIDES = ["--set", "stages.pretrain.log_interval=2", "--set", "device=cpu",
+             "--progress", "off"]
 
 AUDIT_HOOK = '''
 import os, sys

@@ -341,7 +341,7 @@ def test_ema_is_evaluated_and_saved(tiny_config, cli, tmp_path):
     from pipeline.runconfig import load_config
     from pipeline.trainer import evaluate
 
-    cfg = tiny_config({"data": {"synthetic": {"image_size": 8}},
+    cfg = tiny_config({"device": "cpu", "data": {"synthetic": {"image_size": 8}},
                        "stages": {"pretrain": {"epochs": 2, "ema_decay": 0.6}}})
     code, _, err = cli("run", cfg, "--stage", "pretrain")
     assert code == 0, err

@@ -25,6 +25,7 @@ from pipeline import checkpoint as ckpt
 
 STEPS_PER_EPOCH = 5  # 160 images, batch 32
 CONFIG = {
+    "device": "cpu",  # the bitwise guarantee checked here is the CPU's
     "data": {"synthetic": {"train_size": 160}},
     "stages": {
         "pretrain": {"epochs": 2, "checkpoint_every_steps": 2, "log_interval": 2},

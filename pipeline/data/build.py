@@ -3,15 +3,16 @@ fast path (`TensorLoader`) for small images, the DataLoader path (`FolderLoader`
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from .. import distributed as D
 from .augment import Views
 from .config import (
     DataConfig,
@@ -30,6 +31,7 @@ from .sources import read_split, read_train_val
 from .tensor_loader import TensorLoader
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,19 +58,21 @@ class DataBundle:
         return "val" if self.val is not None else "test"
 
 
-@contextlib.contextmanager
-def _rank_zero_first() -> Iterator[None]:
-    """Under DDP the first process of each node reads (and caches) the data before the
-    others, which then find the cache instead of decoding too."""
-    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _rank_zero_first(read: Callable[[], T]) -> T:
+    """`read()` on the first process of each node before the others, which then find its
+    cache (or torchvision's download) instead of decoding (downloading) too. A failure on
+    any rank stops every rank with its message (`together`), never a hang."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return read()
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if active and not first:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if active and first:
-            dist.barrier()
+    result = None
+    with D.together():
+        if first:
+            result = read()
+    with D.together():
+        if not first:
+            result = read()
+    return result  # type: ignore[return-value]
 
 
 def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
@@ -79,16 +83,21 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int
     kw = dict(seed=seed, device=torch.device(device), rank=rank, world_size=world_size,
               channels_last=channels_last)
     build = _build_tensor if use_tensor_path(cfg) else _build_dataloader
-    bundle = build(cfg, batch_size, eval_batch_size, **kw)
+    with D.together():  # a rank that cannot read its data stops every rank, in one line
+        bundle = build(cfg, batch_size, eval_batch_size, **kw)
     log.info("data: %s", bundle.description)
     return bundle
 
 
+def _splits(cfg: DataConfig, seed: int):
+    """(train, validation or None, test) of a data set decoded in memory."""
+    train, val = read_train_val(cfg, seed)
+    return train, val, read_split(cfg, False, seed, classes=train.classes)
+
+
 def _build_tensor(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                   device: torch.device, **kw) -> DataBundle:
-    with _rank_zero_first():
-        train, val = read_train_val(cfg, seed)
-        test = read_split(cfg, False, seed, classes=train.classes)
+    train, val, test = _rank_zero_first(lambda: _splits(cfg, seed))
     mean, std = normalization(cfg)
     pad = cfg.pad if crop_mode(cfg) == "pad" else 0
     tl = TensorLoader(train, batch_size, True, seed, device, mean, std, pad=pad, flip=cfg.flip,
@@ -110,7 +119,7 @@ def _build_dataloader(cfg: DataConfig, batch_size: int, eval_batch_size: int, se
                       device: torch.device, **kw) -> DataBundle:
     root = resolve_root(cfg)
     if cfg.dataset != "synthetic" and not is_torchvision_cifar(cfg):  # an ImageFolder tree
-        train_dir, eval_dir = split_folders(root)
+        train_dir, eval_dir = split_folders(root, cfg.eval_split)
         items, classes = list_image_folder(train_dir)
         test_items, _ = list_image_folder(eval_dir, classes, require_all=False)
         train_src: FileSource | ArraySource = FileSource(items, train_dir)
@@ -126,7 +135,8 @@ def _build_dataloader(cfg: DataConfig, batch_size: int, eval_batch_size: int, se
         test_idx = (None if cfg.test_samples is None else
                     balanced_indices(torch.tensor(test_src.labels), cfg.test_samples, seed))
     else:  # decoded in memory already (synthetic, torchvision CIFAR): subsets applied
-        (train_set, val_set), test_set = read_train_val(cfg, seed), read_split(cfg, False, seed)
+        train_set, val_set, test_set = _rank_zero_first(
+            lambda: (*read_train_val(cfg, seed), read_split(cfg, False, seed)))
         classes = train_set.classes
         train_src, test_src = ArraySource(train_set, "train"), ArraySource(test_set, "test")
         val_src = None if val_set is None else ArraySource(val_set, "val")

@@ -38,6 +38,9 @@ class DataConfig:
         "class), synthetic (generated, for tests)")
     root: str = opt("data", "data folder (relative paths are relative to the working directory)")
     download: bool = opt(False, "let torchvision download CIFAR into root when absent")
+    eval_split: Literal["auto", "val", "test"] = opt(
+        "auto", "the ImageFolder split evaluated, beside root/train: auto = val/ when present, "
+        "else test/")
     train_samples: int | None = opt(
         None, "use a fixed, class-balanced, seeded subset of this many training images", min=1)
     test_samples: int | None = opt(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as D
 from .augment import Views, apply_views
 from .batching import Batching, mix
 from .config import DataConfig, DataError
@@ -167,11 +168,19 @@ class FolderLoader(Batching):
             yield self.normalize(x), y.to(self.device, non_blocking=True)
 
     def _report_unreadable(self) -> None:
-        if len(self._bad) == self._reported:
-            return
-        self._reported = len(self._bad)
+        """Warn about, or fail on, the unreadable files of the split so far, counted over
+        all ranks (each rank reads its own share): every rank decides alike, at the same
+        batch (a collective under torchrun, once per pass)."""
         bad = list(self._bad.items())
-        check_unreadable(self.source.where, bad, self.n, self.cfg.max_unreadable)
+        shares = D.all_gather_object((len(bad), bad[:1])) if self.world_size > 1 else [
+            (len(bad), bad[:1])]
+        count = sum(c for c, _ in shares)
+        if count == self._reported:
+            return
+        self._reported = count
+        example = next(e for _, e in shares if e)
+        check_unreadable(self.source.where, example, self.n, self.cfg.max_unreadable,
+                         count=count)
 
     def probe(self, count: int = 16) -> None:
         """Decode a few files spread over the split: fail early, in one line, when most

@@ -82,14 +82,19 @@ def list_image_folder(folder: Path, classes: Sequence[str] | None = None,
     return items, list(classes)
 
 
-def split_folders(root: Path) -> tuple[Path, Path]:
-    """root/train and root/val (or root/test), or a one-line error naming what is missing."""
+def split_folders(root: Path, split: str = "auto") -> tuple[Path, Path]:
+    """root/train and root/val (or root/test; `split` names one), or a one-line error
+    naming what is missing."""
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found (data.root)")
     train = root / "train"
     if not train.is_dir():
         raise DataError(f"{root}: no train/ folder (expected {root}/train/<class>/<image> and "
                         "val/ or test/ beside it)")
+    if split != "auto":
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: no {split}/ folder beside train/ (the split asked for)")
+        return train, root / split
     for name in ("val", "test"):
         if (root / name).is_dir():
             return train, root / name
@@ -106,14 +111,16 @@ def open_rgb(path: str):
 
 
 def check_unreadable(where: Path | str, bad: list[tuple[str, str]], total: int,
-                     limit: float) -> None:
+                     limit: float, count: int | None = None) -> None:
     """Warn about the (path, reason) of unreadable files, or fail when more than `limit`
-    of the `total` files of a split are unreadable."""
-    if not bad:
+    of the `total` files of a split are unreadable. `count`: how many there are in all
+    (over every rank) when `bad` lists only some of them."""
+    n = len(bad) if count is None else count
+    if not n or not bad:
         return
-    if len(bad) == total or len(bad) > limit * total:
-        raise DataError(f"{bad[0][0]}: unreadable image ({bad[0][1]}); {len(bad)} of {total} "
+    if n == total or n > limit * total:
+        raise DataError(f"{bad[0][0]}: unreadable image ({bad[0][1]}); {n} of {total} "
                         f"images in {where} are unreadable, more than data.max_unreadable "
                         f"({limit:g})")
-    log.warning("%s: skipped %d unreadable image(s) of %d, e.g. %s (%s)", where, len(bad), total,
+    log.warning("%s: skipped %d unreadable image(s) of %d, e.g. %s (%s)", where, n, total,
                 bad[0][0], bad[0][1])

@@ -96,7 +96,7 @@ def _read_whole(cfg: DataConfig, train: bool, seed: int,
     elif is_torchvision_cifar(cfg):
         data = torchvision_cifar(cfg, train)
     else:
-        train_dir, eval_dir = split_folders(resolve_root(cfg))
+        train_dir, eval_dir = split_folders(resolve_root(cfg), cfg.eval_split)
         data = load_small_folder(train_dir if train else eval_dir, small_size(cfg),
                                  cfg.cache, classes, cfg.max_unreadable, cfg.cache_dir)
     limit = cfg.train_samples if train else cfg.test_samples
@@ -111,7 +111,7 @@ def describe(cfg: DataConfig) -> tuple[int, tuple[int, int, int]]:
         return cfg.synthetic.num_classes, input_size(cfg)
     if is_torchvision_cifar(cfg):
         return (10 if cfg.dataset == "cifar10" else 100), input_size(cfg)
-    train_dir, _ = split_folders(resolve_root(cfg))
+    train_dir, _ = split_folders(resolve_root(cfg), cfg.eval_split)
     return len(class_names(train_dir)), input_size(cfg)
 
 
@@ -127,7 +127,7 @@ def check_available(cfg: DataConfig) -> None:
             raise DataError(f"{root}: no {cfg.dataset} found (expected {root}/train/<class>/ "
                             f"images or torchvision's {base}/; set data.download: true to fetch)")
         return
-    train_dir, eval_dir = split_folders(root)
+    train_dir, eval_dir = split_folders(root, cfg.eval_split)
     train_classes = class_names(train_dir)
     for folder in (train_dir, eval_dir):
         classes = class_names(folder)

@@ -107,7 +107,10 @@ class SoftPruner:
 
     def _grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            mask = self.masks[name].to(grad.device, grad.dtype)
+            mask = self.masks[name]
+            if mask.device != grad.device or mask.dtype != grad.dtype:
+                # moved once, to where the weight lives: no copy in every backward
+                mask = self.masks[name] = mask.to(grad.device, grad.dtype)
             return grad * mask.view(-1, *([1] * (grad.dim() - 1)))
         return hook
 

@@ -2,8 +2,10 @@
 
 Eval mode, no autograd, a few warm-up passes, then timed passes with the device synchronised
 after each (queued GPU work counts), the median kept. Weights and input may be put in
-channels_last memory format (NHWC: the fast path of oneDNN on CPU and of cuDNN under AMP,
-where a pruned net's MAC savings show) or stay contiguous (NCHW). `compare --latency` and
+channels_last memory format (NHWC: the fast path of oneDNN on the CPU, where a pruned
+net's MAC savings show) or stay contiguous (NCHW). The forward runs in fp32, without autocast:
+on a GPU, cuDNN's fastest NHWC (tensor-core) kernels need fp16/bf16, so an fp32 measurement
+there understates what channels_last and pruning bring. `compare --latency` and
 benchmarks/pruned_latency.py both measure through this module.
 
 Backends (`compare --latency-backend`): `torch` times the PyTorch module; `onnxruntime` and

@@ -70,9 +70,11 @@ def _data_config(run_dir: Path, options: EvalOptions) -> tuple[DataConfig, dict]
     if options.split is not None:
         if options.split not in SPLITS:
             raise EvalUsageError(f"--split {options.split}: expected one of {list(SPLITS)}")
+        one_eval_set = cfg.dataset == "synthetic" or is_torchvision_cifar(
+            dataclasses.replace(cfg, **changes))
         if options.split == "val" and cfg.val_split:
             pass  # the validation split held out of the training set (data.val_split)
-        elif cfg.dataset == "synthetic" or is_torchvision_cifar(dataclasses.replace(cfg, **changes)):
+        elif one_eval_set:
             if options.split != "test":
                 raise EvalUsageError(f"--split {options.split}: {cfg.dataset} has only a test "
                                      "split (val/ exists in ImageFolder trees)")

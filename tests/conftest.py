@@ -4,6 +4,7 @@ real CIFAR-10 tree."""
 from __future__ import annotations
 
 import copy
+import logging
 import subprocess
 import sys
 import tempfile
@@ -98,3 +99,21 @@ def cli(capsys):
 
 def python() -> str:
     return sys.executable
+
+
+def _reset_pipeline_loggers() -> None:
+    for name in [n for n in logging.root.manager.loggerDict
+                 if n == "pipeline" or n.startswith("pipeline.")]:
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.NOTSET)
+        lg.handlers.clear()
+        lg.propagate = True
+
+
+@pytest.fixture(autouse=True)
+def _default_pipeline_logging():
+    """An in-process run (in a test or a module fixture) configures the "pipeline" loggers
+    (levels, handlers, propagation): each test starts and ends with the defaults."""
+    _reset_pipeline_loggers()
+    yield
+    _reset_pipeline_loggers()

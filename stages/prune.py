@@ -25,6 +25,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
+from pipeline.precision import eval_precision
 from pipeline.pruning import SELECTION_KEYS, PruneSpec, PruningError, prune_model, remove_filters
 from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate
@@ -138,7 +139,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     if spec.evaluate:
         data = build_data(ctx.run.data, spec.eval_batch_size, spec.eval_batch_size, ctx.run.seed,
                           ctx.device, ctx.dist.rank, ctx.dist.world_size)
-        metrics = evaluate(model.to(ctx.device), data.test, ctx.device, ctx.run.precision)
+        metrics = evaluate(model.to(ctx.device), data.test, ctx.device,
+                           eval_precision(ctx.run.precision, ctx.device))
         summary.update(top1=metrics["top1"], top5=metrics["top5"], test_loss=metrics["test_loss"])
         model.cpu()
     meta = {"stage": ctx.name, "method": method, "ratio": ratio, "policy": policy,

@@ -118,8 +118,8 @@ def time_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str
 
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
             channels_last: bool, best: float | None = None) -> float:
-    """Seconds per training step (the fastest timed step) of a copy of `model` in one candidate setting
-    (stops early when its first timed step is already far behind `best`)."""
+    """Seconds per training step (the fastest timed step) of a copy of `model` in one
+    candidate setting (stops early when its first timed step is far behind `best`)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = copy.deepcopy(model).to(memory_format=fmt).train()
     xb = x.contiguous(memory_format=fmt)

@@ -217,6 +217,7 @@ def stale_reasons(summary: dict, run_dir: Path, code: dict | None = None) -> lis
     return reasons
 
 
-__all__ = ["record_provenance", "record_stage_precision", "read_provenance", "code_version", "is_result_code",
+__all__ = ["record_provenance", "record_stage_precision", "read_provenance", "code_version",
+           "is_result_code",
            "versions", "config_hash", "command_line", "stage_record", "input_record",
            "stale_reasons", "file_sha256"]

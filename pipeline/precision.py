@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -34,8 +33,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (precision, channels_last): the candidates the CPU probe times, in this order
 CANDIDATES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
 WARMUP_STEPS = 1  # untimed: oneDNN creates its kernels on the first step of a shape
-TIMED_STEPS = 2  # timed steps per candidate (the fastest is kept: other processes only
-# ever make a step slower)
+TIMED_STEPS = 2  # timed steps per candidate, in rounds (the fastest is kept)
 HOPELESS = 1.5  # stop timing a candidate whose first step is this many times the best
 
 
@@ -116,39 +114,49 @@ def time_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str
     return time.perf_counter() - start
 
 
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
-            channels_last: bool, best: float | None = None) -> float:
-    """Seconds per training step (the fastest timed step) of a copy of `model` in one
-    candidate setting (stops early when its first timed step is far behind `best`)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = copy.deepcopy(model).to(memory_format=fmt).train()
-    xb = x.contiguous(memory_format=fmt)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9)
-    for _ in range(WARMUP_STEPS):
-        time_step(net, xb, y, precision, opt)
-    times: list[float] = []
-    for _ in range(TIMED_STEPS):
-        times.append(time_step(net, xb, y, precision, opt))
-        if best is not None and times[0] > HOPELESS * best:
-            break
-    return min(times)
+class _Candidate:
+    """A copy of the model in one (precision, memory format) setting, ready to step."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, precision: str, channels_last: bool):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.precision = precision
+        self.net = copy.deepcopy(model).to(memory_format=fmt).train()
+        self.x = x.contiguous(memory_format=fmt)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=1e-6, momentum=0.9)
+
+    def step(self, y: torch.Tensor) -> float:
+        return time_step(self.net, self.x, y, self.precision, self.opt)
+
+
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            candidates=CANDIDATES) -> dict[tuple[str, bool], float]:
+    """Seconds per training step of each candidate setting, on copies of `model`: after an
+    untimed warmup step each, the candidates take turns, one timed step per round, so a
+    change in the machine's load hits all of them alike; each keeps its fastest step (other
+    processes only ever make a step slower). A candidate whose first timed step takes over
+    HOPELESS x the best one is not timed again."""
+    runs = {c: _Candidate(model, x, *c) for c in candidates}
+    for run in runs.values():
+        for _ in range(WARMUP_STEPS):
+            run.step(y)
+    times: dict[tuple[str, bool], list[float]] = {c: [] for c in candidates}
+    for r in range(TIMED_STEPS):
+        best = min((min(t) for t in times.values() if t), default=None)
+        for c, run in runs.items():
+            if r and best is not None and times[c][0] > HOPELESS * best:
+                continue
+            times[c].append(run.step(y))
+    return {c: min(t) for c, t in times.items()}
 
 
 def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-          candidates=CANDIDATES, measure_fn: Callable[..., float] | None = None) -> Decision:
+          candidates=CANDIDATES) -> Decision:
     """Time each (precision, channels_last) candidate on a real batch; the fastest wins
     (ties go to the earlier candidate: fp32 before bf16, NCHW before channels_last)."""
-    measure_fn = measure_fn or measure
-    timings: dict[str, float] = {}
-    best_key, best_t = None, None
-    for precision, cl in candidates:
-        t = float(measure_fn(model, x, y, precision, cl, best_t))
-        timings[candidate_name(precision, cl)] = round(t, 6)
-        if best_t is None or t < best_t:
-            best_key, best_t = (precision, cl), t
-    assert best_key is not None
-    return Decision(best_key[0], best_key[1], "cpu probe", str(x.device), int(x.shape[0]),
-                    timings)
+    measured = measure(model, x, y, candidates)
+    best = min(candidates, key=lambda c: measured[c])  # min keeps the first of equals
+    timings = {candidate_name(*c): round(float(measured[c]), 6) for c in candidates}
+    return Decision(best[0], best[1], "cpu probe", str(x.device), int(x.shape[0]), timings)
 
 
 def decide(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None,

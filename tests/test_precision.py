@@ -23,10 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def forced(times: dict[str, float], calls: list | None = None):
     """A stand-in for `precision.measure` that returns fixed seconds per candidate."""
 
-    def measure(model, x, y, precision, channels_last, best=None):
+    def measure(model, x, y, candidates=P.CANDIDATES):
         if calls is not None:
-            calls.append((precision, channels_last, tuple(x.shape)))
-        return times[P.candidate_name(precision, channels_last)]
+            calls.extend((*c, tuple(x.shape)) for c in candidates)
+        return {c: times[P.candidate_name(*c)] for c in candidates}
 
     return measure
 
@@ -93,13 +93,20 @@ def test_real_probe_times_real_steps_without_touching_the_model():
     assert all(torch.equal(before[k], after[k]) for k in before)  # a copy was trained
 
 
-def test_probe_stops_timing_a_hopeless_candidate(monkeypatch):
-    steps = iter([0.1, 0.1, 0.1,   # fp32: warmup + 2 timed
-                  1.0, 1.0])       # bf16: warmup, then a first timed step 10x the best
-    monkeypatch.setattr(P, "time_step", lambda *a: next(steps))
+def test_probe_takes_turns_and_stops_timing_a_hopeless_candidate(monkeypatch):
+    order: list[str] = []
+    seconds = {"fp32": [0.5, 0.1, 0.1], "bf16": [0.5, 1.0]}  # warmup, then timed steps
+
+    def fake_step(net, x, y, precision, opt):
+        order.append(precision)
+        return seconds[precision].pop(0)
+
+    monkeypatch.setattr(P, "time_step", fake_step)
     x, y = torch.randn(2, 3, 16, 16), torch.randint(4, (2,))
     d = P.probe(build_model(ARCH), x, y, candidates=(("fp32", False), ("bf16", False)))
-    assert d.precision == "fp32" and d.seconds_per_step["bf16"] == pytest.approx(1.0)
+    # warmups, then round 1 in turns; bf16's 1.0 s is > 1.5x fp32's 0.1 s: not timed again
+    assert order == ["fp32", "bf16", "fp32", "bf16", "fp32"]
+    assert d.precision == "fp32" and d.seconds_per_step == {"fp32": 0.1, "bf16": 1.0}
 
 
 @pytest.mark.parametrize("bf16_ok, expected", [(True, "bf16"), (False, "fp16")])

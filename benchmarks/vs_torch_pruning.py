@@ -68,8 +68,8 @@ SHARED = ROOT.parent / "shared" / "data" / "get_cifar10.sh"
 QUICK_TRAIN, QUICK_TEST = 5000, 1000
 SEED = 0  # the study config's seed: the pipeline's subset is balanced_indices(labels, n, 0)
 WRAPPER = """\
-import runpy, sys, torchvision
-torchvision.datasets.CIFAR10._check_integrity = lambda self: True  # pickles written locally
+import os, runpy, sys, torchvision.datasets.cifar as cifar
+cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)  # pickles written locally
 sys.path.insert(0, {reproduce!r})
 sys.argv = [{main!r}] + sys.argv[1:]
 runpy.run_path({main!r}, run_name="__main__")
@@ -133,7 +133,7 @@ def pipeline_side(root: Path, work: Path, quick: bool) -> tuple[float, float | N
     sets = ["name=vs_torch_pruning", f"out_dir={work / 'runs'}", f"data.root={root}",
             "stages.pretrain.epochs=1", "stages.pretrain.eval_every=1",
             "stages.pretrain.schedule.warmup.epochs=0.2",  # 1 epoch: warm up, then decay
-            "logging.progress=off"]
+            "logging.progress='off'"]
     if quick:
         sets += [f"data.train_samples={QUICK_TRAIN}", f"data.test_samples={QUICK_TEST}"]
     cmd = [sys.executable, "-m", "pipeline", "run", str(CONFIG), "--stage", "pretrain",

@@ -15,7 +15,7 @@ import yaml
 
 import pipeline
 from pipeline import checkpoint
-from pipeline.data import SYNTHETIC_MEAN, SYNTHETIC_STD
+from pipeline.data.config import SYNTHETIC_MEAN, SYNTHETIC_STD
 from pipeline.export import (
     FORMATS,
     ExportOptions,

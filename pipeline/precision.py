@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ class Decision:
     device: str = "cpu"
     batch: int | None = None
     seconds_per_step: dict[str, float] = field(default_factory=dict)  # the probe's timings
+    clock: str = "wall"  # what the probe timed: "wall", or "cpu" on a loaded machine
 
     @property
     def label(self) -> str:
@@ -61,7 +63,8 @@ class Decision:
                    how=str(d.get("how", "stored")), device=str(d.get("device", "cpu")),
                    batch=d.get("batch"),
                    seconds_per_step={str(k): float(v)
-                                     for k, v in (d.get("seconds_per_step") or {}).items()})
+                                     for k, v in (d.get("seconds_per_step") or {}).items()},
+                   clock=str(d.get("clock", "wall")))
 
     def describe(self) -> str:
         """One line for the log."""
@@ -69,7 +72,9 @@ class Decision:
         if not self.seconds_per_step:
             return head
         times = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds_per_step.items())
-        return f"{head}; seconds per training step at batch {self.batch}: {times}"
+        clock = ("wall time" if self.clock == "wall" else
+                 "CPU time of this process, the machine being loaded by others")
+        return f"{head}; {clock} per training step at batch {self.batch}: {times}"
 
 
 def candidate_name(precision: str, channels_last: bool) -> str:
@@ -101,9 +106,10 @@ def eval_precision(precision: str, device: torch.device) -> str:
 
 
 def time_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
-              optimizer: torch.optim.Optimizer) -> float:
-    """Seconds of one training step (forward, loss, backward, optimizer step)."""
-    start = time.perf_counter()
+              optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one training step (forward, loss,
+    backward, optimizer step)."""
+    start, cpu = time.perf_counter(), time.process_time()
     with autocast(x.device, precision):
         loss = nn.functional.cross_entropy(model(x).float(), y)
     optimizer.zero_grad(set_to_none=True)
@@ -111,7 +117,26 @@ def time_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str
     optimizer.step()
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def cpus_available() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def machine_clock() -> str:
+    """What the CPU probe should time: wall time on a machine this process has to itself;
+    its own CPU time when other processes keep the CPUs busy (1-minute load average above
+    the CPUs available), where wall time would time them: measured with ~5 busy processes
+    on 2 cores, the wall time of one fp32 step scattered between 2.6 and 25 s."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "wall"
+    return "cpu" if load > cpus_available() else "wall"
 
 
 class _Candidate:
@@ -124,12 +149,13 @@ class _Candidate:
         self.x = x.contiguous(memory_format=fmt)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=1e-6, momentum=0.9)
 
-    def step(self, y: torch.Tensor) -> float:
-        return time_step(self.net, self.x, y, self.precision, self.opt)
+    def step(self, y: torch.Tensor, clock: str) -> float:
+        wall, cpu = time_step(self.net, self.x, y, self.precision, self.opt)
+        return cpu if clock == "cpu" else wall
 
 
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-            candidates=CANDIDATES) -> dict[tuple[str, bool], float]:
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, candidates=CANDIDATES,
+            clock: str = "wall") -> dict[tuple[str, bool], float]:
     """Seconds per training step of each candidate setting, on copies of `model`: after an
     untimed warmup step each, the candidates take turns, one timed step per round, so a
     change in the machine's load hits all of them alike; each keeps its fastest step (other
@@ -138,25 +164,28 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     runs = {c: _Candidate(model, x, *c) for c in candidates}
     for run in runs.values():
         for _ in range(WARMUP_STEPS):
-            run.step(y)
+            run.step(y, clock)
     times: dict[tuple[str, bool], list[float]] = {c: [] for c in candidates}
     for r in range(TIMED_STEPS):
         best = min((min(t) for t in times.values() if t), default=None)
         for c, run in runs.items():
             if r and best is not None and times[c][0] > HOPELESS * best:
                 continue
-            times[c].append(run.step(y))
+            times[c].append(run.step(y, clock))
     return {c: min(t) for c, t in times.items()}
 
 
-def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-          candidates=CANDIDATES) -> Decision:
+def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, candidates=CANDIDATES,
+          clock: str | None = None) -> Decision:
     """Time each (precision, channels_last) candidate on a real batch; the fastest wins
-    (ties go to the earlier candidate: fp32 before bf16, NCHW before channels_last)."""
-    measured = measure(model, x, y, candidates)
+    (ties go to the earlier candidate: fp32 before bf16, NCHW before channels_last).
+    `clock`: "wall" or "cpu" (default: `machine_clock()`)."""
+    clock = clock or machine_clock()
+    measured = measure(model, x, y, candidates, clock)
     best = min(candidates, key=lambda c: measured[c])  # min keeps the first of equals
     timings = {candidate_name(*c): round(float(measured[c]), 6) for c in candidates}
-    return Decision(best[0], best[1], "cpu probe", str(x.device), int(x.shape[0]), timings)
+    return Decision(best[0], best[1], "cpu probe", str(x.device), int(x.shape[0]), timings,
+                    clock)
 
 
 def decide(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None,
@@ -176,4 +205,4 @@ def decide(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None,
 
 
 __all__ = ["AUTO", "CANDIDATES", "Decision", "autocast", "candidate_name", "cuda_rule",
-           "decide", "eval_precision", "measure", "probe", "time_step"]
+           "decide", "eval_precision", "machine_clock", "measure", "probe", "time_step"]

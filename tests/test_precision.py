@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def forced(times: dict[str, float], calls: list | None = None):
     """A stand-in for `precision.measure` that returns fixed seconds per candidate."""
 
-    def measure(model, x, y, candidates=P.CANDIDATES):
+    def measure(model, x, y, candidates=P.CANDIDATES, clock="wall"):
         if calls is not None:
             calls.extend((*c, tuple(x.shape)) for c in candidates)
         return {c: times[P.candidate_name(*c)] for c in candidates}
@@ -99,14 +99,35 @@ def test_probe_takes_turns_and_stops_timing_a_hopeless_candidate(monkeypatch):
 
     def fake_step(net, x, y, precision, opt):
         order.append(precision)
-        return seconds[precision].pop(0)
+        t = seconds[precision].pop(0)
+        return t, 2 * t  # (wall, CPU)
 
     monkeypatch.setattr(P, "time_step", fake_step)
     x, y = torch.randn(2, 3, 16, 16), torch.randint(4, (2,))
-    d = P.probe(build_model(ARCH), x, y, candidates=(("fp32", False), ("bf16", False)))
+    d = P.probe(build_model(ARCH), x, y, candidates=(("fp32", False), ("bf16", False)),
+                clock="wall")
     # warmups, then round 1 in turns; bf16's 1.0 s is > 1.5x fp32's 0.1 s: not timed again
     assert order == ["fp32", "bf16", "fp32", "bf16", "fp32"]
     assert d.precision == "fp32" and d.seconds_per_step == {"fp32": 0.1, "bf16": 1.0}
+    assert d.clock == "wall" and "wall time per training step" in d.describe()
+
+
+def test_a_loaded_machine_is_probed_by_cpu_time(monkeypatch):
+    # bf16 steps wait longer for the CPU (wall) but compute less (CPU time)
+    steps = {"fp32": (0.2, 0.30), "bf16": (0.5, 0.25)}
+    monkeypatch.setattr(P, "time_step", lambda net, x, y, precision, opt: steps[precision])
+    monkeypatch.setattr(P, "cpus_available", lambda: 2)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(4, (2,))
+    two = (("fp32", False), ("bf16", False))
+    monkeypatch.setattr(P.os, "getloadavg", lambda: (0.8, 0.8, 0.8))
+    d = P.probe(build_model(ARCH), x, y, candidates=two)
+    assert (d.clock, d.precision) == ("wall", "fp32")
+    monkeypatch.setattr(P.os, "getloadavg", lambda: (9.5, 9.0, 8.0))
+    d = P.probe(build_model(ARCH), x, y, candidates=two)
+    assert (d.clock, d.precision) == ("cpu", "bf16")
+    assert d.seconds_per_step == {"fp32": 0.3, "bf16": 0.25}
+    assert "CPU time of this process" in d.describe()
+    assert P.Decision.from_dict(d.as_dict()) == d  # what a checkpoint stores comes back
 
 
 @pytest.mark.parametrize("bf16_ok, expected", [(True, "bf16"), (False, "fp16")])

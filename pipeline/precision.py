@@ -73,8 +73,8 @@ class Decision:
             return head
         times = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds_per_step.items())
         clock = ("wall time" if self.clock == "wall" else
-                 "CPU time of this process, the machine being loaded by others")
-        return f"{head}; {clock} per training step at batch {self.batch}: {times}"
+                 "CPU time of this process: other processes load the machine")
+        return f"{head}; per training step at batch {self.batch} ({clock}): {times}"
 
 
 def candidate_name(precision: str, channels_last: bool) -> str:

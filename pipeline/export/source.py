@@ -15,6 +15,7 @@ from .. import checkpoint
 from ..config import Loader
 from ..data import DataConfig, build_data, check_available, input_size, normalization
 from ..errors import PipelineError, UsageError, did_you_mean, first_line
+from ..models import model_from_payload
 from ..provenance import file_sha256, read_provenance
 from ..rundir import CONFIG_FILE, MODEL_FILE, read_config, read_summary, stage_specs
 
@@ -80,7 +81,7 @@ def load_source(stage_dir: str | Path, data_root: str | None = None) -> ExportSo
                                "the input size and normalization of the export")
     try:
         payload = checkpoint.load(model_path)
-        model = checkpoint.model_from_payload(payload, str(model_path))
+        model = model_from_payload(payload, str(model_path))
     except checkpoint.CheckpointError as err:  # a file the user pointed at: usage, exit 2
         raise ExportUsageError(first_line(err)) from None
     data = Loader(str(config_path)).load(DataConfig, plain.get("data") or {}, "data")

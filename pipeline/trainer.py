@@ -227,9 +227,10 @@ class Trainer:
                                            required=TRAINER_KEYS)
         self.decision = self._decide_precision(model, cfg.precision or run.precision)
         self.precision, self.channels_last = self.decision.precision, self.decision.channels_last
-        for loader in (data.train, data.test):
-            loader.memory_format = (torch.channels_last if self.channels_last
-                                    else torch.contiguous_format)
+        for loader in (data.train, data.test):  # the pipeline's loaders batch in a format
+            if hasattr(loader, "memory_format"):
+                loader.memory_format = (torch.channels_last if self.channels_last
+                                        else torch.contiguous_format)
         self.model = self._placed(model)
         self.module = self.model  # the unwrapped module, what gets saved
         self.optimizer = build_optimizer(self.module, cfg.optimizer, base_lr)

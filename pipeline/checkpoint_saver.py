@@ -42,6 +42,7 @@ class CheckpointSaver:
     def __init__(self, folder: Path, dist: D.DistInfo, *, stage: str,
                  required: tuple[str, ...] = ()):
         self.folder, self.dist, self.stage, self.required = Path(folder), dist, stage, required
+        self._peeked: dict[Path, dict] = {}  # states `peek` read, handed to `resume`
 
     @property
     def last_path(self) -> Path:
@@ -121,7 +122,27 @@ class CheckpointSaver:
             _set_aside(corrupt)
         return None
 
+    def peek(self, key: str):
+        """Rank 0's value of `key` in the newest readable checkpoint (None when there is
+        none, or it lacks the key), on every rank. Read before the trainer is set up (e.g.
+        the precision a stage started with); `resume` reuses the state read here."""
+        value = None
+        if self.dist.is_main:
+            for path in (self.last_path, self.prev_path):
+                if not path.exists():
+                    continue
+                try:
+                    state = self._load(path)
+                except ckpt.CheckpointError:
+                    continue  # resume reports it and falls back
+                self._peeked[path] = state
+                value = state.get(key)
+                break
+        return D.broadcast_object(value)
+
     def _load(self, path: Path) -> dict:
+        if path in self._peeked:
+            return self._peeked.pop(path)
         state = ckpt.load(path)
         missing = [k for k in self.required if k not in state]
         if missing:

@@ -28,7 +28,8 @@ def build_plan(run) -> dict:
 def format_text(plan: dict) -> str:
     """The plan for people: one block per stage."""
     lines = [f"run {plan['name']} -> {plan['run_dir']}  (seed {plan['seed']}, device "
-             f"{plan['device']}, precision {plan['precision']})",
+             f"{plan['device']}, precision {plan['precision']}"
+             f"{' (decided at start)' if plan['precision'] == 'auto' else ''})",
              f"data: {plan['data']['dataset']} ({plan['data']['train_images']} train images, "
              f"{plan['data']['train_images_source']});  model: {plan['model']['arch']}"]
     for s in plan["stages"]:

@@ -135,10 +135,22 @@ def record_provenance(run_dir: Path, cfg, config_path: str, overrides: list[str]
             "device_name": device_name(device),
             "world_size": int(os.environ.get("WORLD_SIZE", 1)), "seed": cfg.seed,
             "config_hash": config_hash(to_plain(cfg)), "host": platform.node()}
+    before = read_json(Path(run_dir) / "provenance.json") or {}
+    if before.get("precision_decisions"):  # stages decided by an earlier invocation
+        info["precision_decisions"] = before["precision_decisions"]
     write_json(Path(run_dir) / "provenance.json", info)
     with open(Path(run_dir) / "provenance.log.jsonl", "a") as f:
         f.write(json.dumps(info) + "\n")
     return info
+
+
+def record_stage_precision(run_dir: Path, stage: str, decision: dict) -> None:
+    """Add what `precision: auto` chose for `stage` to <run_dir>/provenance.json (under
+    `precision_decisions`; written again for a resumed stage, which keeps its choice)."""
+    path = Path(run_dir) / "provenance.json"
+    info = read_json(path) or {}
+    info.setdefault("precision_decisions", {})[stage] = decision
+    write_json(path, info)
 
 
 def read_provenance(run_dir: Path) -> dict | None:
@@ -205,6 +217,7 @@ def stale_reasons(summary: dict, run_dir: Path, code: dict | None = None) -> lis
     return reasons
 
 
-__all__ = ["record_provenance", "read_provenance", "code_version", "is_result_code",
+__all__ = ["record_provenance", "record_stage_precision", "read_provenance", "code_version",
+           "is_result_code",
            "versions", "config_hash", "command_line", "stage_record", "input_record",
            "stale_reasons", "file_sha256"]

@@ -28,8 +28,9 @@ class RunConfig:
     out_dir: str = opt("checkpoints", "folder that holds run directories")
     seed: int = opt(0, "seed of weights init, data order and augmentation", min=0)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    precision: Literal["fp32", "bf16", "fp16"] = opt(
-        "fp32", "default mixed precision of every training stage (fp16 needs CUDA)")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = opt(
+        "fp32", "default mixed precision of every training stage (fp16 needs CUDA; auto: "
+        "decided at each training stage's start, see stages.<name>.precision)")
     data: DataConfig = opt(DataConfig, "data set")
     model: ModelConfig = opt(ModelConfig, "network")
     stages: dict[str, Any] = opt({}, "stage name -> stage spec, run in the order written")

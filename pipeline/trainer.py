@@ -49,6 +49,7 @@ from .config import ConfigError, opt
 from .csvlog import CsvLog
 from .errors import PipelineError
 from .modes import eval_mode, freeze
+from .precision import AUTO, Decision, decide
 from .recipes import (
     DistillConfig,
     ModelEMA,
@@ -67,10 +68,11 @@ from .schedules import LinearScaling, Schedule, ScheduleConfig
 
 log = logging.getLogger("pipeline")
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "top1", "top5", "seconds"]
 VAL_FIELDS = ["val_loss", "val_top1", "val_top5"]  # with data.val_split
 TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "acc", "images", "images_per_s"]
+DECISION_KEY = "precision_decision"  # what `precision: auto` chose, kept across a resume
 TRAINER_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "best_top1", "best_epoch",
                 "epoch_acc", "rng", "steps_per_epoch")
 
@@ -116,7 +118,11 @@ class TrainConfig:
         "pretrain/scratch default 0.1, finetune default the lowest lr upstream", min=0)
     optimizer: OptimizerConfig = opt(OptimizerConfig, "optimizer settings")
     schedule: ScheduleConfig = opt(ScheduleConfig, "lr schedule (pure function of the step)")
-    precision: Precision | None = opt(None, "fp32 | bf16 | fp16 (default: the run's precision)")
+    precision: Precision | None = opt(
+        None, "fp32 | bf16 | fp16 | auto (default: the run's precision); auto: bf16 on a GPU "
+        "that supports it, else fp16; on the CPU a probe at the stage start times fp32 and "
+        "bf16, NCHW and channels_last, on the stage's model and batch and takes the fastest "
+        "(it then decides channels_last too); a resumed stage keeps its first choice")
     grad_clip: float | None = opt(None, "clip the gradient norm to this value", gt=0)
     label_smoothing: float = opt(0.0, "label smoothing epsilon", min=0, lt=1)
     mixup: float = opt(0.0, "mixup alpha (0 = off)", min=0)
@@ -161,6 +167,20 @@ def autocast_context(device: torch.device, precision: str):
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def first_batch(loader) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first training batch of epoch 0 (what the precision probe times)."""
+    loader.set_epoch(0)
+    it = loader.iterate(0)
+    try:
+        return next(it)
+    except StopIteration:
+        return None
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 @torch.no_grad()
@@ -217,7 +237,6 @@ class Trainer:
                  epoch_end_hooks: list[Hook] | None = None, schedule=None):
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.device, self.dist, self.seed = run.device, run.dist, run.seed
-        self.precision = cfg.precision or run.precision
         self.arch, self.base_lr, self.num_classes = arch, base_lr, arch["num_classes"]
         self.meta = dict(meta or {})
         self.stage = str(self.meta.get("stage", self.out_dir.name))
@@ -226,6 +245,14 @@ class Trainer:
         self.tensorboard = run.tensorboard and self.dist.is_main
         self.epoch_end_hooks = list(epoch_end_hooks or [])
         self._check_batch_size()
+        self.checkpoints = CheckpointSaver(self.out_dir, self.dist, stage=self.stage,
+                                           required=TRAINER_KEYS)
+        self.decision = self._decide_precision(model, cfg.precision or run.precision)
+        self.precision, self.channels_last = self.decision.precision, self.decision.channels_last
+        for loader in (data.train, data.test, getattr(data, "val", None)):  # batch formats
+            if hasattr(loader, "memory_format"):
+                loader.memory_format = (torch.channels_last if self.channels_last
+                                        else torch.contiguous_format)
         self.model = self._placed(model)
         self.module = self.model  # the unwrapped module, what gets saved
         self.optimizer = self._build_optimizer(self.module, cfg.optimizer, base_lr)
@@ -256,8 +283,6 @@ class Trainer:
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.saved_step: int | None = None  # global step of the newest checkpoint on disk
         self._saved_world: int | None = None  # processes that wrote the resumed checkpoint
-        self.checkpoints = CheckpointSaver(self.out_dir, self.dist, stage=self.stage,
-                                           required=TRAINER_KEYS)
         self.val = getattr(data, "val", None)  # the validation split: best epoch by it
         self.metrics_log = CsvLog(self.out_dir / "metrics.csv", METRIC_FIELDS + (
             ["bn_l1"] if self.sparse_scales else []) + (
@@ -277,10 +302,30 @@ class Trainer:
         # sync (for a non-fused optimizer it reads the inf check with .item())
         return build_optimizer(module, cfg, base_lr, fused=self.device.type == "cuda")
 
+    def _decide_precision(self, model: nn.Module, configured: str) -> Decision:
+        """The stage's precision and memory format: as configured, or for `auto` the choice
+        stored in its checkpoint (a resumed stage keeps it), else a fresh decision
+        (`pipeline.precision.decide`: the CUDA rule, or the CPU probe on the first batch),
+        made on rank 0 and shared with the others."""
+        if configured != AUTO:
+            return Decision(configured, self.cfg.channels_last, "config", str(self.device))
+        stored = self.checkpoints.peek(DECISION_KEY)
+        if stored:
+            decision = Decision.from_dict(stored)
+            log.info("stage %s: %s (kept from the checkpoint the stage resumes)", self.stage,
+                     decision.label)
+            return decision
+        decision = None
+        if self.dist.is_main:
+            batch = first_batch(self.data.train) if self.device.type != "cuda" else None
+            decision = decide(model.to(self.device), batch, self.device, self.cfg.channels_last)
+            log.info("stage %s: %s", self.stage, decision.describe())
+        return D.broadcast_object(decision)
+
     def _placed(self, model: nn.Module) -> nn.Module:
         """The model on the device, in its memory format, with SyncBatchNorm if asked."""
         model = model.to(self.device)
-        if self.cfg.channels_last:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.dist.enabled and self.cfg.sync_bn:
             if self.device.type == "cuda":
@@ -324,6 +369,7 @@ class Trainer:
             "best_epoch": self.best_epoch, "epoch_acc": self._global_acc().cpu(),
             "rng": rng_state(self.device), "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.dist.world_size, "precision": self.precision,
+            "channels_last": self.channels_last, DECISION_KEY: self.decision.as_dict(),
         })
         return payload
 

@@ -27,6 +27,7 @@ from pipeline import distributed as D
 from pipeline.config import Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
+from pipeline.precision import eval_precision
 from pipeline.pruning import (
     CRITERIA,
     SELECTION_KEYS,
@@ -183,7 +184,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     if spec.evaluate:
         data = build_data(ctx.run.data, spec.eval_batch_size, spec.eval_batch_size, ctx.run.seed,
                           ctx.device, ctx.dist.rank, ctx.dist.world_size)
-        metrics = evaluate_splits(model.to(ctx.device), data, ctx.device, ctx.run.precision)
+        metrics = evaluate_splits(model.to(ctx.device), data, ctx.device,
+                                  eval_precision(ctx.run.precision, ctx.device))
         summary.update(metrics)
         model.cpu()
     meta = {"stage": ctx.name, "method": method, "ratio": ratio, "policy": policy,

@@ -15,6 +15,8 @@ from pipeline.config import Loader
 from pipeline.data import build_data
 from pipeline.data.sizes import steps_per_epoch
 from pipeline.models import count_macs, count_params
+from pipeline.precision import AUTO, eval_precision
+from pipeline.provenance import record_stage_precision
 from pipeline.recipes import FrozenTeacher
 from pipeline.rundir import MODEL_FILE
 from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
@@ -67,7 +69,9 @@ class TrainingStage(Stage):
 
 
 def precision_of(spec: TrainConfig, ctx: StageContext) -> str:
-    return spec.precision or ctx.run.precision
+    """The precision an evaluation-only pass of the stage uses (auto resolved without a
+    probe: `pipeline.precision.eval_precision`)."""
+    return eval_precision(spec.precision or ctx.run.precision, ctx.device)
 
 
 def eval_batch(spec: TrainConfig) -> int:
@@ -93,6 +97,9 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
                       teacher=teacher, meta={"stage": ctx.name, **(meta or {})},
                       epoch_end_hooks=epoch_end_hooks,
                       schedule=None if schedule is None else schedule(trainer_steps(data)))
+    decision = trainer.decision
+    if ctx.dist.is_main and (spec.precision or ctx.run.precision) == AUTO:
+        record_stage_precision(ctx.run_dir, ctx.name, decision.as_dict())
     result = trainer.fit()
     final = trainer.final_model()
     with D.together():  # rank 0 writes; a failure there stops every rank
@@ -102,7 +109,9 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
     macs = count_macs(final, data.input_size)
     return {**result, "params": count_params(final), "macs": macs["total"],
             "conv_macs": macs["conv"], "lr": base_lr, "batch_size": spec.batch_size,
-            "steps_per_epoch": trainer.steps_per_epoch, "train_seconds": time.perf_counter() - t0}
+            "steps_per_epoch": trainer.steps_per_epoch, "train_seconds": time.perf_counter() - t0,
+            "precision": decision.precision, "channels_last": decision.channels_last,
+            "precision_decision": decision.as_dict()}
 
 
 def trainer_steps(data) -> int:
@@ -170,8 +179,9 @@ def _zero_init(run, spec) -> bool | None:
 def _training_lines(s: dict) -> list[str]:
     o, sch = s["optimizer"], s["schedule"]
     every = s.get("eval_every", 1)
+    precision = s["precision"] + (" (decided at start)" if s["precision"] == AUTO else "")
     lines = [f"    epochs {s['epochs']}, batch {s['batch_size']} "
-             f"({s['steps_per_epoch']} steps/epoch, {s['total_steps']} steps), {s['precision']}"
+             f"({s['steps_per_epoch']} steps/epoch, {s['total_steps']} steps), {precision}"
              + (f", test every {every} epochs" if every > 1 else ""),
              f"    lr {s['lr']:g} ({s['lr_source']})"]
     opt_line = f"    {o['name']}"

@@ -1,0 +1,208 @@
+"""`precision: auto`: the precision (and, on the CPU, the memory format) a training stage
+computes fastest in on the machine it runs on, decided once at the stage's start.
+
+On CUDA the rule is fixed: bf16 autocast where the GPU supports it
+(`torch.cuda.is_bf16_supported()`, Ampere and newer), else fp16 autocast with a GradScaler.
+On the CPU no rule holds: bf16 is ~1.9x faster than fp32 on a CPU with AMX (Intel Sapphire
+Rapids and newer) and 3-10x slower on one without (bf16 emulated through fp32 convolutions),
+and channels_last wins or loses by model and batch. So `probe` times a few training steps
+(forward, loss, backward, SGD step) of the stage's own model on a real batch of the stage's
+own size in each of fp32 / bf16 x NCHW / channels_last, on a copy of the model (the weights
+the stage trains are not touched), and picks the fastest.
+
+The decision is a plain dict (`Decision.as_dict`) stored in the stage's checkpoints, summary
+and the run's provenance, so a resumed stage reuses it instead of probing again: a stage
+never switches precision halfway.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("pipeline")
+
+AUTO = "auto"
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (precision, channels_last): the candidates the CPU probe times, in this order
+CANDIDATES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
+WARMUP_STEPS = 1  # untimed: oneDNN creates its kernels on the first step of a shape
+TIMED_STEPS = 2  # timed steps per candidate, in rounds (the fastest is kept)
+HOPELESS = 1.5  # stop timing a candidate whose first step is this many times the best
+
+
+@dataclass
+class Decision:
+    """What `precision: auto` chose for a stage, and why."""
+
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+    how: str  # "cpu probe" | "cuda rule" | "config"
+    device: str = "cpu"
+    batch: int | None = None
+    seconds_per_step: dict[str, float] = field(default_factory=dict)  # the probe's timings
+    clock: str = "wall"  # what the probe timed: "wall", or "cpu" on a loaded machine
+
+    @property
+    def label(self) -> str:
+        return candidate_name(self.precision, self.channels_last)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Decision:
+        return cls(precision=str(d["precision"]), channels_last=bool(d["channels_last"]),
+                   how=str(d.get("how", "stored")), device=str(d.get("device", "cpu")),
+                   batch=d.get("batch"),
+                   seconds_per_step={str(k): float(v)
+                                     for k, v in (d.get("seconds_per_step") or {}).items()},
+                   clock=str(d.get("clock", "wall")))
+
+    def describe(self) -> str:
+        """One line for the log."""
+        head = f"precision auto ({self.how} on {self.device}): {self.label}"
+        if not self.seconds_per_step:
+            return head
+        times = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds_per_step.items())
+        clock = ("wall time" if self.clock == "wall" else
+                 "CPU time of this process: other processes load the machine")
+        return f"{head}; per training step at batch {self.batch} ({clock}): {times}"
+
+
+def candidate_name(precision: str, channels_last: bool) -> str:
+    return f"{precision}{' channels_last' if channels_last else ''}"
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast for bf16/fp16; nothing for fp32."""
+    dtype = DTYPES[precision]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def cuda_rule(device: torch.device, channels_last: bool) -> Decision:
+    """bf16 where the GPU computes it natively, else fp16 (the trainer adds a GradScaler)."""
+    bf16 = torch.cuda.is_bf16_supported()
+    return Decision("bf16" if bf16 else "fp16", channels_last, "cuda rule", str(device))
+
+
+def eval_precision(precision: str, device: torch.device) -> str:
+    """The precision an evaluation-only pass uses for `precision` (auto: the CUDA rule on
+    a GPU, fp32 on the CPU, where nothing is trained that a probe could be sized on)."""
+    if precision != AUTO:
+        return precision
+    if torch.device(device).type == "cuda":
+        return cuda_rule(torch.device(device), False).precision
+    return "fp32"
+
+
+def time_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
+              optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one training step (forward, loss,
+    backward, optimizer step)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    with autocast(x.device, precision):
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def cpus_available() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def machine_clock() -> str:
+    """What the CPU probe should time: wall time on a machine this process has to itself;
+    its own CPU time when other processes keep the CPUs busy (1-minute load average above
+    the CPUs available), where wall time would time them: measured with ~5 busy processes
+    on 2 cores, the wall time of one fp32 step scattered between 2.6 and 25 s."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "wall"
+    return "cpu" if load > cpus_available() else "wall"
+
+
+class _Candidate:
+    """A copy of the model in one (precision, memory format) setting, ready to step."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, precision: str, channels_last: bool):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.precision = precision
+        self.net = copy.deepcopy(model).to(memory_format=fmt).train()
+        self.x = x.contiguous(memory_format=fmt)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=1e-6, momentum=0.9)
+
+    def step(self, y: torch.Tensor, clock: str) -> float:
+        wall, cpu = time_step(self.net, self.x, y, self.precision, self.opt)
+        return cpu if clock == "cpu" else wall
+
+
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, candidates=CANDIDATES,
+            clock: str = "wall") -> dict[tuple[str, bool], float]:
+    """Seconds per training step of each candidate setting, on copies of `model`: after an
+    untimed warmup step each, the candidates take turns, one timed step per round, so a
+    change in the machine's load hits all of them alike; each keeps its fastest step (other
+    processes only ever make a step slower). A candidate whose first timed step takes over
+    HOPELESS x the best one is not timed again."""
+    runs = {c: _Candidate(model, x, *c) for c in candidates}
+    for run in runs.values():
+        for _ in range(WARMUP_STEPS):
+            run.step(y, clock)
+    times: dict[tuple[str, bool], list[float]] = {c: [] for c in candidates}
+    for r in range(TIMED_STEPS):
+        best = min((min(t) for t in times.values() if t), default=None)
+        for c, run in runs.items():
+            if r and best is not None and times[c][0] > HOPELESS * best:
+                continue
+            times[c].append(run.step(y, clock))
+    return {c: min(t) for c, t in times.items()}
+
+
+def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, candidates=CANDIDATES,
+          clock: str | None = None) -> Decision:
+    """Time each (precision, channels_last) candidate on a real batch; the fastest wins
+    (ties go to the earlier candidate: fp32 before bf16, NCHW before channels_last).
+    `clock`: "wall" or "cpu" (default: `machine_clock()`)."""
+    clock = clock or machine_clock()
+    measured = measure(model, x, y, candidates, clock)
+    best = min(candidates, key=lambda c: measured[c])  # min keeps the first of equals
+    timings = {candidate_name(*c): round(float(measured[c]), 6) for c in candidates}
+    return Decision(best[0], best[1], "cpu probe", str(x.device), int(x.shape[0]), timings,
+                    clock)
+
+
+def decide(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None,
+           device: torch.device, channels_last: bool) -> Decision:
+    """The decision for a stage with `precision: auto` that starts afresh: the CUDA rule on
+    a GPU (memory format as configured), the probe on the CPU (`batch`: a real training
+    batch of the stage's size)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_rule(device, channels_last)
+    if batch is None:
+        return Decision("fp32", channels_last, "no batch to probe", str(device))
+    x, y = batch
+    with torch.random.fork_rng(devices=[]):  # the probe leaves the run's RNG streams alone
+        decision = probe(model, x, y)
+    return decision
+
+
+__all__ = ["AUTO", "CANDIDATES", "Decision", "autocast", "candidate_name", "cuda_rule",
+           "decide", "eval_precision", "machine_clock", "measure", "probe", "time_step"]

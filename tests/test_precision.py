@@ -1,0 +1,210 @@
+"""`precision: auto`: the CPU probe (with a forced outcome and for real on a tiny model), the
+CUDA rule (torch.cuda mocked), the choice kept by a resumed stage, and what the summary, the
+checkpoint, the provenance and `--dry-run` say."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline import precision as P
+from pipeline.models import build_model
+from pipeline.trainer import RunSettings, TrainConfig, Trainer
+
+ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def forced(times: dict[str, float], calls: list | None = None):
+    """A stand-in for `precision.measure` that returns fixed seconds per candidate."""
+
+    def measure(model, x, y, candidates=P.CANDIDATES, clock="wall"):
+        if calls is not None:
+            calls.extend((*c, tuple(x.shape)) for c in candidates)
+        return {c: times[P.candidate_name(*c)] for c in candidates}
+
+    return measure
+
+
+BF16_CL_WINS = {"fp32": 0.40, "fp32 channels_last": 0.35, "bf16": 0.30,
+                "bf16 channels_last": 0.20}
+FP32_WINS = {"fp32": 0.10, "fp32 channels_last": 0.35, "bf16": 0.90, "bf16 channels_last": 0.8}
+
+
+class Batches:
+    def __init__(self, n_batches: int, batch: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n_batches, batch, 3, 16, 16, generator=g)
+        self.y = torch.randint(4, (n_batches, batch), generator=g)
+        self.memory_format = torch.contiguous_format
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def iterate(self, start: int = 0):
+        for b in range(start, len(self)):
+            yield self.x[b].contiguous(memory_format=self.memory_format), self.y[b]
+
+    def __iter__(self):
+        return self.iterate(0)
+
+
+def make_trainer(out_dir, epochs: int = 1, precision: str = "auto") -> Trainer:
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, log_interval=100)
+    torch.manual_seed(0)
+    data = SimpleNamespace(train=Batches(3), test=Batches(1, seed=1))
+    run = RunSettings(precision=precision, show_progress=False)
+    return Trainer(build_model(ARCH), cfg, data, out_dir, run=run, arch=ARCH, base_lr=0.05,
+                   meta={"stage": "pretrain"})
+
+
+def test_probe_picks_the_fastest_candidate_and_keeps_every_timing(monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(P, "measure", forced(BF16_CL_WINS, calls))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(4, (8,))
+    d = P.decide(build_model(ARCH), (x, y), torch.device("cpu"), channels_last=False)
+    assert (d.precision, d.channels_last, d.how, d.batch) == ("bf16", True, "cpu probe", 8)
+    assert d.seconds_per_step == BF16_CL_WINS  # all four timed, on the real batch
+    assert [c[:2] for c in calls] == list(P.CANDIDATES) and {c[2] for c in calls} == {x.shape}
+    assert "bf16 channels_last" in d.describe() and "200 ms" in d.describe()
+    monkeypatch.setattr(P, "measure", forced(FP32_WINS))
+    d = P.decide(build_model(ARCH), (x, y), torch.device("cpu"), channels_last=True)
+    assert (d.precision, d.channels_last) == ("fp32", False)  # the probe overrides the config
+
+
+def test_real_probe_times_real_steps_without_touching_the_model():
+    model = build_model(ARCH)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(4, (4,))
+    d = P.probe(model, x, y)
+    assert set(d.seconds_per_step) == {P.candidate_name(*c) for c in P.CANDIDATES}
+    assert all(t > 0 for t in d.seconds_per_step.values())
+    best = min(d.seconds_per_step, key=d.seconds_per_step.get)
+    assert d.label == best
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # a copy was trained
+
+
+def test_probe_takes_turns_and_stops_timing_a_hopeless_candidate(monkeypatch):
+    order: list[str] = []
+    seconds = {"fp32": [0.5, 0.1, 0.1], "bf16": [0.5, 1.0]}  # warmup, then timed steps
+
+    def fake_step(net, x, y, precision, opt):
+        order.append(precision)
+        t = seconds[precision].pop(0)
+        return t, 2 * t  # (wall, CPU)
+
+    monkeypatch.setattr(P, "time_step", fake_step)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(4, (2,))
+    d = P.probe(build_model(ARCH), x, y, candidates=(("fp32", False), ("bf16", False)),
+                clock="wall")
+    # warmups, then round 1 in turns; bf16's 1.0 s is > 1.5x fp32's 0.1 s: not timed again
+    assert order == ["fp32", "bf16", "fp32", "bf16", "fp32"]
+    assert d.precision == "fp32" and d.seconds_per_step == {"fp32": 0.1, "bf16": 1.0}
+    assert d.clock == "wall" and "(wall time)" in d.describe()
+
+
+def test_a_loaded_machine_is_probed_by_cpu_time(monkeypatch):
+    # bf16 steps wait longer for the CPU (wall) but compute less (CPU time)
+    steps = {"fp32": (0.2, 0.30), "bf16": (0.5, 0.25)}
+    monkeypatch.setattr(P, "time_step", lambda net, x, y, precision, opt: steps[precision])
+    monkeypatch.setattr(P, "cpus_available", lambda: 2)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(4, (2,))
+    two = (("fp32", False), ("bf16", False))
+    monkeypatch.setattr(P.os, "getloadavg", lambda: (0.8, 0.8, 0.8))
+    d = P.probe(build_model(ARCH), x, y, candidates=two)
+    assert (d.clock, d.precision) == ("wall", "fp32")
+    monkeypatch.setattr(P.os, "getloadavg", lambda: (9.5, 9.0, 8.0))
+    d = P.probe(build_model(ARCH), x, y, candidates=two)
+    assert (d.clock, d.precision) == ("cpu", "bf16")
+    assert d.seconds_per_step == {"fp32": 0.3, "bf16": 0.25}
+    assert "CPU time of this process" in d.describe()
+    assert P.Decision.from_dict(d.as_dict()) == d  # what a checkpoint stores comes back
+
+
+@pytest.mark.parametrize("bf16_ok, expected", [(True, "bf16"), (False, "fp16")])
+def test_cuda_rule(monkeypatch, bf16_ok, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    monkeypatch.setattr(P, "measure", lambda *a, **k: pytest.fail("no probe on CUDA"))
+    d = P.decide(build_model(ARCH), None, torch.device("cuda:0"), channels_last=True)
+    assert (d.precision, d.channels_last, d.how, d.device) == (expected, True, "cuda rule",
+                                                               "cuda:0")
+    assert P.eval_precision("auto", torch.device("cuda")) == expected
+    assert P.eval_precision("auto", torch.device("cpu")) == "fp32"
+    assert P.eval_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_trainer_applies_the_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "measure", forced(BF16_CL_WINS))
+    t = make_trainer(tmp_path, epochs=1)
+    assert (t.precision, t.channels_last) == ("bf16", True)
+    assert t.data.train.memory_format == torch.channels_last
+    assert t.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    t.fit()
+    stored = ckpt.load(tmp_path / "last.pt")
+    assert stored["precision"] == "bf16" and stored["channels_last"] is True
+    assert stored["precision_decision"]["seconds_per_step"] == BF16_CL_WINS
+    # the machine now "measures" fp32 fastest: a resumed stage must not probe or switch
+    calls: list = []
+    monkeypatch.setattr(P, "measure", forced(FP32_WINS, calls))
+    again = make_trainer(tmp_path, epochs=2)
+    assert calls == [] and (again.precision, again.channels_last) == ("bf16", True)
+    again.fit()
+    assert again.global_step == 6 and ckpt.load(tmp_path / "last.pt")["precision"] == "bf16"
+    # a fresh stage probes again and follows the new measurement
+    fresh = make_trainer(tmp_path / "fresh", epochs=1)
+    assert len(calls) == 4 and (fresh.precision, fresh.channels_last) == ("fp32", False)
+
+
+def test_explicit_precision_is_not_probed(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "measure", lambda *a, **k: pytest.fail("probed"))
+    t = make_trainer(tmp_path, precision="fp32")
+    assert (t.precision, t.channels_last, t.decision.how) == ("fp32", False, "config")
+
+
+def test_auto_through_the_cli_summary_provenance_and_log(tiny_config, cli, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.setattr(P, "measure", forced(BF16_CL_WINS))
+    path = tiny_config({"precision": "auto", "stages": {"pretrain": {"epochs": 1}}})
+    code, _, err = cli("run", path)
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "tiny"
+    for stage in ("pretrain", "finetune"):
+        s = json.loads((run_dir / stage / "summary.json").read_text())
+        assert (s["precision"], s["channels_last"]) == ("bf16", True)
+        assert s["precision_decision"]["how"] == "cpu probe"
+        assert s["precision_decision"]["seconds_per_step"] == BF16_CL_WINS
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["precision_decisions"]["pretrain"]["precision"] == "bf16"
+    assert set(prov["precision_decisions"]) == {"pretrain", "finetune"}
+    log = (run_dir / "log.txt").read_text()
+    assert "precision auto (cpu probe on cpu): bf16 channels_last" in log
+    assert "fp32 400 ms" in log
+    # a second invocation (everything skipped) keeps the decisions in provenance.json
+    assert cli("run", path)[0] == 0
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert set(prov["precision_decisions"]) == {"pretrain", "finetune"}
+
+
+def test_stage_level_auto_and_dry_run_text(tiny_config, cli):
+    path = tiny_config({"precision": "auto", "stages": {"finetune": {"precision": "fp32"}}})
+    code, out, err = cli("run", path, "--dry-run")
+    assert code == 0, err
+    assert "precision auto (decided at start)" in out.splitlines()[0]
+    pre, ft = out.split("- pretrain")[1].split("- prune")[0], out.split("- finetune")[1]
+    assert "steps), auto (decided at start)" in pre
+    assert "steps), fp32" in ft and "decided at start" not in ft
+    code, out, _ = cli("run", path, "--dry-run", "--format", "json")
+    plan = json.loads(out)
+    assert plan["precision"] == "auto"
+    assert [s.get("precision") for s in plan["stages"]] == ["auto", None, "fp32"]
+    code, _, err = cli("run", path, "--dry-run", "--set", "precision=fastest")
+    assert code == 2 and "precision" in err and "auto" in err

@@ -172,15 +172,27 @@ def check_cifar10_recovery(cli) -> None:
     assert it["amounts"] == pytest.approx([0.4 - 0.4 * (1 - t / 5) ** 3 for t in range(1, 6)])
 
 
+def expect_cpu_study_recipe(pre: dict, study: dict, epochs: int) -> None:
+    """The CPU study's pretrain recipe (lr, batch, optimizer, schedule and warmup kind) over
+    `epochs` epochs: the configs sized for 2 hours keep the study's 19-epoch shape."""
+    ref = stage(study, "pretrain")
+    assert pre["epochs"] == epochs
+    assert (pre["batch_size"], pre["lr"]) == (ref["batch_size"], ref["lr"])
+    assert pre["optimizer"]["name"] == ref["optimizer"]["name"]
+    assert pre["optimizer"]["nesterov"] == ref["optimizer"]["nesterov"]
+    assert pre["schedule"]["type"] == ref["schedule"]["type"] == "cosine"
+    assert pre["schedule"]["warmup"]["type"] == ref["schedule"]["warmup"]["type"]
+    assert pre["recipe"]["label_smoothing"] == ref["recipe"]["label_smoothing"]
+
+
 def check_cifar10_cpu_recovery(cli) -> None:
     p = plan_of(cli, "cifar10_cpu_recovery.yaml")
     assert p["model"]["arch"] == "resnet20" and p["data"]["train_images"] == 45000
-    study = plan_of(cli, "cifar10_cpu_study.yaml")
-    pre, ref = stage(p, "pretrain"), stage(study, "pretrain")
-    assert pre["lr_by_epoch"] == ref["lr_by_epoch"] and pre["epochs"] == 19
+    pre = stage(p, "pretrain")
+    expect_cpu_study_recipe(pre, plan_of(cli, "cifar10_cpu_study.yaml"), epochs=19)
     assert (stage(p, "prune")["round_to"], stage(p, "prune")["round_mode"]) == (8, "nearest")
     expect_training(stage(p, "finetune"), epochs=10, batch=256, lr=0.02, wd=5e-4)
-    sched = [ref["lr_by_epoch"].get(str(e)) for e in range(9, 19)]
+    sched = [pre["lr_by_epoch"].get(str(e)) for e in range(9, 19)]
     for name in ("lr_rewind", "weight_rewind"):
         s = stage(p, name)
         assert s["epochs"] == 10 and s["replayed_lr"] == pytest.approx(sched)
@@ -193,8 +205,8 @@ def check_cifar10_cpu_sensitivity(cli) -> None:
     p = plan_of(cli, "cifar10_cpu_sensitivity.yaml")
     assert [s["type"] for s in p["stages"]] == ["pretrain", "sensitivity", "sensitivity",
                                                 "prune"]
-    study = plan_of(cli, "cifar10_cpu_study.yaml")
-    assert stage(p, "pretrain")["lr_by_epoch"] == stage(study, "pretrain")["lr_by_epoch"]
+    expect_cpu_study_recipe(stage(p, "pretrain"), plan_of(cli, "cifar10_cpu_study.yaml"),
+                            epochs=19)
     assert p["data"]["train_images"] == 45000
     for name, method in (("sens_fpgm", "fpgm"), ("sens_l1", "l1")):
         s = stage(p, name)

@@ -17,6 +17,7 @@ from . import report, runner
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, UsageError, first_line
 from .export import DEFAULT_OPSET, FORMATS, ExportOptions, export_stage
 from .plan import build_plan, format_text
+from .preflight import preflight
 from .provenance import command_line
 from .runconfig import load_config
 
@@ -118,7 +119,7 @@ def _fail(message: str, code: int) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg, _ = load_config(args.config, args.overrides)
-        plan = build_plan(cfg)
+        plan = build_plan(cfg, preflight(cfg, args.config, need_data=False))
         print(json.dumps(plan, indent=2) if args.format == "json" else format_text(plan))
         return EXIT_OK
     progress = {"on": True, "off": False}.get(args.progress or "", None)

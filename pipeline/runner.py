@@ -29,8 +29,9 @@ from . import distributed as D
 from . import provenance
 from .atomic import atomic_write_text
 from .config import ConfigError, to_plain
-from .data import check_available, describe
+from .data import describe
 from .errors import UsageError, did_you_mean, first_line
+from .preflight import preflight
 from .runconfig import RunConfig, load_config
 from .rundir import CONFIG_FILE, is_complete, read_summary, write_json
 
@@ -100,8 +101,9 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
     info = D.env_info()
     device = D.resolve_device(cfg.device, info)
     _check_precision(cfg, device, config_path)
-    check_available(cfg.data)
+    checked = preflight(cfg, config_path)  # every check, before any stage runs
     num_classes, input_size = describe(cfg.data)
+    log.debug("preflight: %s", checked["_data"])
     run_dir = cfg.run_dir
     D.init(info, device)
     try:

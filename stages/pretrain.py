@@ -11,14 +11,17 @@ and accuracy-before-recovery bookkeeping lives in one place for both ways of pru
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import opt, to_plain
 from pipeline.data import build_data
+from pipeline.errors import PipelineError, first_line
 from pipeline.models import (
     arch_spec,
     build_model,
@@ -28,6 +31,7 @@ from pipeline.models import (
     model_from_payload,
 )
 from pipeline.pruning import (
+    PruningError,
     SoftPruner,
     SoftPruneSpec,
     build_graph,
@@ -38,7 +42,7 @@ from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import TrainConfig, evaluate
 
 from . import training
-from .base import StageBase, StageContext
+from .base import Preflight, StageBase, StageContext
 from .registry import register
 from .training import TrainingStage
 
@@ -74,6 +78,29 @@ class Pretrain(TrainingStage):
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(self, spec, ctx)
+
+    def preflight(self, spec: Config, name: str, pf: Preflight):
+        """The dense network, with model.pretrained loaded (strictly) when given; the soft
+        pruning spec resolved against it."""
+        arch = arch_spec(pf.run.model, pf.num_classes)
+        model = build_model(arch)
+        path = pf.run.model.pretrained
+        if path and not pf.need_files and not Path(path).exists():
+            pf.notes.append(f"model.pretrained {path} not found (needed to run)")
+        elif path:
+            try:
+                load_pretrained(model, path)
+            except PipelineError as err:
+                pf.fail("model.pretrained", first_line(err))
+        soft = spec.prune_during_training
+        if soft is not None:
+            try:
+                SoftPruner(copy.deepcopy(model), soft, torch.zeros((1, *pf.input_size)),
+                           seed=pf.run.seed)
+            except PruningError as err:
+                pf.fail(f"stages.{name}.prune_during_training"
+                        + (f".{err.key}" if err.key else ""), err.problem)
+        return model, {}
 
 
 def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:

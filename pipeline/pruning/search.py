@@ -59,9 +59,9 @@ def prune_to_target(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     while reduction + 1e-12 < target:
         step += 1
         if step > max_steps:
-            raise PruningError(f"target_macs_reduction {target:g} is out of reach with policy "
-                               f"{spec.policy!r}: {reduction:.3f} with every pruned layer at its "
-                               "minimum width")
+            raise PruningError(f"{target:g} is out of reach with policy {spec.policy!r}: "
+                               f"{reduction:.3f} with every pruned layer at its minimum width",
+                               "target_macs_reduction")
         ratio = min(step * spec.target_step, 1.0)
         selection = select(spec, groups, seed + 7919 * step, ratio_scale=ratio)
         for gi in sorted(selection):

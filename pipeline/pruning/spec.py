@@ -26,7 +26,13 @@ DEFAULT_RATIO = 0.4
 
 
 class PruningError(PipelineError):
-    """The requested pruning cannot be done on this model: one line, says why."""
+    """The requested pruning cannot be done on this model: one line, says why. `key`, when
+    set, is the spec key at fault (`skip[0]`, `target_macs_reduction`) and the message
+    starts with it; `problem` is the message without it."""
+
+    def __init__(self, problem: str, key: str | None = None):
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.problem, self.key = problem, key
 
 
 @dataclass

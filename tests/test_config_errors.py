@@ -33,6 +33,21 @@ CASES = [
     ("fp16 on the CPU", {"precision": "fp16"}, ["precision", "fp16"]),
     ("finetune without input", {"stages": {"finetune": {"from": None}}},
      ["stages.finetune.from", "needs an input"]),
+    # found by the preflight, against the model the prune stage will get (resnet8: convs 1-7)
+    ("skip numbers no conv", {"stages": {"prune": {"skip": [2, 99]}}},
+     ["stages.prune.skip[1]: no conv numbered 99 (ResNet-8 has 1-7; see --dry-run)"]),
+    ("include glob matches nothing", {"stages": {"prune": {"include": ["layer9.*"]}}},
+     ["stages.prune.include[0]: 'layer9.*' matches no convolution", "layer1.0.conv1"]),
+    ("layer_ratios key matches nothing", {"stages": {"prune": {"layer_ratios": {"lyer1.*": 0.5}}}},
+     ["stages.prune.layer_ratios.lyer1.*", "matches no convolution"]),
+    ("nothing left to prune", {"stages": {"prune": {"include": [1]}}},
+     ["stages.prune.include: nothing to prune", "policy 'block_internal'"]),
+    ("MAC target out of reach",
+     {"stages": {"prune": {"ratio": None, "target_macs_reduction": 0.97}}},
+     ["stages.prune.target_macs_reduction: 0.97 is out of reach", "ResNet-8"]),
+    ("soft pruning skip numbers no conv",
+     {"stages": {"pretrain": {"prune_during_training": {"ratio": 0.3, "skip": [8]}}}},
+     ["stages.pretrain.prune_during_training.skip[0]: no conv numbered 8"]),
 ]
 
 

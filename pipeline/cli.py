@@ -17,6 +17,7 @@ from . import report, runner
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, UsageError, first_line
 from .export import DEFAULT_OPSET, FORMATS, ExportOptions, export_stage
 from .plan import build_plan, format_text
+from .preemption import Preempted
 from .preflight import preflight
 from .provenance import command_line
 from .runconfig import load_config
@@ -210,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except Preempted as err:  # checkpointed; the same command resumes
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{'note' if err.exit_code == 0 else 'stopped'}: {first_line(err)}",
+                  file=sys.stderr)
+        return err.exit_code
     except PipelineError as err:  # every user-facing failure, with its exit code
         return _fail(first_line(err), err.exit_code)
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ import yaml
 from stages import StageContext, stage_of
 
 from . import distributed as D
-from . import provenance
+from . import preemption, provenance
 from .atomic import atomic_write_text
 from .config import ConfigError, to_plain
 from .data import describe
@@ -117,10 +117,16 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
             show_progress = {"on": True, "off": False}.get(cfg.logging.progress)
         names = [stage] if stage else list(cfg.stages)
         summaries = []
-        for name in names:
-            summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
-                                        restart, show_progress, num_classes, input_size,
-                                        only=stage is not None))
+        with preemption.handle_signals():
+            for name in names:
+                signum = preemption.pending()
+                if signum is not None:  # between stages: nothing to checkpoint
+                    raise preemption.Preempted(
+                        f"stopped on {preemption.name(signum)} before stage {name}; run the "
+                        "same command to go on", signum)
+                summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
+                                            restart, show_progress, num_classes, input_size,
+                                            only=stage is not None))
         return summaries
     finally:
         D.shutdown()
@@ -187,6 +193,14 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
     t0 = time.time()
     try:
         result = stage_of(spec).run(spec, ctx)
+    except preemption.Preempted as err:
+        log.warning("%s", first_line(err))
+        if info.is_main:
+            write_json(work_dir / "summary.json", {
+                "stage": name, "type": spec.type, "from": spec.from_,
+                "status": "interrupted", "error": first_line(err), "config_hash": digest,
+                "wall_seconds": round(time.time() - t0, 3)})
+        raise
     except Exception as err:
         if info.is_main:
             write_json(work_dir / "summary.json", {

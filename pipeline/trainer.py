@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import preemption
 from .checkpoint_saver import CheckpointSaver
 from .config import ConfigError, opt
 from .csvlog import CsvLog
@@ -441,6 +442,22 @@ class Trainer:
             f"stage {self.stage}: non-finite loss at step {bad} (epoch {epoch + 1}, batch "
             f"{k + 1}); stopped, {kept}; lower the lr or set grad_clip")
 
+    def _stop_if_requested(self, saved: bool = False) -> None:
+        """At a step boundary: on SIGTERM/SIGUSR1 (any rank's: all ranks stop at the same
+        step) checkpoint this step atomically and raise Preempted."""
+        signum = preemption.requested(self.device)
+        if signum is None:
+            return
+        if not saved:
+            self._sync()  # never checkpoint a diverged model
+            self._save()
+        total = self.cfg.epochs * self.steps_per_epoch
+        raise preemption.Preempted(
+            f"stage {self.stage}: stopped on {preemption.name(signum)} at step "
+            f"{self.global_step} of {total} (epoch {self.global_step / self.steps_per_epoch:.2f}"
+            f" of {self.cfg.epochs}); checkpoint {self.checkpoints.last_path} written; run "
+            "the same command to resume", signum)
+
     def _log_interval(self, progress: _Progress) -> list[float]:
         """Check for non-finite losses, write a train_log.csv row, update the bar."""
         sums = self._sync()
@@ -474,6 +491,8 @@ class Trainer:
             while self.epoch < self.cfg.epochs:
                 last_metrics, n, t = self._epoch(progress)
                 images, seconds = images + n, seconds + t
+                if self.epoch < self.cfg.epochs:
+                    self._stop_if_requested(saved=True)
         finally:
             progress.close()
             if self._tb is not None:
@@ -513,6 +532,7 @@ class Trainer:
             if every and self.global_step % every == 0:
                 self._sync()  # never checkpoint a diverged model
                 self._save()
+            self._stop_if_requested(saved=self.saved_step == self.global_step)
         if self.step_in_epoch != spe:
             raise TrainingError(f"stage {self.stage}: the training loader gave "
                                 f"{self.step_in_epoch} batches in epoch {self.epoch + 1}, "

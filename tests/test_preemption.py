@@ -9,9 +9,6 @@ import json
 import signal
 
 import pytest
-
-from pipeline import checkpoint as ckpt
-from pipeline import preemption
 from test_resume import (  # noqa: F401  # fixtures
     STEPS_PER_EPOCH,
     _retarget,
@@ -24,14 +21,17 @@ from test_resume import (  # noqa: F401  # fixtures
     weights,
 )
 
+from pipeline import checkpoint as ckpt
+from pipeline import preemption
+
 
 @pytest.mark.parametrize("event, at_step, code", [
     ("term", 3, 143),    # mid-epoch, between two checkpoint_every_steps checkpoints
     ("usr1", 5, 0),      # the last step of epoch 1: stops after its end-of-epoch checkpoint
     ("term2", 7, 143),   # a second SIGTERM inside every checkpoint write
 ], ids=["sigterm-mid-epoch", "sigusr1-epoch-end", "second-signal-while-saving"])
-def test_signal_stops_checkpoints_and_resumes_bitwise(reference, tmp_path, event, at_step,
-                                                      code):
+def test_signal_stops_checkpoints_and_resumes_bitwise(reference, tmp_path, event,  # noqa: F811
+                                                      at_step, code):
     config, ref_dir = reference
     config = _retarget(config, tmp_path)
     run_dir = tmp_path / "runs" / "tiny"

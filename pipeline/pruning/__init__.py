@@ -18,7 +18,7 @@ from .soft import SoftPruner, SoftPruneSpec, zero_pattern_record
 from .spec import SELECTION_KEYS, FPGMConfig, PruneSpec, PruningError
 from .surgery import build_graph, remove_filters
 
-__all__ = ["FPGMConfig", "LayerRefError", "PruneSpec", "PruningError", "SELECTION_KEYS", "SoftPruneSpec",
-           "SoftPruner", "build_graph", "candidate_groups", "fpgm_scores", "layer_numbers",
+__all__ = ["FPGMConfig", "LayerRefError", "PruneSpec", "PruningError", "SELECTION_KEYS",
+           "SoftPruneSpec", "SoftPruner", "build_graph", "candidate_groups", "fpgm_scores", "layer_numbers",
            "prune_count", "prune_model", "remove_filters", "select_filters",
            "zero_pattern_record"]

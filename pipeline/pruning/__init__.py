@@ -19,6 +19,6 @@ from .spec import SELECTION_KEYS, FPGMConfig, PruneSpec, PruningError
 from .surgery import build_graph, remove_filters
 
 __all__ = ["FPGMConfig", "LayerRefError", "PruneSpec", "PruningError", "SELECTION_KEYS",
-           "SoftPruneSpec", "SoftPruner", "build_graph", "candidate_groups", "fpgm_scores", "layer_numbers",
-           "prune_count", "prune_model", "remove_filters", "select_filters",
+           "SoftPruneSpec", "SoftPruner", "build_graph", "candidate_groups", "fpgm_scores",
+           "layer_numbers", "prune_count", "prune_model", "remove_filters", "select_filters",
            "zero_pattern_record"]

@@ -221,4 +221,5 @@ def required(groups: list[Group], spec: PruneSpec) -> list[Group]:
 
 
 __all__ = ["Group", "LayerRefError", "candidate_groups", "classifier_layers", "conv_groups",
-           "is_depthwise", "is_projection", "is_residual_coupled", "layer_numbers", "out_convs", "required"]
+           "is_depthwise", "is_projection", "is_residual_coupled", "layer_numbers", "out_convs",
+           "required"]

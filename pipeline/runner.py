@@ -34,6 +34,7 @@ from .errors import UsageError, did_you_mean, first_line
 from .preflight import preflight
 from .runconfig import RunConfig, load_config
 from .rundir import CONFIG_FILE, is_complete, read_summary, write_json
+from .runlock import RunLock, RunLocked
 
 log = logging.getLogger("pipeline")
 
@@ -106,8 +107,20 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
     log.debug("preflight: %s", checked["_data"])
     run_dir = cfg.run_dir
     D.init(info, device)
+    lock = RunLock(run_dir)
     try:
+        problem = None
+        if info.is_main:  # rank 0 holds the run directory for all ranks
+            try:
+                lock.acquire()
+            except RunLocked as err:
+                problem = str(err)
+        problem = D.broadcast_object(problem)
+        if problem:
+            raise RunLocked(problem)
         setup_logging(run_dir, info.is_main)
+        if lock.stale:
+            log.warning("%s", lock.stale)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_config(cfg, run_dir / CONFIG_FILE)
@@ -129,6 +142,7 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
                                             only=stage is not None))
         return summaries
     finally:
+        lock.release()
         D.shutdown()
 
 

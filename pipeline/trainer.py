@@ -126,6 +126,12 @@ class TrainConfig:
     checkpoint_every_steps: int | None = opt(None, "also save last.pt every N steps", min=1)
     log_interval: int = opt(50, "steps between progress updates, train_log.csv rows and "
                             "non-finite checks (the only host syncs inside an epoch)", min=1)
+    on_nonfinite: Literal["stop", "skip_step"] = opt(
+        "stop", "a non-finite loss: stop (at the next log interval, naming the last good "
+        "checkpoint) or skip_step (drop that step's update and count it; for fp16 runs where "
+        "a rare overflow is expected; checks every step, one host sync per step)")
+    max_skipped_steps: int = opt(10, "with on_nonfinite: skip_step, stop after this many "
+                                 "non-finite steps in a row", min=1)
 
     def resolved_lr(self, default: float) -> float:
         if self.lr is None:
@@ -223,6 +229,7 @@ class Trainer:
         self.acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.saved_step: int | None = None  # global step of the newest checkpoint on disk
+        self.skipped_steps = self.skipped_in_a_row = 0  # on_nonfinite: skip_step
         self.checkpoints = CheckpointSaver(self.out_dir, self.dist, stage=self.stage,
                                            required=TRAINER_KEYS)
         self.metrics_log = CsvLog(self.out_dir / "metrics.csv", METRIC_FIELDS)
@@ -273,6 +280,7 @@ class Trainer:
             "best_epoch": self.best_epoch, "epoch_acc": self._global_acc().cpu(),
             "rng": rng_state(), "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.dist.world_size, "precision": self.precision,
+            "skipped_steps": self.skipped_steps, "skipped_in_a_row": self.skipped_in_a_row,
         })
         return payload
 
@@ -324,6 +332,8 @@ class Trainer:
             self.ema.load_state_dict(s["ema"])
         self.epoch, self.step_in_epoch = int(s["epoch"]), int(s["step_in_epoch"])
         self.global_step = int(s["global_step"])
+        self.skipped_steps = int(s.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(s.get("skipped_in_a_row", 0))
         self.best_top1, self.best_epoch = float(s["best_top1"]), int(s["best_epoch"])
         # the stored sums are over all ranks: rank 0 carries them, the others start at 0
         acc = s["epoch_acc"].to(self.device, torch.float64)[:3]
@@ -391,6 +401,10 @@ class Trainer:
         self._set_lr(step)
         logits, loss = self._loss(x, y, step)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.on_nonfinite == "skip_step" and self._skip_nonfinite(loss):
+            self.global_step += 1
+            self.step_in_epoch += 1
+            return
         if self.scaler:
             self.scaler.scale(loss).backward()
             if self.cfg.grad_clip:
@@ -417,6 +431,34 @@ class Trainer:
         self.global_step += 1
         self.step_in_epoch += 1
 
+    def _skip_nonfinite(self, loss: torch.Tensor) -> bool:
+        """skip_step: whether any rank's loss of this step is non-finite (a host sync and,
+        under DDP, a collective: every rank skips the same steps). Stops after
+        max_skipped_steps in a row."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float64).view(1)
+        D.all_reduce_sum(bad)
+        if not bad.item():
+            self.skipped_in_a_row = 0
+            return False
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        log.warning("stage %s: non-finite loss at step %d; update skipped (%d in a row, %d in "
+                    "all)", self.stage, self.global_step, self.skipped_in_a_row,
+                    self.skipped_steps)
+        if self.skipped_in_a_row >= self.cfg.max_skipped_steps:
+            raise TrainingError(
+                f"stage {self.stage}: {self.skipped_in_a_row} non-finite steps in a row (up to "
+                f"step {self.global_step}, max_skipped_steps {self.cfg.max_skipped_steps}); "
+                f"stopped, {self._last_good()}; lower the lr or set grad_clip")
+        return True
+
+    def _last_good(self) -> str:
+        """Where the newest checkpoint is and what it holds, for an error message."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return (f"the last good checkpoint is {self.checkpoints.last_path} (epoch "
+                f"{self.saved_step / self.steps_per_epoch:g}, step {self.saved_step})")
+
     def _global_acc(self) -> torch.Tensor:
         """The epoch's sums over all ranks (a collective under DDP)."""
         return D.all_reduce_sum(self.acc.clone())
@@ -435,12 +477,10 @@ class Trainer:
 
     def _fail_non_finite(self, bad: int) -> None:
         epoch, k = divmod(bad, self.steps_per_epoch)
-        last = self.checkpoints.last_path
-        kept = (f"the last good checkpoint ({last}, step {self.saved_step}) is kept"
-                if self.saved_step is not None else "no checkpoint was written yet")
         raise TrainingError(
             f"stage {self.stage}: non-finite loss at step {bad} (epoch {epoch + 1}, batch "
-            f"{k + 1}); stopped, {kept}; lower the lr or set grad_clip")
+            f"{k + 1}); stopped, {self._last_good()}; lower the lr or set grad_clip, or "
+            "on_nonfinite: skip_step")
 
     def _stop_if_requested(self, saved: bool = False) -> None:
         """At a step boundary: on SIGTERM/SIGUSR1 (any rank's: all ranks stop at the same
@@ -503,7 +543,7 @@ class Trainer:
         return {"top1": last_metrics["top1"], "top5": last_metrics["top5"],
                 "test_loss": last_metrics["test_loss"], "best_top1": self.best_top1,
                 "best_epoch": self.best_epoch, "epochs": self.cfg.epochs,
-                "global_steps": self.global_step,
+                "global_steps": self.global_step, "skipped_steps": self.skipped_steps,
                 "images_per_s": round(images / seconds, 1) if seconds else None}
 
     def _epoch(self, progress: _Progress) -> tuple[dict, float, float]:

@@ -218,5 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except PipelineError as err:  # every user-facing failure, with its exit code
         return _fail(first_line(err), err.exit_code)
+    except OSError as err:  # disk full, I/O error, permissions: the path and the reason
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(f"{where}{err.strerror or first_line(err)}", EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to resume", 130)

@@ -12,6 +12,7 @@ stage is only ever replaced by a successful re-run (`--restart` trains into
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -217,10 +218,11 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
         raise
     except Exception as err:
         if info.is_main:
-            write_json(work_dir / "summary.json", {
-                "stage": name, "type": spec.type, "from": spec.from_, "status": "failed",
-                "error": first_line(err),
-                "config_hash": digest, "wall_seconds": round(time.time() - t0, 3)})
+            with contextlib.suppress(OSError):  # a full disk: the error itself matters more
+                write_json(work_dir / "summary.json", {
+                    "stage": name, "type": spec.type, "from": spec.from_, "status": "failed",
+                    "error": first_line(err),
+                    "config_hash": digest, "wall_seconds": round(time.time() - t0, 3)})
         raise
     summary = {"stage": name, "type": spec.type, "from": spec.from_, "status": "completed",
                "top1": result.pop("top1", None), "top5": result.pop("top5", None),

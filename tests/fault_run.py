@@ -7,7 +7,8 @@ exact-resume tests, through the trainer's step and checkpoint hooks.
 
 The signal events send a signal instead of killing: EVENT `term` / `usr1` sends SIGTERM /
 SIGUSR1 to the process right after step K; `term2` does the same and sends a second
-SIGTERM from inside every checkpoint write after it (the preemption tests).
+SIGTERM from inside every checkpoint write after it; `term_rank1` sends SIGTERM to rank 1
+of a torchrun job only (the preemption tests).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def install(fault: str) -> None:
     if event == "step":
         trainer.add_step_hook(
             lambda t: kill_self() if t.stage == stage and t.global_step == step else None)
-    elif event in ("term", "usr1", "term2"):
+    elif event in ("term", "usr1", "term2", "term_rank1"):
         signum = signal.SIGUSR1 if event == "usr1" else signal.SIGTERM
         sent: list[int] = []
+        rank_ok = event != "term_rank1" or os.environ.get("RANK") == "1"
 
         def send(t) -> None:
-            if t.stage == stage and t.global_step == step:
+            if rank_ok and t.stage == stage and t.global_step == step:
                 sent.append(signum)
                 os.kill(os.getpid(), signum)
 

@@ -76,3 +76,39 @@ def test_handler_only_records(one_thread):  # noqa: F811
         assert preemption.requested() == signal.SIGTERM
     assert preemption.pending() is None
     assert signal.getsignal(signal.SIGTERM) is not preemption._handler
+
+
+@pytest.mark.slow
+def test_torchrun_every_rank_stops_at_the_same_step(tmp_path):
+    """Only rank 1 gets SIGTERM, after step 3: the all-reduced stop request makes both
+    ranks stop after that same step; rank 0 writes the step-3 checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT, TINY, deep_update
+
+    cfg = deep_update(TINY, {"out_dir": str(tmp_path / "runs"),
+                             "data": {"synthetic": {"train_size": 160}},
+                             "stages": {"pretrain": {"epochs": 2}}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--standalone", str(ROOT / "tests" / "fault_run.py"), "pretrain:term_rank1:3", "run",
+         str(path), "--progress", "off"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=240)
+    assert done.returncode != 0
+    stage = tmp_path / "runs" / "tiny" / "pretrain"
+    assert ckpt.load(stage / "last.pt")["global_step"] == 3
+    # both ranks report the same step (rank 1's log line, rank 0's error line)
+    assert done.stderr.count("stopped on SIGTERM at step 3 of 10") >= 2, done.stderr
+    # (torchrun prints its own traceback for a worker that exits non-zero; none of ours)
+    assert str(ROOT / "pipeline") not in done.stderr
+    # one process resumes the stage to the end
+    code, err = run_in_process(path, "--stage", "pretrain")
+    assert code == 0 and "resumed from" in err and "step 3" in err

@@ -85,9 +85,11 @@ class Preflight:
     def fail(self, key: str, message: str) -> NoReturn:
         raise ConfigError(f"{self.source}: {key}: {message}")
 
-    def input_model(self, spec: Any) -> nn.Module:
-        """A copy of the output model of the stage `spec` takes its input from."""
-        return copy.deepcopy(self.models[spec.from_])
+    def input_model(self, spec: Any, copied: bool = False) -> nn.Module:
+        """The output model of the stage `spec` takes its input from (a copy with `copied`,
+        for a stage that changes it)."""
+        model = self.models[spec.from_]
+        return copy.deepcopy(model) if copied else model
 
     @property
     def arch_label(self) -> str:

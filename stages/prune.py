@@ -98,7 +98,7 @@ class Prune(Stage):
         params (exact unless global_ranking, whose split across groups depends on the
         weights; the criterion itself does not change the widths, so the cheap L1 one
         stands in for the others)."""
-        model = pf.input_model(spec)
+        model = pf.input_model(spec, copied=True)
         use, where = spec, f"stages.{name}"
         up = pf.run.stages.get(spec.from_)
         soft = getattr(up, "prune_during_training", None)
@@ -110,11 +110,9 @@ class Prune(Stage):
         # the widths do not depend on the image size: a one-shot pruning traces the model
         # on small images; the MAC target measures at the real size; MACs are counted on a
         # copy on the meta device (shapes only, no arithmetic)
-        small = size if use.target_macs_reduction is not None else (
-            size[0], min(size[1], 64), min(size[2], 64))
         before_macs, before_params = _meta_macs(model, size), count_params(model)
         try:
-            report = prune_model(model, use, torch.zeros((1, *small)), seed=pf.run.seed)
+            report = _prune_small(model, use, size, pf.run.seed)
         except LayerRefError as err:
             pf.fail(f"{where}.{err.key}", f"{err.bare} "
                     f"({err.hint.replace('the model', pf.arch_label, 1)}; see --dry-run)")
@@ -132,6 +130,21 @@ class Prune(Stage):
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(spec, ctx)
+
+
+def _prune_small(model: torch.nn.Module, spec: PruneSpec, size, seed: int):
+    """Prune `model` in place as `spec` says. A one-shot pruning is traced on 32x32 images
+    (the widths do not depend on the image size; an ImageNet network traces ~50x faster)
+    and, for a network that cannot run on them, on images of the real size; the MAC
+    target search measures at the real size."""
+    if spec.target_macs_reduction is None and max(size[1:]) > 32:
+        params = count_params(model)
+        try:
+            return prune_model(model, spec, torch.zeros((1, size[0], 32, 32)), seed=seed)
+        except PruningError as err:
+            if err.key is not None or count_params(model) != params:
+                raise  # a spec error, or it failed after changing the model
+    return prune_model(model, spec, torch.zeros((1, *size)), seed=seed)
 
 
 def _meta_macs(model: torch.nn.Module, size) -> int:

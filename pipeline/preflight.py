@@ -70,11 +70,18 @@ def preflight(cfg: RunConfig, source: str, need_data: bool = True) -> dict[str, 
     check_writable(cfg, source, pf)
     entries: dict[str, dict] = {}
     torch.manual_seed(cfg.seed)
-    for name, spec in cfg.stages.items():
-        model, entry = stage_of(spec).preflight(spec, name, pf)
-        if model is not None:
-            pf.models[name] = model
-        entries[name] = entry
+    # the pruning's notes (coupled groups left out, ...) are for when the stage runs
+    quiet = logging.getLogger("pipeline.pruning")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        for name, spec in cfg.stages.items():
+            model, entry = stage_of(spec).preflight(spec, name, pf)
+            if model is not None:
+                pf.models[name] = model
+            entries[name] = entry
+    finally:
+        quiet.setLevel(level)
     entries["_data"] = {"num_classes": classes, "num_classes_source": how, "notes": pf.notes,
                         "preflight_seconds": round(time.perf_counter() - t0, 3)}
     return entries

@@ -133,7 +133,7 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
         summaries = []
         with preemption.handle_signals():
             for name in names:
-                signum = preemption.pending()
+                signum = preemption.requested(device)  # all ranks agree
                 if signum is not None:  # between stages: nothing to checkpoint
                     raise preemption.Preempted(
                         f"stopped on {preemption.name(signum)} before stage {name}; run the "

@@ -112,3 +112,22 @@ def test_torchrun_every_rank_stops_at_the_same_step(tmp_path):
     # one process resumes the stage to the end
     code, err = run_in_process(path, "--stage", "pretrain")
     assert code == 0 and "resumed from" in err and "step 3" in err
+
+
+def test_signal_at_the_last_step_stops_before_the_next_stage(reference, tmp_path):  # noqa: F811
+    """SIGTERM after the final step of pretrain: the stage completes (its last checkpoint
+    is the end of the schedule) and the run stops before prune; the same command goes on."""
+    config, ref_dir = reference
+    config = _retarget(config, tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    stopped = run_cli(config, fault=f"pretrain:term:{2 * STEPS_PER_EPOCH}")
+    assert stopped.returncode == 143, stopped.stderr
+    (line,) = [x for x in stopped.stderr.splitlines() if x.startswith("stopped:")]
+    assert "stopped on SIGTERM before stage prune" in line
+    assert json.loads((run_dir / "pretrain" / "summary.json").read_text())["status"] == \
+        "completed"
+    assert not (run_dir / "prune").exists()
+    code, err = run_in_process(config)
+    assert code == 0, err
+    assert_bitwise_equal(weights(run_dir / "finetune" / "model.pt"),
+                         weights(ref_dir / "finetune" / "model.pt"))

@@ -40,6 +40,24 @@ def deep_update(base: dict, over: dict) -> dict:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Each test starts with the logging set-up it found: a run in this process
+    (`runner.setup_logging`) stops the pipeline's loggers from propagating, which would
+    hide their records from a later test's caplog."""
+    import logging
+
+    names = ("pipeline", "pipeline.data", "pipeline.pruning")
+    saved = {n: (logging.getLogger(n).level, logging.getLogger(n).propagate,
+                 list(logging.getLogger(n).handlers)) for n in names}
+    yield
+    for n, (level, propagate, handlers) in saved.items():
+        logger = logging.getLogger(n)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny models run as fast on one, and the two shared cores do not

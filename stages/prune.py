@@ -133,14 +133,15 @@ class Prune(Stage):
 
 
 def _prune_small(model: torch.nn.Module, spec: PruneSpec, size, seed: int):
-    """Prune `model` in place as `spec` says. A one-shot pruning is traced on 32x32 images
-    (the widths do not depend on the image size; an ImageNet network traces ~50x faster)
-    and, for a network that cannot run on them, on images of the real size; the MAC
-    target search measures at the real size."""
-    if spec.target_macs_reduction is None and max(size[1:]) > 32:
+    """Prune `model` in place as `spec` says, traced on 32x32 images (the widths do not
+    depend on the image size, and the MAC target counts the MACs of the real size; an
+    ImageNet network traces ~50x faster), or on images of the real size for a network
+    that cannot run on small ones."""
+    if max(size[1:]) > 32:
         params = count_params(model)
         try:
-            return prune_model(model, spec, torch.zeros((1, size[0], 32, 32)), seed=seed)
+            return prune_model(model, spec, torch.zeros((1, size[0], 32, 32)), seed=seed,
+                               mac_size=tuple(size))
         except PruningError as err:
             if err.key is not None or count_params(model) != params:
                 raise  # a spec error, or it failed after changing the model

@@ -75,3 +75,24 @@ def test_dry_run_without_the_data_set_assumes_the_class_count(tiny_config, cli, 
     assert code == 0, err
     data = json.loads(out)["data"]
     assert data["num_classes"] == 1000 and data["num_classes_source"] == "assumed"
+
+
+def test_small_trace_gives_the_real_size_widths():
+    """The preflight traces on 32x32 images: the same widths as at the real size, for a
+    fixed ratio and for a MAC target measured at the real size."""
+    import copy
+
+    import torch
+
+    from pipeline.models import build_model, count_macs
+    from pipeline.pruning import PruneSpec, prune_model
+
+    torch.manual_seed(0)
+    dense = build_model({"name": "resnet18", "num_classes": 10})
+    for spec in (PruneSpec(ratio=0.3, skip_downsample=True),
+                 PruneSpec(target_macs_reduction=0.35, method="l1", target_step=0.05)):
+        big, small = copy.deepcopy(dense), copy.deepcopy(dense)
+        a = prune_model(big, spec, torch.zeros(1, 3, 96, 96))
+        b = prune_model(small, spec, torch.zeros(1, 3, 32, 32), mac_size=(3, 96, 96))
+        assert [e["after"] for e in a.layers] == [e["after"] for e in b.layers]
+        assert count_macs(big, (3, 96, 96)) == count_macs(small, (3, 96, 96))

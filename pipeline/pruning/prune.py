@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
-                seed: int = 0) -> PruneReport:
+                seed: int = 0, mac_size: tuple[int, ...] | None = None) -> PruneReport:
     """Prune `model` in place according to `spec`; returns the pruned groups' widths.
+
+    `mac_size` (C, H, W): the MAC target counts the MACs of images of that size (the
+    widths do not depend on it otherwise), so `example` may be smaller than the real
+    images.
 
     The forward output shape is checked to be unchanged; any failure is a PruningError.
     """
@@ -36,7 +40,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     dg = build_graph(model, example)
     groups = required(candidate_groups(model, dg, spec), spec)
     if spec.target_macs_reduction is not None:
-        steps = prune_to_target(model, spec, example, dg, groups, seed)
+        steps = prune_to_target(model, spec, example, dg, groups, seed, mac_size)
     else:
         apply_selection(dg, groups, select(spec, groups, seed))
         steps = 1

@@ -7,6 +7,8 @@ the later rounds show the warm figure.
     python benchmarks/preflight.py                       # the ImageNet ResNet-50 FPGM config
     python benchmarks/preflight.py --quick               # 2 rounds
     python benchmarks/preflight.py --config configs/cifar10_l1.yaml
+    python benchmarks/preflight.py --set stages.prune.ratio=null \
+        --set stages.prune.target_macs_reduction=0.4        # the MAC target search
 
 The data set and the pretrained weights need not be there (the `--dry-run` rules).
 """
@@ -33,11 +35,13 @@ GOAL_SECONDS = 10.0
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/imagenet_resnet50_fpgm.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key, as `run --set`")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="2 rounds")
     args = p.parse_args()
     rounds = 2 if args.quick else args.rounds
-    cfg, _ = load_config(args.config)
+    cfg, _ = load_config(args.config, args.overrides)
     walls, cpus = [], []
     for _ in range(rounds):
         w, c = time.perf_counter(), time.process_time()
@@ -45,8 +49,8 @@ def main() -> None:
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
     prune = next((e["predicted"] for e in checked.values() if "predicted" in e), None)
-    print(f"config {args.config}; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {platform.processor() or platform.machine()}")
+    print(f"config {args.config} {' '.join(args.overrides)}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     if prune:
         print(f"predicted: MACs {prune['macs_before']:.4g} -> {prune['macs']:.4g}, params "
               f"{prune['params_before']} -> {prune['params']}")

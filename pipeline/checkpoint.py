@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,61 @@ def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, I/O error): the previous file is kept
+    and the partial one removed."""
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash
-    leaves either the old file or the new one, never half of one."""
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+    leaves either the old file or the new one, never half of one. A failed write (ENOSPC,
+    EIO, ...) removes the temporary file, leaves `path` as it was and raises one
+    CheckpointWriteError line naming the path and the bytes the file needs."""
+    path = Path(path)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as err:  # torch's zip writer wraps a failed write
+        os_err = err if isinstance(err, OSError) else _os_error_in(err)
+        if os_err is None and not _looks_like_io(err):
+            raise
+        why = os_err.strerror if os_err is not None and os_err.strerror else first_line(err)
+        raise CheckpointWriteError(
+            f"{path}: cannot write the checkpoint ({why}); it needs about "
+            f"{payload_bytes(obj):,} bytes, {_free_bytes(path.parent)} free; the previous "
+            f"file is kept") from None
+
+
+def payload_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a checkpoint dict (what its file needs, near enough)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _looks_like_io(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(w in text for w in ("write", "space", "i/o", "stream"))
+
+
+def _free_bytes(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free:,} bytes"
+    except OSError:
+        return "unknown bytes"
 
 
 def link(src: Path, dst: Path) -> bool:

@@ -61,12 +61,28 @@ class CheckpointSaver:
         `best`, as best.pt too. Called on every rank; only rank 0 writes."""
         with D.together():  # a failed write (disk full) on rank 0 stops every rank
             if self.dist.is_main:
-                if best:
-                    ckpt.save(state, self.best_path)
-                if self.last_path.exists():
-                    os.replace(self.last_path, self.prev_path)
-                if not (best and ckpt.link(self.best_path, self.last_path)):
-                    ckpt.save(state, self.last_path)
+                self._write(state, best)
+
+    def _write(self, state: dict, best: bool) -> None:
+        """Rank 0: every new file is complete on disk before an old one is replaced, so a
+        failed write (disk full, I/O error) leaves last.pt, last.prev.pt and best.pt as
+        they were."""
+        if best:
+            ckpt.save(state, self.best_path)
+            new = self.best_path
+        else:
+            new = self.folder / ".last.pt.next"
+            ckpt.save(state, new)
+        try:
+            if self.last_path.exists():
+                os.replace(self.last_path, self.prev_path)
+            if new != self.best_path:
+                os.replace(new, self.last_path)
+            elif not ckpt.link(self.best_path, self.last_path):
+                ckpt.save(state, self.last_path)
+        except OSError as err:  # the newest good file is then last.prev.pt (or best.pt)
+            raise ckpt.CheckpointWriteError(f"{self.last_path}: cannot put the checkpoint in "
+                                            f"place ({err.strerror})") from None
 
     def resume(self, problem: Callable[[dict], str | None],
                restore: Callable[[dict], None]) -> Path | None:

@@ -20,6 +20,8 @@ from .evaluate import PRECISIONS, SPLITS, EvalOptions, evaluate_stage
 from .evaluate import format_text as format_eval
 from .export import DEFAULT_OPSET, FORMATS, ExportOptions, export_stage
 from .plan import build_plan, format_text
+from .preemption import Preempted
+from .preflight import preflight
 from .provenance import command_line
 from .runconfig import load_config
 
@@ -156,7 +158,7 @@ def _fail(message: str, code: int, all_ranks: bool = True) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg, _ = load_config(args.config, args.overrides)
-        plan = build_plan(cfg)
+        plan = build_plan(cfg, preflight(cfg, args.config, need_data=False))
         print(json.dumps(plan, indent=2) if args.format == "json" else format_text(plan))
         return EXIT_OK
     progress = {"on": True, "off": False}.get(args.progress or "", None)
@@ -260,7 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except Preempted as err:  # checkpointed; the same command resumes
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{'note' if err.exit_code == 0 else 'stopped'}: {first_line(err)}",
+                  file=sys.stderr)
+        return err.exit_code
     except PipelineError as err:  # every user-facing failure, with its exit code
         return _fail(first_line(err), err.exit_code, getattr(err, "all_ranks", not joined()))
+    except OSError as err:  # disk full, I/O error, permissions: the path and the reason
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(f"{where}{err.strerror or first_line(err)}", EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to resume", 130)

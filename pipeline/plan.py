@@ -8,8 +8,10 @@ from stages import REGISTRY, stage_of
 from .data.sizes import train_size
 
 
-def build_plan(run) -> dict:
-    """The resolved run as plain data: what `--dry-run --format json` prints."""
+def build_plan(run, checked: dict | None = None) -> dict:
+    """The resolved run as plain data: what `--dry-run --format json` prints. `checked`:
+    the preflight's results (`pipeline.preflight.preflight`), merged into the entries."""
+    checked = checked or {}
     n, how = train_size(run.data)
     plan = {"name": run.name, "run_dir": str(run.run_dir), "seed": run.seed,
             "device": run.device, "precision": run.precision,
@@ -21,7 +23,10 @@ def build_plan(run) -> dict:
     for name, spec in run.stages.items():
         entry = {"name": name, "type": spec.type, "from": spec.from_}
         entry.update(stage_of(spec).plan_entry(spec, name, run))
+        entry.update(checked.get(name, {}))
         plan["stages"].append(entry)
+    if "_data" in checked:
+        plan["data"].update(checked["_data"])
     return plan
 
 
@@ -32,6 +37,10 @@ def format_text(plan: dict) -> str:
              f"{' (decided at start)' if plan['precision'] == 'auto' else ''})",
              f"data: {plan['data']['dataset']} ({plan['data']['train_images']} train images, "
              f"{plan['data']['train_images_source']});  model: {plan['model']['arch']}"]
+    d = plan["data"]
+    if "num_classes" in d:
+        lines.append(f"preflight: passed in {d['preflight_seconds']:.1f}s ({d['num_classes']} "
+                     "classes" + "".join(f"; {n}" for n in d["notes"]) + ")")
     for s in plan["stages"]:
         head = f"- {s['name']} [{s['type']}]" + (f" from {s['from']}" if s["from"] else "")
         lines.append(head)

@@ -12,6 +12,7 @@ stage is only ever replaced by a successful re-run (`--restart` trains into
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,14 +27,16 @@ import yaml
 from stages import StageContext, stage_of
 
 from . import distributed as D
-from . import provenance
+from . import preemption, provenance
 from .atomic import atomic_write_text
 from .config import ConfigError, to_plain
-from .data import check_available, describe
+from .data import describe
 from .errors import UsageError, did_you_mean, first_line
+from .preflight import preflight
 from .rng import configure_kernels
 from .runconfig import RunConfig, load_config
 from .rundir import CONFIG_FILE, is_complete, read_summary, write_json
+from .runlock import RunLock, RunLocked
 
 log = logging.getLogger("pipeline")
 
@@ -101,13 +104,26 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
     info = D.env_info()
     device = D.resolve_device(cfg.device, info, config_path)
     _check_precision(cfg, device, config_path)
-    check_available(cfg.data)
+    checked = preflight(cfg, config_path)  # every check, before any stage runs
     num_classes, input_size = describe(cfg.data)
+    log.debug("preflight: %s", checked["_data"])
     run_dir = cfg.run_dir
     D.init(info, device, cfg.distributed.timeout_minutes)
     configure_kernels(device, cfg.deterministic)
+    lock = RunLock(run_dir)
     try:
+        problem = None
+        if info.is_main:  # rank 0 holds the run directory for all ranks
+            try:
+                lock.acquire()
+            except RunLocked as err:
+                problem = str(err)
+        problem = D.broadcast_object(problem)
+        if problem:
+            raise RunLocked(problem)
         setup_logging(run_dir, info.is_main)
+        if lock.stale:
+            log.warning("%s", lock.stale)
         with D.together():  # rank 0 writes; a failure there stops every rank
             if info.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,12 +133,19 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
             show_progress = {"on": True, "off": False}.get(cfg.logging.progress)
         names = [stage] if stage else list(cfg.stages)
         summaries = []
-        for name in names:
-            summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
-                                        restart, show_progress, num_classes, input_size,
-                                        only=stage is not None))
+        with preemption.handle_signals():
+            for name in names:
+                signum = preemption.requested(device)  # all ranks agree
+                if signum is not None:  # between stages: nothing to checkpoint
+                    raise preemption.Preempted(
+                        f"stopped on {preemption.name(signum)} before stage {name}; run the "
+                        "same command to go on", signum)
+                summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
+                                            restart, show_progress, num_classes, input_size,
+                                            only=stage is not None))
         return summaries
     finally:
+        lock.release()
         D.shutdown()
 
 
@@ -192,12 +215,21 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
     t0 = time.time()
     try:
         result = stage_of(spec).run(spec, ctx)
-    except Exception as err:
+    except preemption.Preempted as err:
+        log.warning("%s", first_line(err))
         if info.is_main:
             write_json(work_dir / "summary.json", {
-                "stage": name, "type": spec.type, "from": spec.from_, "status": "failed",
-                "error": first_line(err),
-                "config_hash": digest, "wall_seconds": round(time.time() - t0, 3)})
+                "stage": name, "type": spec.type, "from": spec.from_,
+                "status": "interrupted", "error": first_line(err), "config_hash": digest,
+                "wall_seconds": round(time.time() - t0, 3)})
+        raise
+    except Exception as err:
+        if info.is_main:
+            with contextlib.suppress(OSError):  # a full disk: the error itself matters more
+                write_json(work_dir / "summary.json", {
+                    "stage": name, "type": spec.type, "from": spec.from_, "status": "failed",
+                    "error": first_line(err),
+                    "config_hash": digest, "wall_seconds": round(time.time() - t0, 3)})
         raise
     summary = {"stage": name, "type": spec.type, "from": spec.from_, "status": "completed",
                "top1": result.pop("top1", None), "top5": result.pop("top5", None),

@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import preemption
 from .checkpoint_saver import CheckpointSaver
 from .config import ConfigError, opt
 from .csvlog import CsvLog
@@ -140,6 +141,12 @@ class TrainConfig:
     checkpoint_every_steps: int | None = opt(None, "also save last.pt every N steps", min=1)
     log_interval: int = opt(50, "steps between progress updates, train_log.csv rows and "
                             "non-finite checks (the only host syncs inside an epoch)", min=1)
+    on_nonfinite: Literal["stop", "skip_step"] = opt(
+        "stop", "a non-finite loss: stop (at the next log interval, naming the last good "
+        "checkpoint) or skip_step (drop that step's update and count it; for fp16 runs where "
+        "a rare overflow is expected; checks every step, one host sync per step)")
+    max_skipped_steps: int = opt(10, "with on_nonfinite: skip_step, stop after this many "
+                                 "non-finite steps in a row", min=1)
 
     def resolved_lr(self, default: float) -> float:
         if self.lr is None:
@@ -283,6 +290,7 @@ class Trainer:
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.saved_step: int | None = None  # global step of the newest checkpoint on disk
         self._saved_world: int | None = None  # processes that wrote the resumed checkpoint
+        self.skipped_steps = self.skipped_in_a_row = 0  # on_nonfinite: skip_step
         self.val = getattr(data, "val", None)  # the validation split: best epoch by it
         self.metrics_log = CsvLog(self.out_dir / "metrics.csv", METRIC_FIELDS + (
             ["bn_l1"] if self.sparse_scales else []) + (
@@ -370,6 +378,7 @@ class Trainer:
             "rng": rng_state(self.device), "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.dist.world_size, "precision": self.precision,
             "channels_last": self.channels_last, DECISION_KEY: self.decision.as_dict(),
+            "skipped_steps": self.skipped_steps, "skipped_in_a_row": self.skipped_in_a_row,
         })
         return payload
 
@@ -431,6 +440,8 @@ class Trainer:
             self.ema.load_state_dict(s["ema"])
         self.epoch, self.step_in_epoch = int(s["epoch"]), int(s["step_in_epoch"])
         self.global_step = int(s["global_step"])
+        self.skipped_steps = int(s.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(s.get("skipped_in_a_row", 0))
         self.best_top1, self.best_epoch = float(s["best_top1"]), int(s["best_epoch"])
         # the stored sums are over all ranks: rank 0 carries them, the others start at 0
         acc = s["epoch_acc"].to(self.device, torch.float64)[:3]
@@ -498,6 +509,10 @@ class Trainer:
         self._set_lr(step)
         logits, loss = self._loss(x, y, step)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.on_nonfinite == "skip_step" and self._skip_nonfinite(loss):
+            self.global_step += 1
+            self.step_in_epoch += 1
+            return
         if self.scaler:
             self.scaler.scale(loss).backward()
             if self.cfg.grad_clip or self.sparse_scales:
@@ -529,6 +544,34 @@ class Trainer:
         self.global_step += 1
         self.step_in_epoch += 1
 
+    def _skip_nonfinite(self, loss: torch.Tensor) -> bool:
+        """skip_step: whether any rank's loss of this step is non-finite (a host sync and,
+        under DDP, a collective: every rank skips the same steps). Stops after
+        max_skipped_steps in a row."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float64).view(1)
+        D.all_reduce_sum(bad)
+        if not bad.item():
+            self.skipped_in_a_row = 0
+            return False
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        log.warning("stage %s: non-finite loss at step %d; update skipped (%d in a row, %d in "
+                    "all)", self.stage, self.global_step, self.skipped_in_a_row,
+                    self.skipped_steps)
+        if self.skipped_in_a_row >= self.cfg.max_skipped_steps:
+            raise TrainingError(
+                f"stage {self.stage}: {self.skipped_in_a_row} non-finite steps in a row (up to "
+                f"step {self.global_step}, max_skipped_steps {self.cfg.max_skipped_steps}); "
+                f"stopped, {self._last_good()}; lower the lr or set grad_clip")
+        return True
+
+    def _last_good(self) -> str:
+        """Where the newest checkpoint is and what it holds, for an error message."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return (f"the last good checkpoint is {self.checkpoints.last_path} (epoch "
+                f"{self.saved_step / self.steps_per_epoch:g}, step {self.saved_step})")
+
     def _global_acc(self) -> torch.Tensor:
         """The epoch's sums over all ranks (a collective under DDP)."""
         return D.all_reduce_sum(self.acc.clone())
@@ -547,12 +590,26 @@ class Trainer:
 
     def _fail_non_finite(self, bad: int) -> None:
         epoch, k = divmod(bad, self.steps_per_epoch)
-        last = self.checkpoints.last_path
-        kept = (f"the last good checkpoint ({last}, step {self.saved_step}) is kept"
-                if self.saved_step is not None else "no checkpoint was written yet")
         raise TrainingError(
             f"stage {self.stage}: non-finite loss at step {bad} (epoch {epoch + 1}, batch "
-            f"{k + 1}); stopped, {kept}; lower the lr or set grad_clip")
+            f"{k + 1}); stopped, {self._last_good()}; lower the lr or set grad_clip, or "
+            "on_nonfinite: skip_step")
+
+    def _stop_if_requested(self, saved: bool = False) -> None:
+        """At a step boundary: on SIGTERM/SIGUSR1 (any rank's: all ranks stop at the same
+        step) checkpoint this step atomically and raise Preempted."""
+        signum = preemption.requested(self.device)
+        if signum is None:
+            return
+        if not saved:
+            self._sync()  # never checkpoint a diverged model
+            self._save()
+        total = self.cfg.epochs * self.steps_per_epoch
+        raise preemption.Preempted(
+            f"stage {self.stage}: stopped on {preemption.name(signum)} at step "
+            f"{self.global_step} of {total} (epoch {self.global_step / self.steps_per_epoch:.2f}"
+            f" of {self.cfg.epochs}); checkpoint {self.checkpoints.last_path} written; run "
+            "the same command to resume", signum)
 
     def _log_interval(self, progress: _Progress) -> list[float]:
         """Check for non-finite losses, write a train_log.csv row, update the bar."""
@@ -587,6 +644,8 @@ class Trainer:
             while self.epoch < self.cfg.epochs:
                 last_metrics, n, t = self._epoch(progress)
                 images, seconds = images + n, seconds + t
+                if self.epoch < self.cfg.epochs:
+                    self._stop_if_requested(saved=True)
         finally:
             progress.close()
             if self._tb is not None:
@@ -598,7 +657,7 @@ class Trainer:
                 "test_loss": last_metrics["test_loss"], **val, "best_top1": self.best_top1,
                 "best_epoch": self.best_epoch, "best_split": "test" if self.val is None else "val",
                 "epochs": self.cfg.epochs,
-                "global_steps": self.global_step,
+                "global_steps": self.global_step, "skipped_steps": self.skipped_steps,
                 "images_per_s": round(images / seconds, 1) if seconds else None}
 
     def _epoch(self, progress: _Progress) -> tuple[dict, float, float]:
@@ -627,6 +686,7 @@ class Trainer:
             if every and self.global_step % every == 0:
                 self._sync()  # never checkpoint a diverged model
                 self._save()
+            self._stop_if_requested(saved=self.saved_step == self.global_step)
         if self.step_in_epoch != spe:
             raise TrainingError(f"stage {self.stage}: the training loader gave "
                                 f"{self.step_in_epoch} batches in epoch {self.epoch + 1}, "

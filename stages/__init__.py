@@ -5,8 +5,8 @@ from __future__ import annotations
 
 # each module registers its kind; this order is the order kinds are documented in
 from . import pretrain, sensitivity, prune, finetune, iterative, rewind, scratch  # noqa: F401  # isort: skip
-from .base import Stage, StageContext, StageInputError
+from .base import Preflight, Stage, StageContext, StageInputError
 from .registry import REGISTRY, stage_of, upstream_training_stage
 
-__all__ = ["REGISTRY", "Stage", "StageContext", "StageInputError", "stage_of",
+__all__ = ["Preflight", "REGISTRY", "Stage", "StageContext", "StageInputError", "stage_of",
            "upstream_training_stage"]

@@ -4,17 +4,19 @@ the context a stage runs in."""
 from __future__ import annotations
 
 import abc
+import copy
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 import torch.nn as nn
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as D
-from pipeline.config import Loader, opt
+from pipeline.config import ConfigError, Loader, opt
 from pipeline.distributed import DistInfo
 from pipeline.errors import UsageError
 from pipeline.models import model_from_payload
@@ -71,6 +73,39 @@ class StageContext:
         return tuple(self.extra["input_size"])
 
 
+@dataclass
+class Preflight:
+    """What the preflight knows while it walks a run's stages in order, before any work: the
+    file, the data's class count and input size, and per checked stage its output model
+    (on the CPU, randomly initialized: the widths are what matters)."""
+
+    run: Any
+    source: str
+    num_classes: int
+    input_size: tuple[int, int, int]
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    need_files: bool = True  # False (--dry-run): files not there yet are assumed to come
+    notes: list[str] = field(default_factory=list)  # what was assumed, for the plan
+
+    def fail(self, key: str, message: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: {key}: {message}")
+
+    def input_model(self, spec: Any, copied: bool = False) -> nn.Module:
+        """The output model of the stage `spec` takes its input from (a copy with `copied`,
+        for a stage that changes it)."""
+        model = self.models[spec.from_]
+        return copy.deepcopy(model) if copied else model
+
+    @property
+    def arch_label(self) -> str:
+        """The architecture as papers write it (resnet56 -> ResNet-56, vgg16 -> VGG-16)."""
+        name = self.run.model.arch
+        m = re.fullmatch(r"(resnet|vgg)(\d+)(_l1)?", name)
+        if m is None:
+            return name
+        return f"{'ResNet' if m[1] == 'resnet' else 'VGG'}-{m[2]}{m[3] or ''}"
+
+
 class Stage(abc.ABC):
     """A stage kind. A new kind is a subclass in its own module, decorated with
     `stages.registry.register`: the runner, the plan and the report ask it (its `Config`,
@@ -105,6 +140,14 @@ class Stage(abc.ABC):
         """Weight snapshots this stage needs from earlier training stages: {stage: [epoch]}
         (those stages save them, `save_epochs`)."""
         return {}
+
+    def preflight(self, spec: Any, name: str, pf: Preflight) -> tuple[nn.Module | None, dict]:
+        """Resolve the spec against the model it will get, before any stage runs (in
+        `--dry-run` and at the start of `run`): the stage's output model (CPU, random
+        weights, the widths it will have) and what the plan adds to this stage's entry.
+        Raises ConfigError (`pf.fail`) naming the file and the key. The default: the
+        output is the input model."""
+        return (pf.input_model(spec) if self.needs_input else None), {}
 
     @abc.abstractmethod
     def run(self, spec: Any, ctx: StageContext) -> dict:

@@ -11,8 +11,10 @@ and accuracy-before-recovery bookkeeping lives in one place for both ways of pru
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,7 +22,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import distributed as D
 from pipeline.config import opt, to_plain
 from pipeline.data import build_data
-from pipeline.errors import UsageError
+from pipeline.errors import PipelineError, UsageError, first_line
 from pipeline.models import (
     arch_spec,
     build_model,
@@ -30,6 +32,7 @@ from pipeline.models import (
     model_from_payload,
 )
 from pipeline.pruning import (
+    PruningError,
     SoftPruner,
     SoftPruneSpec,
     build_graph,
@@ -40,7 +43,7 @@ from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import TrainConfig, evaluate_splits
 
 from . import training
-from .base import StageBase, StageContext
+from .base import Preflight, StageBase, StageContext
 from .registry import register, stage_of
 from .training import TrainingStage
 
@@ -85,6 +88,26 @@ def dense_model(ctx: StageContext, zero_init: bool) -> tuple[torch.nn.Module, di
     return model, arch
 
 
+def shaped_model(arch: dict) -> torch.nn.Module:
+    """The dense network with the right shapes and constant weights, built without the
+    random initialization (seconds saved on an ImageNet network): what the preflight needs.
+    The weights are zeros and the BatchNorm statistics the identity, so the forward pass is
+    finite; the pruned widths do not depend on the values."""
+    with torch.device("meta"):
+        model = build_model(arch)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.zero_()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                if m.running_var is not None:
+                    m.running_var.fill_(1.0)
+    return model
+
+
 @register
 class Pretrain(TrainingStage):
     """Train the dense network (0 epochs: pass model.pretrained on)."""
@@ -95,6 +118,29 @@ class Pretrain(TrainingStage):
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(self, spec, ctx)
+
+    def preflight(self, spec: Config, name: str, pf: Preflight):
+        """The dense network, with model.pretrained loaded (strictly) when given; the soft
+        pruning spec resolved against it."""
+        arch = arch_spec(pf.run.model, pf.num_classes)
+        model = shaped_model(arch)
+        path = pf.run.model.pretrained
+        if path and not pf.need_files and not Path(path).exists():
+            pf.notes.append(f"model.pretrained {path} not found (needed to run)")
+        elif path:
+            try:
+                load_pretrained(model, path)
+            except PipelineError as err:
+                pf.fail("model.pretrained", first_line(err))
+        soft = spec.prune_during_training
+        if soft is not None:
+            try:
+                SoftPruner(copy.deepcopy(model), soft, torch.zeros((1, *pf.input_size)),
+                           seed=pf.run.seed)
+            except PruningError as err:
+                pf.fail(f"stages.{name}.prune_during_training"
+                        + (f".{err.key}" if err.key else ""), err.problem)
+        return model, {}
 
 
 def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:

@@ -15,6 +15,8 @@ or equal those of `prune_during_training` (`use_soft_mask: false` selects anew).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import time
@@ -31,6 +33,7 @@ from pipeline.precision import eval_precision
 from pipeline.pruning import (
     CRITERIA,
     SELECTION_KEYS,
+    LayerRefError,
     PruneSpec,
     PruningError,
     prune_model,
@@ -39,7 +42,7 @@ from pipeline.pruning import (
 from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate_splits
 
-from .base import Stage, StageBase, StageContext
+from .base import Preflight, Stage, StageBase, StageContext
 from .registry import register
 from .sensitivity import check_layer_ratios_from, with_suggested
 
@@ -101,10 +104,87 @@ class Prune(Stage):
                      f"{entry['batch_size']}")
         if entry.get("layer_ratios_from"):
             what = f"per-layer ratios from stage '{entry['layer_ratios_from']}' (suggested.yaml)"
-        return [f"    {entry['method']} {what}, policy {entry['policy']}"]
+        lines = [f"    {entry['method']} {what}, policy {entry['policy']}"]
+        p = entry.get("predicted")
+        if p:
+            lines.append(
+                f"    predicted: MACs {_human(p['macs_before'])} -> {_human(p['macs'])} "
+                f"({100 * p['mac_reduction']:.1f}% fewer), params {_human(p['params_before'])}"
+                f" -> {_human(p['params'])} ({100 * p['param_reduction']:.1f}% fewer), "
+                f"{p['pruned_layers']} pruned group(s)"
+                + ("" if p["exact"] else " (estimate: global ranking depends on the weights)"))
+        return lines
+
+    def preflight(self, spec: Config, name: str, pf: Preflight):
+        """Prune a copy of the input model as this stage will: resolves every layer
+        reference, the policy and the MAC target, and predicts the widths, MACs and
+        params (exact unless global_ranking, whose split across groups depends on the
+        weights; the criterion itself does not change the widths, so the cheap L1 one
+        stands in for the others)."""
+        model = pf.input_model(spec, copied=True)
+        use, where = spec, f"stages.{name}"
+        up = pf.run.stages.get(spec.from_)
+        soft = getattr(up, "prune_during_training", None)
+        if soft is not None and spec.use_soft_mask is not False:
+            use, where = soft, f"stages.{spec.from_}.prune_during_training"
+        if not use.global_ranking and not use.fpgm.is_mix:
+            use = dataclasses.replace(use, method="l1")
+        size = pf.input_size
+        # the widths do not depend on the image size: a one-shot pruning traces the model
+        # on small images; the MAC target measures at the real size; MACs are counted on a
+        # copy on the meta device (shapes only, no arithmetic)
+        before_macs, before_params = _meta_macs(model, size), count_params(model)
+        try:
+            report = _prune_small(model, use, size, pf.run.seed)
+        except LayerRefError as err:
+            pf.fail(f"{where}.{err.key}", f"{err.bare} "
+                    f"({err.hint.replace('the model', pf.arch_label, 1)}; see --dry-run)")
+        except PruningError as err:
+            pf.fail(f"{where}.{err.key}" if err.key else where, f"{err.problem} (on "
+                    f"{pf.arch_label}; see --dry-run)")
+        macs, params = _meta_macs(model, size), count_params(model)
+        return model, {"predicted": {
+            "macs_before": before_macs, "macs": macs, "mac_reduction": 1 - macs / before_macs,
+            "params_before": before_params, "params": params,
+            "param_reduction": 1 - params / before_params,
+            "pruned_layers": len(report.layers), "steps": report.steps,
+            "widths": {e["name"]: e["after"] for e in report.layers},
+            "exact": not use.global_ranking}}
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(spec, ctx)
+
+
+def _prune_small(model: torch.nn.Module, spec: PruneSpec, size, seed: int):
+    """Prune `model` in place as `spec` says, traced on 32x32 images (the widths do not
+    depend on the image size, and the MAC target counts the MACs of the real size; an
+    ImageNet network traces ~50x faster), or on images of the real size for a network
+    that cannot run on small ones."""
+    if max(size[1:]) > 32:
+        params = count_params(model)
+        try:
+            return prune_model(model, spec, torch.zeros((1, size[0], 32, 32)), seed=seed,
+                               mac_size=tuple(size))
+        except PruningError as err:
+            if err.key is not None or count_params(model) != params:
+                raise  # a spec error, or it failed after changing the model
+    return prune_model(model, spec, torch.zeros((1, *size)), seed=seed)
+
+
+def _meta_macs(model: torch.nn.Module, size) -> int:
+    """MACs (conv + linear) of `model` at input `size`, counted on a meta-device copy (its
+    tensors made directly on the meta device: nothing is copied)."""
+    memo: dict = {id(p): torch.nn.Parameter(p.to("meta"), p.requires_grad)
+                  for p in model.parameters()}
+    memo.update({id(b): b.to("meta") for b in model.buffers()})
+    return count_macs(copy.deepcopy(model, memo), size)["total"]
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:g}"
 
 
 def _check_soft(spec: Config, name: str, run, loader: Loader) -> None:

@@ -22,7 +22,7 @@ from pipeline.rundir import MODEL_FILE
 from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
 from pipeline.trainer import RunSettings, TrainConfig, Trainer
 
-from .base import Stage, StageContext
+from .base import Preflight, Stage, StageContext
 
 
 class TrainingStage(Stage):
@@ -64,8 +64,27 @@ class TrainingStage(Stage):
     def plan_entry(self, spec: Any, name: str, run) -> dict:
         return _training_entry(self, run, name, spec)
 
+    def preflight(self, spec: Any, name: str, pf: Preflight) -> tuple[nn.Module | None, dict]:
+        """The input model passes through; a distillation teacher must have as many
+        outputs as the student."""
+        model, entry = super().preflight(spec, name, pf)
+        distill = getattr(spec, "distill", None)
+        if distill is not None and model is not None:
+            theirs = num_outputs(pf.models[distill.from_])
+            ours = num_outputs(model)
+            if theirs != ours:
+                pf.fail(f"stages.{name}.distill.from", f"the teacher {distill.from_!r} has "
+                        f"{theirs} outputs, this stage's model {ours}")
+        return model, entry
+
     def plan_lines(self, entry: dict) -> list[str]:
         return _training_lines(entry)
+
+
+def num_outputs(model: nn.Module) -> int | None:
+    """The classifier's output size (its last linear layer), or None without one."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
 
 
 def precision_of(spec: TrainConfig, ctx: StageContext) -> str:

@@ -11,7 +11,7 @@ PACKAGES = ("pipeline", "stages")
 # the application layer: commands and what only they use; everything else in pipeline/ is core
 APPLICATION = {"pipeline.__main__", "pipeline.cli", "pipeline.runner", "pipeline.runconfig",
                "pipeline.plan", "pipeline.report", "pipeline.reference", "pipeline.export",
-               "pipeline.evaluate"}
+               "pipeline.evaluate", "pipeline.preflight"}
 CORE, STAGES, APP = 0, 1, 2
 LAYER_NAMES = {CORE: "core", STAGES: "stages", APP: "application"}
 

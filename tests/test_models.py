@@ -175,9 +175,12 @@ def test_pretrained_mismatch_through_the_cli(tiny_config, cli, tmp_path):
     bad = tmp_path / "wrong.pth"
     torch.save(cifar("resnet8", classes=10).state_dict(), bad)  # the tiny data has 4 classes
     code, _, err = cli("run", tiny_config({"model": {"pretrained": str(bad)}}))
-    assert code == 1 and "Traceback" not in err
+    # found by the preflight, before any work: a usage error naming the key and the file
+    assert code == 2 and "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "wrong.pth" in lines[0] and "fc.weight" in lines[0]
+    assert "model.pretrained" in lines[0]
+    assert not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------- pruned shapes

@@ -299,9 +299,10 @@ def test_include_skip_names_globs_numbers_and_errors():
     names = {e["name"] for e in report.layers}
     assert "layer3.1.conv1" not in names  # number 16 (stem 1, layer1 2-7, layer2 8-13, ...)
     assert not any(n.startswith("layer1") for n in names) and len(names) == 5
-    with pytest.raises(PruningError, match=r"skip: 99 matches no convolution.*1\.\.19"):
+    with pytest.raises(PruningError,
+                       match=r"skip\[0\]: no conv numbered 99 \(the model has 1-19\)"):
         prune_model(resnet(20), PruneSpec(skip=[99]), X32)
-    with pytest.raises(PruningError, match="include: 'layer9.*' matches no convolution"):
+    with pytest.raises(PruningError, match=r"include\[0\]: 'layer9.\*' matches no convolution"):
         prune_model(resnet(20), PruneSpec(include=["layer9.*"]), X32)
     with pytest.raises(PruningError, match="nothing to prune"):
         prune_model(resnet(20), PruneSpec(include=["conv1"]), X32)  # coupled: block_internal
@@ -432,12 +433,15 @@ def test_prune_stage_policy_all_option_a_summary_and_fresh_process(tiny_config, 
                     str(tmp_path / "y.pt")], check=True, cwd=ROOT,
                    env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), model(x).detach())
-    # a pruning that cannot be done is one line and exit code 1
+    # a pruning that cannot be done is found by the preflight: one line, exit code 2, and
+    # the completed stage untouched
+    before = (stage / "model.pt").read_bytes()
     code, _, err = cli("run", cfg, "--stage", "prune", "--restart", "--set",
                        "stages.prune.skip=[99]")
-    assert code == 1 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
-    assert "skip: 99 matches no convolution" in line
+    assert "stages.prune.skip[0]: no conv numbered 99" in line
+    assert (stage / "model.pt").read_bytes() == before
 
 
 def test_depthwise_se_and_grouped_convolutions():

@@ -170,11 +170,58 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert "\n" not in message
     assert "non-finite loss at step 5 (epoch 1, batch 6)" in message
     assert "step 4" in message and "last.pt" in message
+    assert f"the last good checkpoint is {tmp_path / 'last.pt'} (epoch 0.5, step 4)" in message
     last = ckpt.load(tmp_path / "last.pt")
     assert last["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values()
                if v.is_floating_point())
     assert not (tmp_path / "metrics.csv").exists()  # the failed epoch wrote no row
+
+
+class NanCalls(nn.Module):
+    """resnet8 whose training forwards number `bad` (1-based) return NaN logits."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.net, self.calls, self.bad = build_model(ARCH), 0, bad
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.bad(self.calls):
+                out = out * float("nan")
+        return out
+
+
+def test_skip_step_drops_the_update_and_counts_it(tmp_path):
+    trainer = make_trainer(tmp_path, steps=6, model=NanCalls(lambda k: k in (3, 5)),
+                           on_nonfinite="skip_step", log_interval=2)
+    seen = []
+    remove = add_step_hook(lambda t: seen.append(
+        [p.detach().clone() for p in t.module.parameters()]))
+    try:
+        result = trainer.fit()
+    finally:
+        remove()
+    assert result["skipped_steps"] == 2 and trainer.skipped_in_a_row == 0
+    # step 2 (the 3rd forward) changed nothing; step 1 and step 3 did
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], seen[2], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[2], seen[3], strict=True))
+    assert all(torch.isfinite(p).all() for p in trainer.module.parameters())
+    assert ckpt.load(tmp_path / "last.pt")["skipped_steps"] == 2
+
+
+def test_skip_step_stops_after_max_skipped_steps_in_a_row(tmp_path):
+    trainer = make_trainer(tmp_path, steps=8, model=NanCalls(lambda k: k >= 4),
+                           on_nonfinite="skip_step", max_skipped_steps=3,
+                           checkpoint_every_steps=2)
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "3 non-finite steps in a row (up to step 5, max_skipped_steps 3)" in message
+    # the step-4 checkpoint is good: the skipped steps changed no weight
+    assert "last.pt (epoch 0.5, step 4)" in message
 
 
 def test_all_checkpoints_corrupt_restarts_afresh(tmp_path, caplog):

@@ -45,12 +45,21 @@ def _images_under(folder: Path) -> list[str]:
 
 
 def has_image(folder: Path) -> bool:
-    """Whether any image file lies under `folder` (stops at the first one)."""
-    for _, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(_is_image(f) for f in filenames):
-            return True
-    return False
+    """Whether any image file lies under `folder`; stops at the first one (reads only the
+    start of a large class folder's listing)."""
+    subdirs = []
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    subdirs.append(e.path)
+                elif _is_image(e.name):
+                    return True
+    except OSError:
+        return False
+    return any(has_image(Path(d)) for d in sorted(subdirs))
 
 
 def list_image_folder(folder: Path, classes: Sequence[str] | None = None,

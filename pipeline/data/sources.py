@@ -131,9 +131,14 @@ def check_available(cfg: DataConfig) -> None:
     train_classes = class_names(train_dir)
     for folder in (train_dir, eval_dir):
         classes = class_names(folder)
-        if not any(has_image(folder / c) for c in classes):
+        empty = [c for c in classes if not has_image(folder / c)]
+        if len(empty) == len(classes):
             raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) in "
                             f"its {len(classes)} class folder(s)")
+        if empty and folder == train_dir:  # a class the model would have but never see
+            raise DataError(f"{folder / empty[0]}: class folder has no images "
+                            f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...; {len(empty)} such "
+                            "folder(s)); remove it or add its images")
     unknown = sorted(set(class_names(eval_dir)) - set(train_classes))
     if unknown:
         raise DataError(f"{eval_dir / unknown[0]}: class folder not among the training classes")

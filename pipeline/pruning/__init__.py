@@ -12,14 +12,15 @@
 """
 
 from .criteria import CRITERIA, fpgm_scores
-from .groups import candidate_groups, layer_numbers
+from .groups import LayerRefError, candidate_groups, layer_numbers
 from .prune import prune_model, select_filters
 from .selection import prune_count
 from .soft import SoftPruner, SoftPruneSpec, zero_pattern_record
 from .spec import SELECTION_KEYS, FPGMConfig, PruneSpec, PruningError
 from .surgery import build_graph, remove_filters
 
-__all__ = ["CRITERIA", "FPGMConfig", "PruneSpec", "PruningError", "SELECTION_KEYS", "SoftPruneSpec",
-           "SoftPruner", "build_graph", "candidate_groups", "fpgm_scores", "layer_numbers",
-           "prune_count", "prune_model", "remove_filters", "select_filters",
+__all__ = ["CRITERIA", "FPGMConfig", "LayerRefError", "PruneSpec", "PruningError",
+           "SELECTION_KEYS", "SoftPruneSpec", "SoftPruner", "build_graph", "candidate_groups",
+           "fpgm_scores", "layer_numbers", "prune_count", "prune_model", "remove_filters",
+           "select_filters",
            "zero_pattern_record"]

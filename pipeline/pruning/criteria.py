@@ -45,7 +45,13 @@ from ..modes import eval_mode
 
 class PruningError(PipelineError):
     """The requested pruning cannot be done on this model: one line, says why (also a
-    criterion that cannot score a group: no BN for bn_scale, no batches for taylor)."""
+    criterion that cannot score a group: no BN for bn_scale, no batches for taylor). `key`,
+    when set, is the spec key at fault (`skip[0]`, `target_macs_reduction`) and the message
+    starts with it; `problem` is the message without it."""
+
+    def __init__(self, problem: str, key: str | None = None):
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.problem, self.key = problem, key
 
 
 class ScoredGroup(Protocol):

@@ -28,6 +28,7 @@ import numpy as np
 import torch.nn as nn
 from torch_pruning import ops
 
+from ..errors import did_you_mean
 from ..models import PadShortcut
 from .criteria import PruningError, filter_matrix
 from .spec import PruneSpec
@@ -68,12 +69,26 @@ def _matches(name: str, number: int | None, ref: int | str) -> bool:
     return name == ref or fnmatch.fnmatchcase(name, ref)
 
 
+class LayerRefError(PruningError):
+    """A layer reference (`include`, `skip`, `layer_ratios`) that names no convolution:
+    `key` is the spec key with its index (`skip[0]`, `layer_ratios.layer9.*`)."""
+
+    def __init__(self, key: str, problem: str, hint: str):
+        super().__init__(f"{problem} ({hint})", key)
+        self.bare, self.hint = problem, hint
+
+
 def _check_refs(refs, key: str, names: list[str], numbers: dict[str, int]) -> None:
-    for ref in refs:
-        if not any(_matches(n, numbers.get(n), ref) for n in names):
-            hint = f" (layers are numbered 1..{len(numbers)})" if (
-                isinstance(ref, int) or str(ref).isdigit()) else ""
-            raise PruningError(f"{key}: {ref!r} matches no convolution of the model{hint}")
+    for i, ref in enumerate(refs):
+        if any(_matches(n, numbers.get(n), ref) for n in names):
+            continue
+        where = f"{key}.{ref}" if key == "layer_ratios" else f"{key}[{i}]"
+        if isinstance(ref, int) or str(ref).isdigit():
+            raise LayerRefError(where, f"no conv numbered {ref}",
+                                f"the model has 1-{len(numbers)}")
+        raise LayerRefError(where, f"{ref!r} matches no convolution",
+                            f"the model's convs: {', '.join(names[:3])}, ..."
+                            f"{did_you_mean(str(ref), names, prefix='; ')}")
 
 
 # --------------------------------------------------------------------------- groups
@@ -269,11 +284,13 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
 def required(groups: list[Group], spec: PruneSpec) -> list[Group]:
     """`groups`, or a PruningError when the spec leaves nothing to prune."""
     if not groups:
+        key = "include" if spec.include else "skip" if spec.skip else "policy"
         raise PruningError(f"nothing to prune: no channel group passes policy {spec.policy!r}"
-                           " and the include/skip lists")
+                           " and the include/skip lists", key)
     return groups
 
 
-__all__ = ["Group", "candidate_groups", "classifier_layers", "conv_groups", "following_bn",
+__all__ = ["Group", "LayerRefError", "candidate_groups", "classifier_layers", "conv_groups",
+           "following_bn",
            "is_depthwise", "is_projection", "is_residual_coupled", "layer_numbers", "out_convs",
            "required"]

@@ -53,11 +53,15 @@ def gradient_refresher(model: nn.Module, spec: PruneSpec, groups: list[Group],
 
 
 def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
-                seed: int = 0, batches: Batches | None = None) -> PruneReport:
+                seed: int = 0, batches: Batches | None = None,
+                mac_size: tuple[int, ...] | None = None) -> PruneReport:
     """Prune `model` in place according to `spec`; returns the pruned groups' widths.
 
     `batches()` yields training batches (x, y), for criteria that need gradients
     (taylor: the first `spec.batches` of them, re-taken before every selection step).
+    `mac_size` (C, H, W): the MAC target counts the MACs of images of that size (the
+    widths do not depend on it otherwise), so `example` may be smaller than the real
+    images.
     The forward output shape is checked to be unchanged; any failure is a PruningError.
     """
     spec = checked(spec)
@@ -67,7 +71,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     groups = required(candidate_groups(model, dg, spec), spec)
     refresh = gradient_refresher(model, spec, groups, batches)
     if spec.target_macs_reduction is not None:
-        steps = prune_to_target(model, spec, example, dg, groups, seed, refresh)
+        steps = prune_to_target(model, spec, example, dg, groups, seed, refresh, mac_size)
     else:
         refresh()
         apply_selection(dg, groups, select(spec, groups, seed))

@@ -1,0 +1,90 @@
+"""Preflight: every check that can fail a run, done before any work (in `--dry-run` and at
+the start of every `run`), so that a mistake costs seconds, not the hours of the stages
+before the one it breaks.
+
+Each stage kind resolves its spec against the model it will get (`Stage.preflight`):
+the dense network is built on the CPU (random weights: the widths are what the checks
+need), `model.pretrained` loaded into it, and every prune spec applied to a copy of its
+input (layer names, globs and numbers, include/skip, layer_ratios, the policy, the
+reachability of target_macs_reduction), which also gives the pruned widths, MACs and
+params the plan shows. Distillation teachers' output sizes, the data root's layout and
+class count, and whether `out_dir` is writable are checked too. A failure is one
+ConfigError line naming the file and the dotted key (exit 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from stages import Preflight, stage_of
+
+from .data import check_available, describe
+from .data.config import DataError, input_size
+from .runconfig import RunConfig
+
+log = logging.getLogger("pipeline")
+
+# class counts assumed by `--dry-run` when the data set is not there (yet)
+KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000}
+
+
+def data_shape(cfg: RunConfig, source: str, need_data: bool) -> tuple[int, tuple, str]:
+    """(classes, input size, where the class count comes from). With `need_data` a
+    missing or malformed data root is an error; without (dry run) a missing one is
+    assumed to have the data set's known class count."""
+    try:
+        check_available(cfg.data)
+        classes, size = describe(cfg.data)
+        return classes, tuple(size), "data"
+    except DataError as err:
+        root = Path(cfg.data.root)
+        if need_data or root.exists() and cfg.data.dataset == "imagefolder":
+            raise DataError(f"{source}: data.root: {err}") from None
+        return KNOWN_CLASSES[cfg.data.dataset], tuple(input_size(cfg.data)), "assumed"
+
+
+def check_writable(cfg: RunConfig, source: str, pf: Preflight) -> None:
+    """out_dir (or its nearest existing parent) must be a writable folder."""
+    path = cfg.run_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        pf.fail("out_dir", f"{path} is not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        pf.fail("out_dir", f"{path} is not writable (run directory {cfg.run_dir})")
+
+
+def preflight(cfg: RunConfig, source: str, need_data: bool = True) -> dict[str, dict]:
+    """Run every check; returns per stage what the plan adds to its entry."""
+    t0 = time.perf_counter()
+    classes, size, how = data_shape(cfg, source, need_data)
+    pf = Preflight(run=cfg, source=source, num_classes=classes, input_size=size,
+                   need_files=need_data)
+    if how == "assumed":
+        pf.notes.append(f"data root {cfg.data.root} absent: {classes} classes assumed")
+    check_writable(cfg, source, pf)
+    entries: dict[str, dict] = {}
+    torch.manual_seed(cfg.seed)
+    # the pruning's notes (coupled groups left out, ...) are for when the stage runs
+    quiet = logging.getLogger("pipeline.pruning")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        for name, spec in cfg.stages.items():
+            model, entry = stage_of(spec).preflight(spec, name, pf)
+            if model is not None:
+                pf.models[name] = model
+            entries[name] = entry
+    finally:
+        quiet.setLevel(level)
+    entries["_data"] = {"num_classes": classes, "num_classes_source": how, "notes": pf.notes,
+                        "preflight_seconds": round(time.perf_counter() - t0, 3)}
+    return entries
+
+
+__all__ = ["KNOWN_CLASSES", "data_shape", "preflight"]

@@ -132,8 +132,9 @@ class Stage(abc.ABC):
 
     def report_rows(self, summary: dict) -> list[dict]:
         """Extra `compare` rows of a completed stage, before its own (e.g. an iterative
-        stage's rounds): dicts with `stage` (a suffix), `top1`, `top5`, `macs`, `params`,
-        `ratio`, `epochs`; the plot joins them, in order, into a path."""
+        stage's rounds): dicts with `stage` (a suffix), `top1`, `top5`, `val_top1` (None
+        without a validation split), `macs`, `params`, `ratio`, `epochs`; the plot joins
+        them, in order, into a path."""
         return []
 
     def snapshots_wanted(self, spec: Any, name: str, run: Any) -> dict[str, list[int]]:

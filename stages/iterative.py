@@ -174,6 +174,7 @@ class Iterative(Stage):
 
     def report_rows(self, summary: dict) -> list[dict]:
         return [{"stage": f"round_{r['round']}", "top1": r["top1"], "top5": r["top5"],
+                 "val_top1": r.get("val_top1"),
                  "macs": r["macs"], "params": r["params"], "epochs": r["epochs"],
                  "ratio": r["ratio"] if r["ratio"] is not None
                  else f"MACs -{100 * r['target_macs_reduction']:.3g}%"}

@@ -194,6 +194,82 @@ def test_provenance_table(tmp_path, cli):
     assert (row["torch"], row["seed"], row["git_commit"]) == ("2.4.0", "3", "0123456789")
 
 
+OLD_HEADER = ("| run | stage | type | status | model | method | ratio | top-1 (%) | top-5 (%) | "
+              "Δ top-1 | params (M) | MACs (M) | MACs -% | model.pt (MB) | epochs | wall (s) |")
+OLD_CSV_HEADER = ("run,stage,type,status,model,method,ratio,top1,top5,delta_top1,params_m,"
+                  "macs_m,mac_reduction_pct,size_mb,epochs,wall_seconds")
+
+
+def test_compare_names_the_split_of_each_number(tiny_config, cli, tmp_path):
+    for name, data in (("held", {"val_split": 16}), ("plain", {})):
+        over = {"name": name, "data": data,
+                "stages": {"pretrain": {"epochs": 1, "schedule": {"milestones": []}}}}
+        code, _, err = cli("run", tiny_config(over, name=f"{name}.yaml"))
+        assert code == 0, err
+    runs = tmp_path / "runs"
+
+    # with data.val_split: a val column beside the test one, and the split that chose best.pt
+    code, out, err = cli("compare", runs / "held", "--format", "csv", "--out", tmp_path / "h")
+    assert code == 0, err
+    header = out.splitlines()[0]
+    assert header.startswith("run,stage,type,status,model,method,ratio,top1,val_top1,top5,")
+    assert ",epochs,best_split," in header
+    table = {r["stage"]: r for r in csv.DictReader(io.StringIO(out))}
+    for stage in ("pretrain", "prune", "finetune"):
+        s = summary(runs / "held", stage)
+        assert s["val_top1"] is not None
+        assert float(table[stage]["val_top1"]) == s["val_top1"]
+        assert float(table[stage]["top1"]) == s["top1"]
+    assert [table[s]["best_split"] for s in ("pretrain", "prune", "finetune")] == \
+        ["val", "", "val"]
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "h" / "compare.json").read_text())}
+    assert rows["finetune"]["best_split"] == "val"
+    assert rows["finetune"]["val_top1"] == summary(runs / "held", "finetune")["val_top1"]
+    md = (tmp_path / "h" / "compare.md").read_text()
+    assert "| top-1 (%, test) | val top-1 (%) | top-5 (%, test) |" in md
+    assert "best_split" not in md and "| top-1 (%) |" not in md
+    assert "\nbest epoch chosen on: val\n" in md
+    s = summary(runs / "held", "finetune")
+    line = next(x for x in md.splitlines() if x.startswith("| held | finetune |"))
+    assert f"| {s['top1']:.2f} | {s['val_top1']:.2f} | {s['top5']:.2f} |" in line
+
+    # without it: the columns and headers of before, no note
+    code, out, _ = cli("compare", runs / "plain", "--format", "csv", "--out", tmp_path / "p")
+    assert code == 0 and out.splitlines()[0] == OLD_CSV_HEADER
+    md = (tmp_path / "p" / "compare.md").read_text()
+    assert OLD_HEADER in md.splitlines()
+    assert "val" not in md and "chosen on" not in md
+
+    # both: the val column appears, and the note says which run chose on which split
+    code, out, _ = cli("compare", runs / "held", runs / "plain", "--out", tmp_path / "b")
+    assert code == 0
+    assert "best epoch chosen on: test (plain); val (held)" in out.splitlines()
+    plain = next(x for x in out.splitlines() if x.startswith("| plain | pretrain |"))
+    assert plain.split(" | ")[8] == "-"  # run, stage, type, status, model, method, ratio, top1
+
+
+def test_iterative_rounds_carry_their_validation_top1(tmp_path, cli):
+    rounds = [{"round": t, "ratio": r, "target_macs_reduction": None, "macs": m,
+               "params": 200000, "val_top1": v, "top1": v + 1, "top5": 99.0, "epochs": 1}
+              for t, r, m, v in ((1, 0.2, 30000000, 88.5), (2, 0.4, 20000000, 85.25))]
+    pre = {**PRETRAIN, "val_top1": 90.5, "best_split": "val"}
+    it = {"stage": "it", "type": "iterative", "status": "completed", "top1": 86.25,
+          "top5": 99.0, "val_top1": 85.25, "macs": 20000000, "params": 200000,
+          "rounds": rounds, "split": "val", "method": "l1", "ratio": 0.4}
+    run_dir = fake_run(tmp_path, "r", {"pretrain": STAGES["pretrain"],
+                                       "it": {"type": "iterative", "from": "pretrain"}},
+                       {"pretrain": pre, "it": it})
+    code, out, err = cli("compare", run_dir, "--format", "json", "--out", tmp_path / "o")
+    assert code == 0, err
+    rows = {r["stage"]: r for r in json.loads(out)}
+    assert [rows[f"it/round_{t}"]["val_top1"] for t in (1, 2)] == [88.5, 85.25]
+    assert rows["it/round_1"]["top1"] == 89.5 and rows["it/round_1"]["best_split"] is None
+    assert (rows["pretrain"]["best_split"], rows["it"]["best_split"]) == ("val", None)
+    md = (tmp_path / "o" / "compare.md").read_text()
+    assert "| 91.25 | 90.50 | 99.50 |" in md  # test top-1, val top-1, test top-5
+    assert "| 89.50 | 88.50 |" in md and "\nbest epoch chosen on: val\n" in md
+
+
 def test_compare_usage_errors(tmp_path, cli):
     code, _, err = cli("compare", tmp_path / "missing")
     assert code == 2 and err.strip() == f"error: no such run directory: {tmp_path / 'missing'}"

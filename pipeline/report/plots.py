@@ -130,7 +130,8 @@ def plot_pareto(rows: list[dict], path: Path) -> Plot:
     if macs and max(macs) / min(macs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("MACs per image (millions, conv + linear)")
-    ax.set_ylabel("top-1 (%)")
+    held_out = any(r.get("val_top1") is not None for r in rows)  # data.val_split: name the split
+    ax.set_ylabel("test top-1 (%)" if held_out else "top-1 (%)")
     ax.set_title("Accuracy against computation")
     ax.grid(alpha=0.3)
     if done:

@@ -1,8 +1,10 @@
 """Run directories read into rows: one row per stage, what the stage delivered.
 
-A row holds run, stage, model, pruning method and ratio, top-1/top-5 and the change against
-the run's baseline, params, MACs and the MAC reduction, optionally the latency measured on
-this machine and the speedup, and the size of the stage's model.pt. The baseline of a stage
+A row holds run, stage, model, pruning method and ratio, top-1/top-5 (the test split) and the
+change against the run's baseline, the validation split's top-1 and the split that chose a
+training stage's best epoch when the run holds one out (`data.val_split`), params, MACs and
+the MAC reduction, optionally the latency measured on this machine and the speedup, and the
+size of the stage's model.pt. The baseline of a stage
 is the dense model at the root of its `from` chain (the pretrain stage), unless one is given
 (`Options.baseline`): a stage directory whose summary stands for the dense model of every run.
 
@@ -31,6 +33,8 @@ COLUMNS = ["run", "stage", "type", "status", "model", "method", "ratio", "top1",
            "delta_top1", "params_m", "macs_m", "mac_reduction_pct", "size_mb", "epochs",
            "wall_seconds"]
 LATENCY_COLUMNS = ["latency_ms", "speedup"]
+VAL_COLUMNS = ["val_top1"]  # after top1, when a row has validation numbers (data.val_split)
+SPLIT_COLUMNS = ["best_split"]  # after epochs, likewise: the split that chose best.pt
 PROVENANCE_COLUMNS = ["git_commit", "git_dirty", "python", "torch", "torchvision",
                       "torch_pruning", "device", "world_size", "seed", "config_hash", "command"]
 
@@ -205,7 +209,8 @@ def _sub_rows(row: dict, s: dict, base: Baseline | None) -> list[dict]:
              "note": None, "size_mb": None, "wall_seconds": None, "latency_ms": None,
              "speedup": None}
         macs = extra.get("macs")
-        r.update(top1=extra.get("top1"), top5=extra.get("top5"), macs=macs,
+        r.update(top1=extra.get("top1"), top5=extra.get("top5"), val_top1=extra.get("val_top1"),
+                 best_split=None, macs=macs,
                  params=extra.get("params"), params_m=_m(extra.get("params")), macs_m=_m(macs),
                  epochs=extra.get("epochs"), ratio=extra.get("ratio"), delta_top1=None)
         if base is not None and r["top1"] is not None and base.summary.get("top1") is not None:
@@ -222,7 +227,8 @@ def _add_results(row: dict, run_dir: Path, specs: dict[str, dict], name: str, s:
     stage_dir = run_dir / name
     row["status"] = "completed"
     top1, macs = s.get("top1"), s.get("macs")
-    row.update(top1=top1, top5=s.get("top5"), params=s.get("params"), macs=macs,
+    row.update(top1=top1, top5=s.get("top5"), val_top1=s.get("val_top1"),
+               best_split=s.get("best_split"), params=s.get("params"), macs=macs,
                params_m=_m(s.get("params")), macs_m=_m(macs), epochs=s.get("epochs"),
                wall_seconds=s.get("wall_seconds"), finished=s.get("finished"),
                size_mb=_size_mb(stage_dir / MODEL_FILE),
@@ -294,6 +300,6 @@ def _add_latency(row: dict, run_dir: Path, stage_dir: Path, base: Baseline | Non
             row["speedup"] = ref / mine
 
 
-__all__ = ["COLUMNS", "LATENCY_COLUMNS", "PROVENANCE_COLUMNS", "is_prune_stage",
-           "is_training_stage", "expand", "read_metrics", "stage_state", "Baseline", "Options",
-           "rows_for"]
+__all__ = ["COLUMNS", "LATENCY_COLUMNS", "VAL_COLUMNS", "SPLIT_COLUMNS", "PROVENANCE_COLUMNS",
+           "is_prune_stage", "is_training_stage", "expand", "read_metrics", "stage_state",
+           "Baseline", "Options", "rows_for"]

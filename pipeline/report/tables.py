@@ -1,5 +1,10 @@
 """The rows as tables: markdown (labelled, formatted cells), CSV and JSON (raw values), and
-the provenance table (one row per run: how it was made)."""
+the provenance table (one row per run: how it was made).
+
+When a row has validation numbers (`data.val_split`), the tables say which split each number
+comes from: a `val_top1` column follows top-1, the top-1/top-5 headers name the test split,
+and the split that chose each training stage's best epoch is the CSV's `best_split` column
+and a note under the markdown table. Without one, the columns and headers are as before."""
 
 from __future__ import annotations
 
@@ -11,27 +16,40 @@ from pathlib import Path
 from typing import Any
 
 from ..provenance import read_provenance
-from .rows import COLUMNS, LATENCY_COLUMNS, PROVENANCE_COLUMNS, Options
+from .rows import COLUMNS, LATENCY_COLUMNS, PROVENANCE_COLUMNS, SPLIT_COLUMNS, VAL_COLUMNS, Options
 
-LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "delta_top1": "Δ top-1",
+LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "val_top1": "val top-1 (%)",
+          "delta_top1": "Δ top-1",
           "params_m": "params (M)", "macs_m": "MACs (M)", "mac_reduction_pct": "MACs -%",
           "size_mb": "model.pt (MB)", "wall_seconds": "wall (s)", "speedup": "speedup",
           "torch_pruning": "torch-pruning", "config_hash": "config hash",
           "git_commit": "commit", "git_dirty": "dirty", "world_size": "ranks"}
+TEST_LABELS = {"top1": "top-1 (%, test)", "top5": "top-5 (%, test)"}  # beside a val column
+
+
+def has_val(rows: list[dict]) -> bool:
+    """Whether any row has validation numbers (its run holds out `data.val_split`)."""
+    return any(r.get("val_top1") is not None for r in rows)
 
 
 def columns_for(rows: list[dict], options: Options | None = None) -> list[str]:
-    """The table's columns: latency before the model size when measured, a note column when
-    a row has one."""
+    """The table's columns: latency before the model size when measured, `val_top1` after
+    top-1 and `best_split` after epochs when a row has validation numbers, a note column
+    when a row has one."""
     cols = list(COLUMNS)
     if options is not None and options.latency:
         cols[cols.index("size_mb"):cols.index("size_mb")] = LATENCY_COLUMNS
+    if has_val(rows):
+        cols[cols.index("top1") + 1:cols.index("top1") + 1] = VAL_COLUMNS
+        cols[cols.index("epochs") + 1:cols.index("epochs") + 1] = SPLIT_COLUMNS
     if any(r.get("note") for r in rows):
         cols.append("note")
     return cols
 
 
-def _label(col: str, rows: list[dict]) -> str:
+def _label(col: str, rows: list[dict], columns: list[str]) -> str:
+    if col in TEST_LABELS and "val_top1" in columns:
+        return TEST_LABELS[col]
     if col == "latency_ms":
         r = next((r for r in rows if r.get("latency_device")), None)
         if r is not None:
@@ -63,13 +81,35 @@ def _cell_for(col: str, v: Any) -> str:
     return str(v).replace("|", "\\|")
 
 
+def split_note(rows: list[dict]) -> str:
+    """The split that chose each training stage's best epoch (best.pt), for the markdown
+    table: one split for all ("best epoch chosen on: val"), else each split with its runs
+    (a run's stages named when they differ)."""
+    by_run: dict[str, dict[str, list[str]]] = {}
+    for r in rows:
+        if r.get("best_split"):
+            by_run.setdefault(r["run"], {}).setdefault(r["best_split"], []).append(r["stage"])
+    splits = sorted({s for run in by_run.values() for s in run})
+    if len(splits) <= 1:
+        return f"best epoch chosen on: {splits[0]}" if splits else ""
+    where: dict[str, list[str]] = {s: [] for s in splits}
+    for run, stages in by_run.items():
+        for split, names in stages.items():
+            where[split] += [run] if len(stages) == 1 else [f"{run}/{n}" for n in names]
+    return "best epoch chosen on: " + "; ".join(f"{s} ({', '.join(where[s])})" for s in splits)
+
+
 def to_markdown(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A markdown table, missing numbers as "-"."""
-    columns = columns or columns_for(rows)
-    lines = ["| " + " | ".join(_label(c, rows) for c in columns) + " |",
+    """A markdown table, missing numbers as "-"; with a validation column, the note of the
+    split that chose each training stage's best epoch under it."""
+    columns = [c for c in columns or columns_for(rows) if c not in SPLIT_COLUMNS]
+    lines = ["| " + " | ".join(_label(c, rows, columns) for c in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_cell_for(c, r.get(c)) for c in columns) + " |")
+    note = split_note(rows) if "val_top1" in columns else ""
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -108,4 +148,5 @@ def to_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=2, default=str)
 
 
-__all__ = ["LABELS", "columns_for", "to_markdown", "provenance_markdown", "to_csv", "to_json"]
+__all__ = ["LABELS", "TEST_LABELS", "has_val", "columns_for", "split_note", "to_markdown",
+           "provenance_markdown", "to_csv", "to_json"]

@@ -238,7 +238,7 @@ def test_compare_names_the_split_of_each_number(tiny_config, cli, tmp_path):
     assert code == 0 and out.splitlines()[0] == OLD_CSV_HEADER
     md = (tmp_path / "p" / "compare.md").read_text()
     assert OLD_HEADER in md.splitlines()
-    assert "val" not in md and "chosen on" not in md
+    assert "val top-1" not in md and ", test)" not in md and "chosen on" not in md
 
     # both: the val column appears, and the note says which run chose on which split
     code, out, _ = cli("compare", runs / "held", runs / "plain", "--out", tmp_path / "b")

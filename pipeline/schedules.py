@@ -38,7 +38,6 @@ from typing import Literal
 
 from .config import Invalid, opt
 
-ABSOLUTE_AXIS = ("constant", "step", "multistep")  # decays count from the start of the run
 AFTER_WARMUP = ("cosine", "linear")  # decays over the steps after warmup
 
 

@@ -40,6 +40,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from trainer_overhead import InMemory  # noqa: E402  (the loader protocol over batches in memory)
+
 from pipeline import checkpoint  # noqa: E402
 from pipeline.data import build_data  # noqa: E402
 from pipeline.models import build_model, count_macs  # noqa: E402
@@ -208,23 +210,6 @@ def check_data_on_device(res: Results) -> None:
     x, y = next(iter(data.train.iterate(0)))
     ok = x.is_cuda and y.is_cuda and x.shape == (128, 3, 32, 32)
     res.check("in-memory data path on the device", ok, f"batch {tuple(x.shape)} on {x.device}")
-
-
-class InMemory:
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def iterate(self, start: int = 0):
-        yield from self.batches[start:]
-
-    def __iter__(self):
-        return self.iterate(0)
 
 
 def _seconds(fn) -> float:

@@ -146,14 +146,24 @@ class OnnxFormat:
         return out
 
 
-class TorchScriptFormat:
-    name, suffix, sidecar = "torchscript", ".torchscript.pt", True
+class _TorchRuntime:
+    """A format torch itself loads back: every precision and layout, no extra to install,
+    metadata in a sidecar .json."""
+
+    sidecar = True
 
     def problem(self, precision: str, channels_last: bool) -> str | None:
         return None
 
     def require(self) -> None:
         return None
+
+    def read_metadata(self, path: Path) -> dict:
+        return _read_sidecar(path)
+
+
+class TorchScriptFormat(_TorchRuntime):
+    name, suffix = "torchscript", ".torchscript.pt"
 
     def serialize(self, model: nn.Module, example: torch.Tensor, dynamic: bool,
                   opset: int | None, metadata: dict) -> bytes:
@@ -176,18 +186,9 @@ class TorchScriptFormat:
 
         return run
 
-    def read_metadata(self, path: Path) -> dict:
-        return _read_sidecar(path)
 
-
-class ExportedFormat:
-    name, suffix, sidecar = "exported", ".pt2", True
-
-    def problem(self, precision: str, channels_last: bool) -> str | None:
-        return None
-
-    def require(self) -> None:
-        return None
+class ExportedFormat(_TorchRuntime):
+    name, suffix = "exported", ".pt2"
 
     def serialize(self, model: nn.Module, example: torch.Tensor, dynamic: bool,
                   opset: int | None, metadata: dict) -> bytes:
@@ -207,9 +208,6 @@ class ExportedFormat:
                 return module(x)
 
         return run
-
-    def read_metadata(self, path: Path) -> dict:
-        return _read_sidecar(path)
 
 
 FORMATS = {f.name: f for f in (OnnxFormat(), TorchScriptFormat(), ExportedFormat())}

@@ -1,8 +1,9 @@
 """Modern torchvision architectures under pruning: ResNeXt's grouped convolutions pruned
-group-consistently (the same number of channels from every convolution group). Each is
-checked by output equivalence (zeroing the selected channels in the dense model gives the
-pruned model's output) and a load_model round trip; the full-size model is counted on
-the meta device."""
+group-consistently (the same number of channels from every convolution group); Linear
+layers applied per position (transformer-style MLPs) as pruning roots. Each is checked by
+output equivalence (zeroing the selected channels in the dense model gives the pruned
+model's output) and a load_model round trip; the full-size model is counted on the meta
+device."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 from pipeline import checkpoint as ckpt
 from pipeline.models import build_model, count_macs, load_model, shrink_to
-from pipeline.pruning import PruneSpec, prune_model, select_filters
-from pipeline.pruning.groups import following_bn
+from pipeline.pruning import PruneSpec, PruningError, layer_numbers, prune_model, select_filters
+from pipeline.pruning.groups import candidate_groups, following_bn
+from pipeline.pruning.spec import checked
 from pipeline.pruning.surgery import build_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,3 +107,91 @@ def test_resnext50_round_trip_and_full_size_on_meta(tmp_path):
     with torch.device("meta"):
         full = resnext50_32x4d()
     assert sum(p.numel() for p in full.parameters()) == 25_028_904
+
+
+# --------------------------------------------------------------------------- Linear roots
+
+
+class TokenMLP(nn.Module):
+    """A transformer-style network: patch embedding conv -> tokens (N, T, C) -> one
+    pre-norm residual MLP block (fc1 -> GELU -> fc2) -> mean over tokens -> a two-layer
+    head on the flattened features (head.0 -> ReLU -> head.2, the classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 24)
+        self.fc2 = nn.Linear(24, 8)
+        self.head = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 10))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.fc2(nn.functional.gelu(self.fc1(self.norm(t))))
+        return self.head(t.mean(1))
+
+
+def test_linear_roots_are_the_per_position_linears_and_numbered_after_convs():
+    model = TokenMLP().eval()
+    dg = build_graph(model, X[:1])
+    assert dg.token_linears == {model.fc1, model.fc2}  # the head acts on flat features
+    # convs keep their numbers; the per-position Linears take theirs in module order
+    assert layer_numbers(model) == {"embed": 1}
+    assert layer_numbers(model, dg) == {"embed": 1, "fc1": 2, "fc2": 3}
+    inner = candidate_groups(model, dg, checked(PruneSpec(policy="block_internal")))
+    assert [(g.name, g.number, g.convs, g.coupled) for g in inner] == [
+        ("fc1", 2, ["fc1"], False)]  # fc1 -> GELU -> fc2 meets no addition (Addmm is none)
+    every = candidate_groups(model, dg, checked(PruneSpec(policy="all")))
+    assert [(g.name, g.convs, g.coupled) for g in every] == [
+        ("embed", ["embed", "fc2"], True), ("fc1", ["fc1"], False)]
+    # head.0 is no root (flattened features), the classifier never
+    assert not any("head" in c for g in every for c in g.convs)
+    with pytest.raises(PruningError, match=r"skip\[0\]: no layer numbered 4 \(the model has 1-3"):
+        candidate_groups(model, dg, checked(PruneSpec(skip=[4])))
+    assert candidate_groups(model, dg, checked(PruneSpec(skip=[2]))) == []
+
+
+def test_cnn_groups_and_numbers_are_unchanged_by_linear_roots():
+    """The L1 paper's VGG-16 has a hidden fc layer (classifier.0 -> BN1d -> classifier.3):
+    it stays unpruned, and the conv numbers do not move."""
+    model = build_model({"name": "vgg16_l1", "num_classes": 10}).eval()
+    dg = build_graph(model, X[:1])
+    assert dg.token_linears == frozenset()
+    assert layer_numbers(model, dg) == layer_numbers(model)
+    assert len(layer_numbers(model)) == 13
+    groups = candidate_groups(model, dg, checked(PruneSpec(policy="all")))
+    assert len(groups) == 13 and all(isinstance(g.root, nn.Conv2d) for g in groups)
+
+
+@pytest.mark.parametrize("method", ["fpgm", "l1", "l2", "random", "taylor", "group_l2"])
+def test_linear_root_output_equivalence_for_every_criterion(method):
+    """Zeroing fc1's selected rows and bias entries (GELU(0) = 0, so fc2 sees zeros) gives
+    exactly the output of the network with those hidden units removed."""
+    model = TokenMLP().eval()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(10, (4,), generator=g))]
+    spec = PruneSpec(method=method, ratio=0.5)
+    record = select_filters(model, spec, X[:1], batches=lambda: data)
+    assert [(e["name"], e["before"], e["after"]) for e in record] == [("fc1", 24, 12)]
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        dense.fc1.weight[record[0]["removed"]] = 0
+        dense.fc1.bias[record[0]["removed"]] = 0
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, spec, X[:1], batches=lambda: data)
+    assert (pruned.fc1.out_features, pruned.fc2.in_features) == (12, 12)
+    torch.testing.assert_close(pruned(X), dense(X), atol=1e-5, rtol=1e-5)
+    if method == "l1":  # the rows of a Linear weight are its filters
+        kept = sorted(set(range(24)) - set(record[0]["removed"]))
+        norms = model.fc1.weight.abs().sum(1)
+        assert norms[kept].min() >= norms[record[0]["removed"]].max()
+
+
+def test_bn_scale_on_a_linear_group_is_a_clear_error():
+    model = TokenMLP().eval()
+    with pytest.raises(PruningError, match="bn_scale: fc1 is followed by no BatchNorm"):
+        prune_model(model, PruneSpec(method="bn_scale", ratio=0.5), X[:1])

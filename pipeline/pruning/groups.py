@@ -15,6 +15,14 @@ groups are pruned:
 Groups that meet grouped (not depthwise) convolutions (ResNeXt) are pruned
 group-consistently: the same number of channels from every convolution group
 (`Group.channel_groups` blocks), so the grouped convs keep their group count.
+
+Roots: every Conv2d, and every Linear applied per position (`token_linears`: its input
+has more than two dimensions, tokens or a channels-last feature map, as the MLPs of
+ConvNeXt blocks and transformer blocks); such a Linear is a 1x1 convolution, its output
+features are channels. Linear layers on flattened features (classifier heads, VGG's fc
+layers) are not roots, so CNN pruning is what it was, and the classifier is never pruned.
+A group's producers (`Group.convs`, `Group.modules`) are the convs and Linears whose
+output channels it removes; a depthwise conv only follows its input.
 """
 
 from __future__ import annotations
@@ -44,9 +52,19 @@ def is_projection(name: str) -> bool:
     return any(part in ("downsample", "shortcut") for part in name.split("."))
 
 
-def layer_numbers(model: nn.Module) -> dict[str, int]:
-    """Conv name -> layer number, as the L1 paper's code counts: 1-based, in module order,
+def token_linears(dg) -> frozenset[nn.Module]:
+    """The Linear layers the dependency graph saw applied per position (input of more than
+    two dimensions), recorded by `surgery.build_graph`; empty without a graph."""
+    return getattr(dg, "token_linears", frozenset()) if dg is not None else frozenset()
+
+
+def layer_numbers(model: nn.Module, dg=None) -> dict[str, int]:
+    """Layer name -> layer number, as the L1 paper's code counts: 1-based, in module order,
     every Conv2d of the main path (the stem is 1); shortcut projections are not numbered.
+    With the dependency graph `dg`, the Linears it applies per position (`token_linears`)
+    are numbered too, in the same module order (ConvNeXt: the stem 1, then per block the
+    depthwise conv, fc1, fc2, and each downsampling conv in its place); a CNN has none, so
+    its numbers do not depend on `dg`. The classifier is never numbered.
 
     On a CIFAR ResNet-56 this gives the stem 1, layerS.B.conv1 = 2 + 18(S-1) + 2B and
     conv2 one more, so the ResNet-56-B skip list [16, 18, 20, 34, 38, 54] names
@@ -54,8 +72,9 @@ def layer_numbers(model: nn.Module) -> dict[str, int]:
     layer3.8.conv1.
     """
     out, n = {}, 0
+    linears = token_linears(dg)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and not is_projection(name):
+        if (isinstance(m, nn.Conv2d) or m in linears) and not is_projection(name):
             n += 1
             out[name] = n
     return out
@@ -78,16 +97,19 @@ class LayerRefError(PruningError):
         self.bare, self.hint = problem, hint
 
 
-def _check_refs(refs, key: str, names: list[str], numbers: dict[str, int]) -> None:
+def _check_refs(refs, key: str, names: list[str], numbers: dict[str, int],
+                linears: bool = False) -> None:
+    what = "layer" if linears else "conv"
     for i, ref in enumerate(refs):
         if any(_matches(n, numbers.get(n), ref) for n in names):
             continue
         where = f"{key}.{ref}" if key == "layer_ratios" else f"{key}[{i}]"
         if isinstance(ref, int) or str(ref).isdigit():
-            raise LayerRefError(where, f"no conv numbered {ref}",
+            raise LayerRefError(where, f"no {what} numbered {ref}",
                                 f"the model has 1-{len(numbers)}")
-        raise LayerRefError(where, f"{ref!r} matches no convolution",
-                            f"the model's convs: {', '.join(names[:3])}, ..."
+        nothing = "convolution or per-position linear layer" if linears else "convolution"
+        raise LayerRefError(where, f"{ref!r} matches no {nothing}",
+                            f"the model's {what}s: {', '.join(names[:3])}, ..."
                             f"{did_you_mean(str(ref), names, prefix='; ')}")
 
 
@@ -100,7 +122,7 @@ class Group:
 
     root: nn.Module
     name: str  # the root conv's name
-    convs: list[str]  # every conv producing the group's channels (root first)
+    convs: list[str]  # every conv/Linear producing the group's channels (root first)
     modules: list[nn.Module]
     coupled: bool
     number: int | None
@@ -192,11 +214,13 @@ def following_bn(dg, m: nn.Module) -> nn.Module | None:
 
 
 def out_convs(group, dg) -> list[nn.Module]:
-    """The convs whose output channels a torch-pruning group removes."""
+    """The convs and Linears whose output channels a torch-pruning group removes (a
+    yielded group holds only per-position Linears: `conv_groups` leaves the others out)."""
     out = []
     for item in group:
         m = item.dep.target.module
-        if isinstance(m, nn.Conv2d) and dg.is_out_channel_pruning_fn(item.dep.handler):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) \
+                and dg.is_out_channel_pruning_fn(item.dep.handler):
             if m not in out:
                 out.append(m)
     return out
@@ -210,7 +234,8 @@ def is_residual_coupled(group) -> bool:
         m = item.dep.target.module
         if isinstance(m, PadShortcut):
             return True
-        if isinstance(m, ops._ElementWiseOp) and "Add" in str(m._grad_fn):
+        # AddBackward: a + b (not Addmm, a Linear's own bias addition)
+        if isinstance(m, ops._ElementWiseOp) and str(m._grad_fn).startswith("AddBackward"):
             return True
     return False
 
@@ -222,9 +247,13 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def conv_groups(model: nn.Module, dg):
-    """torch-pruning's channel groups rooted at a convolution, the classifier left out."""
-    return dg.get_all_groups(ignored_layers=classifier_layers(model),
-                             root_module_types=[nn.Conv2d])
+    """torch-pruning's channel groups rooted at a convolution or a per-position Linear
+    (`token_linears`); a group that would remove output features of the classifier or of
+    any other Linear (one on flattened features) is left out."""
+    linears = token_linears(dg)
+    fixed = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in linears]
+    return dg.get_all_groups(ignored_layers=classifier_layers(model) + fixed,
+                             root_module_types=[nn.Conv2d, nn.Linear])
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -242,11 +271,13 @@ def candidate_groups(model: nn.Module, dg, spec: PruneSpec) -> list[Group]:
     """The groups `spec` prunes, in module order, each with its ratio."""
     names = {m: n for n, m in model.named_modules()}
     order = {m: i for i, (_, m) in enumerate(model.named_modules())}
-    numbers = layer_numbers(model)
-    conv_names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    numbers = layer_numbers(model, dg)
+    linears = token_linears(dg)
+    conv_names = [n for n, m in model.named_modules()
+                  if isinstance(m, nn.Conv2d) or m in linears]
     for key, refs in (("include", spec.include), ("skip", spec.skip),
                       ("layer_ratios", list(spec.layer_ratios))):
-        _check_refs(refs, key, conv_names, numbers)
+        _check_refs(refs, key, conv_names, numbers, bool(linears))
 
     def hit(conv_list: list[str], refs) -> bool:
         return any(_matches(c, numbers.get(c), r) for c in conv_list for r in refs)
@@ -293,4 +324,4 @@ def required(groups: list[Group], spec: PruneSpec) -> list[Group]:
 __all__ = ["Group", "LayerRefError", "candidate_groups", "classifier_layers", "conv_groups",
            "following_bn",
            "is_depthwise", "is_projection", "is_residual_coupled", "layer_numbers", "out_convs",
-           "required"]
+           "required", "token_linears"]

@@ -7,6 +7,10 @@ matching entries of the map (and renumbers the rest); pruning its input channels
 those inputs. The residual stream before and after a stage boundary can then be pruned
 independently, which is what `policy: all` needs on an option-A ResNet.
 
+Per-channel parameters that belong to no layer (ConvNeXt's `layer_scale`, shape (C, 1, 1))
+are given to the graph as unwrapped parameters pruned along dim 0, so they shrink with the
+residual stream they scale.
+
 Every removal is followed by a forward pass that must give the output shape of before.
 """
 
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torchvision.models.convnext import CNBlock
 
 from ..errors import first_line
 from ..models import PadShortcut
@@ -96,17 +101,39 @@ def customized_pruners() -> dict:
     return {PadShortcut: PadShortcutPruner()}
 
 
+def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """(parameter, channel dim) of the per-channel parameters outside any layer:
+    ConvNeXt's layer_scale (C, 1, 1), which multiplies each block's output channels."""
+    return [(m.layer_scale, 0) for m in model.modules() if isinstance(m, CNBlock)]
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of `model` (traced in eval mode)."""
+    """torch-pruning's dependency graph of `model` (traced in eval mode). The Linears the
+    trace applies per position (input of more than two dimensions) are recorded as
+    `dg.token_linears` (see `groups.token_linears`)."""
+    seen: set[nn.Module] = set()
+
+    def record(m, inp, out):
+        if inp and isinstance(inp[0], torch.Tensor) and inp[0].dim() > 2:
+            seen.add(m)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, nn.Linear)]
     with eval_mode(model):
         try:
             dg = tp.DependencyGraph()
             dg.REGISTERED_PRUNERS[tp.ops.OPTYPE.CONV] = GroupedConvPruner()
-            return dg.build_dependency(model, example_inputs=example,
-                                       customized_pruners=customized_pruners(), verbose=False)
+            dg.build_dependency(model, example_inputs=example,
+                                unwrapped_parameters=unwrapped_parameters(model),
+                                customized_pruners=customized_pruners(), verbose=False)
         except Exception as err:
             raise PruningError(f"torch-pruning cannot trace this model "
                                f"({first_line(err)[:160]})") from None
+        finally:
+            for h in hooks:
+                h.remove()
+    dg.token_linears = frozenset(seen)
+    return dg
 
 
 # --------------------------------------------------------------------------- removal
@@ -202,4 +229,4 @@ def remove_filters(model: nn.Module, record: list[dict], example: torch.Tensor) 
 
 __all__ = ["GroupedConvPruner", "PadShortcutPruner", "PruneReport", "apply_selection",
            "build_graph", "customized_pruners", "forward_check", "output_shape", "pruning_report",
-           "remove_filters", "root_handler"]
+           "remove_filters", "root_handler", "unwrapped_parameters"]

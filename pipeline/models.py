@@ -318,8 +318,10 @@ def shrink_to(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Modul
     """Narrow every layer of `model` to the parameter shapes in `state_dict` (in place).
 
     This is how a pruned architecture is rebuilt from data: the state dict's tensor
-    shapes are the per-layer widths. Conv, BatchNorm, Linear and option-A shortcut
-    attributes are updated to match.
+    shapes are the per-layer widths. Every parameter and buffer takes its stored shape
+    (free parameters too, e.g. ConvNeXt's layer_scale), and the Conv, BatchNorm, Linear,
+    LayerNorm (normalized_shape; LayerNorm2d alike) and option-A shortcut attributes are
+    updated to match.
     """
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -348,6 +350,8 @@ def _fix_attributes(m: nn.Module) -> None:
         m.num_features = ref.shape[0]
     elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.LayerNorm) and m.weight is not None:  # also torchvision's LayerNorm2d
+        m.normalized_shape = (*m.normalized_shape[:-1], int(m.weight.shape[-1]))
     elif isinstance(m, PadShortcut):
         m.in_channels = m.out_channels = -1  # set from the `sizes` buffer on load
 

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from torchvision.models.convnext import CNBlock
 
 from pipeline.config import opt
 from pipeline.models import (
@@ -144,13 +145,21 @@ def reinitialize(model: nn.Module, arch_name: str, seed: int) -> str:
       torchvision   resnet/resnext/wide_resnet, vgg, mobilenet, regnet: conv
                     kaiming_normal_ (fan_out, relu), BN 1/0; linear PyTorch's default
                     (resnet family) or N(0, 0.01)/0 (the others), as their constructors do;
+                    convnext: conv and linear truncated normal (std 0.02)/0, LayerNorm 1/0,
+                    every block's layer_scale 1e-6 (torchvision's ConvNeXt);
                     any other model: every layer's reset_parameters() (PyTorch's
                     default), with a warning
     """
     torch.manual_seed(seed)
     scheme = _scheme(arch_name)
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if scheme == "tv_convnext" and isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif scheme == "tv_convnext" and isinstance(m, CNBlock):
+            m.layer_scale.fill_(CONVNEXT_LAYER_SCALE)
+        elif isinstance(m, nn.Conv2d):
             if scheme == "cifar_resnet":
                 nn.init.kaiming_normal_(m.weight)
             elif scheme == "default":
@@ -183,6 +192,9 @@ def reinitialize(model: nn.Module, arch_name: str, seed: int) -> str:
     return scheme
 
 
+CONVNEXT_LAYER_SCALE = 1e-6  # torchvision's ConvNeXt constructors (convnext_tiny ... large)
+
+
 def _scheme(name: str) -> str:
     if name in CIFAR_RESNET_DEPTHS:
         return "cifar_resnet"
@@ -197,5 +209,7 @@ def _scheme(name: str) -> str:
         return "tv_vgg"
     if name.startswith("mobilenet"):
         return "tv_mobilenet"
+    if name.startswith("convnext"):
+        return "tv_convnext"
     return "default"
 

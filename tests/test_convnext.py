@@ -10,6 +10,7 @@ conv's and the classifier's inputs, all coupled)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -268,3 +269,50 @@ def test_convnext_tiny_from_yaml_name_pruned_saved_and_rebuilt(tmp_path):
     with torch.device("meta"):
         full = convnext_tiny()
     assert sum(p.numel() for p in full.parameters()) == 28_589_128
+
+
+def test_convnext_tiny_prune_stage_from_yaml(tiny_config, cli, tmp_path):
+    """`model.arch: convnext_tiny` through `python -m pipeline run`: one pretrain epoch on
+    32 synthetic 32x32 images, then a prune stage under `all` with a skip by layer number
+    (3: the first block's fc1); the stage's model.pt rebuilds by load_model."""
+    cfg = tiny_config({
+        "data": {"synthetic": {"train_size": 32, "test_size": 16, "image_size": 32}},
+        "model": {"arch": "convnext_tiny"},
+        "stages": {"pretrain": {"epochs": 1, "lr": 0.001, "schedule": {"type": "constant"}},
+                   "prune": {"method": "l1", "ratio": 0.25, "policy": "all", "skip": [3]}}})
+    for stage in ("pretrain", "prune"):
+        code, _, err = cli("run", cfg, "--stage", stage)
+        assert code == 0, err
+    stage = tmp_path / "runs/tiny/prune"
+    s = json.loads((stage / "summary.json").read_text())
+    assert s["status"] == "completed" and 0.3 < s["mac_reduction"] < 0.6
+    layers = {e["name"]: e for e in json.loads((stage / "layers.json").read_text())}
+    assert "features.1.0.block.3" not in layers
+    assert layers["features.1.1.block.3"]["number"] == 6
+    assert (layers["features.0.0"]["before"], layers["features.0.0"]["after"]) == (96, 72)
+    model = load_model(stage / "model.pt").eval()
+    assert model.features[1][0].block[3].out_features == 384  # skipped
+    assert model.features[1][1].block[3].weight.shape == (288, 72)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_scratch_reinitializes_a_pruned_convnext_as_its_constructor(caplog):
+    """scratch: normal (std 0.02, torchvision's trunc_normal_ at +-2) conv/linear weights,
+    zero biases, LayerNorm 1/0 and layer_scale back at 1e-6 (a trained layer_scale must
+    not survive)."""
+    from stages import scratch
+
+    model = small_convnext()
+    prune_model(model, PruneSpec(method="l1", ratio=0.5, policy="all"), X[:1])
+    assert scratch.reinitialize(model, "convnext_tiny", seed=0) == "tv_convnext"
+    assert "no known init scheme" not in caplog.text
+    for m in model.modules():
+        if isinstance(m, CNBlock):
+            assert torch.equal(m.layer_scale, torch.full_like(m.layer_scale, 1e-6))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert not m.bias.any()
+        elif isinstance(m, nn.LayerNorm):
+            assert bool((m.weight == 1).all()) and not m.bias.any()
+    weights = torch.cat([m.weight.flatten() for m in model.modules()
+                         if isinstance(m, (nn.Conv2d, nn.Linear))])
+    assert 0.019 < float(weights.detach().std()) < 0.021

@@ -316,3 +316,19 @@ def test_scratch_reinitializes_a_pruned_convnext_as_its_constructor(caplog):
     weights = torch.cat([m.weight.flatten() for m in model.modules()
                          if isinstance(m, (nn.Conv2d, nn.Linear))])
     assert 0.019 < float(weights.detach().std()) < 0.021
+
+
+@pytest.mark.parametrize("policy, macs, params", [
+    (None, 4_455_531_264, 28_589_128),
+    ("block_internal", 3_415_081_728, 22_112_872),
+    ("all", 2_528_797_248, 16_299_568)])
+def test_convnext_tiny_224_figures_in_the_docs(policy, macs, params):
+    """The docs' convnext_tiny figures (1000 classes, l1 at 25%, MACs at 224x224): pruned
+    at 32x32, counted on the meta device."""
+    model = build_model({"name": "convnext_tiny", "num_classes": 1000}).eval()
+    if policy:
+        prune_model(model, PruneSpec(method="l1", ratio=0.25, policy=policy),
+                    torch.zeros(1, 3, 32, 32))
+    model.to("meta")
+    assert count_macs(model, (3, 224, 224))["total"] == macs
+    assert count_params(model) == params

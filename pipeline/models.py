@@ -331,13 +331,15 @@ def shrink_to(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Modul
         for pname, tensor in list(module.named_parameters(recurse=False)):
             stored = state_dict.get(prefix + pname)
             if stored is not None and stored.shape != tensor.shape:
-                new = nn.Parameter(torch.empty(stored.shape, dtype=tensor.dtype),
+                new = nn.Parameter(torch.empty(stored.shape, dtype=tensor.dtype,
+                                               device=tensor.device),
                                    requires_grad=tensor.requires_grad)
                 setattr(module, pname, new)
         for bname, buf in list(module.named_buffers(recurse=False)):
             stored = state_dict.get(prefix + bname)
             if buf is not None and stored is not None and stored.shape != buf.shape:
-                module._buffers[bname] = torch.empty(stored.shape, dtype=buf.dtype)
+                module._buffers[bname] = torch.empty(stored.shape, dtype=buf.dtype,
+                                                     device=buf.device)
     fix_attributes(model)
     return model
 
@@ -360,6 +362,8 @@ def _fix_attributes(m: nn.Module) -> None:
         m.num_features = ref.shape[0]
     elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
     elif isinstance(m, PadShortcut):
         m.in_channels = m.out_channels = -1  # set from the `sizes` buffer on load
     elif isinstance(m, ATTENTION_TYPES):

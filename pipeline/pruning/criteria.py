@@ -91,6 +91,7 @@ class ScoredHeads(Protocol):
     """What a criterion reads of one attention module's heads (see `heads.HeadSet`)."""
 
     name: str
+    size: int  # the number of heads
 
     def vectors(self) -> np.ndarray:
         """(heads, features): q, k, v weight rows and out-projection columns per head."""
@@ -178,7 +179,7 @@ class Random(Criterion):
         return np.random.default_rng(seed).random(weights[0].shape[0])
 
     def score_heads(self, heads: ScoredHeads, seed: int = 0) -> np.ndarray:
-        return np.random.default_rng(seed).random(heads.vectors().shape[0])
+        return np.random.default_rng(seed).random(heads.size)
 
 
 class Taylor(Criterion):

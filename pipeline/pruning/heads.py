@@ -37,6 +37,7 @@ class HeadSet:
 
     def __init__(self, name: str, module: nn.Module, products: np.ndarray | None = None):
         self.name, self.module, self.products = name, module, products
+        self.size = int(module.num_heads)
 
     def vectors(self) -> np.ndarray:
         return head_vectors(self.module)

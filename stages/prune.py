@@ -96,9 +96,10 @@ class Prune(Stage):
     def plan_lines(self, entry: dict) -> list[str]:
         what = (f"ratio {entry['ratio']}" if entry.get("ratio") is not None
                 else f"target MAC reduction {entry['target_macs_reduction']}"
-                if entry.get("target_macs_reduction") is not None else "no filters")
+                if entry.get("target_macs_reduction") is not None else "")
         if entry.get("heads") is not None:
-            what += f", {entry['heads']} of the attention heads per module"
+            what = ", ".join([f"heads {entry['heads']} of every attention module",
+                              what or "no filters"])
         if entry.get("round_to"):
             what += (f", kept filters rounded {entry['round_mode']} to a multiple of "
                      f"{entry['round_to']}")

@@ -376,6 +376,6 @@ def test_dry_run_plans_heads_with_predicted_macs(tmp_path, cli):
     code, out, err = cli("run", path, "--dry-run")
     assert code == 0, err
     block = out.split("- prune [prune]")[1].split("\n- ")[0]
-    assert "no filters, 0.5 of the attention heads per module" in block
+    assert "l1 heads 0.5 of every attention module, no filters" in block
     # Swin-T's 3/6/12/24 heads (2, 2, 6, 2 blocks) keep 2/3/6/12
     assert "70 of 138 attention heads kept" in block and "predicted: MACs" in block

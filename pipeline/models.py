@@ -346,9 +346,17 @@ def shrink_to(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Modul
 
 def fix_attributes(model: nn.Module) -> None:
     """Make every module's size attributes agree with its parameters' shapes (after
-    they were replaced by narrower ones)."""
+    they were replaced by narrower ones, before the state dict is loaded)."""
     for module in model.modules():
         _fix_attributes(module)
+
+
+def sync_model_widths(model: nn.Module) -> None:
+    """After torch-pruning's surgery (which updates the layers it knows): the widths that
+    whole models keep as attributes, e.g. the embedding width ViT's input reshape uses."""
+    for m in model.modules():
+        if isinstance(m, VisionTransformer):
+            m.hidden_dim = int(m.class_token.shape[-1])
 
 
 def _fix_attributes(m: nn.Module) -> None:

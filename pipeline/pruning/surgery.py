@@ -21,7 +21,7 @@ import torch_pruning as tp
 
 from ..attention import ATTENTION_TYPES, SelfAttention
 from ..errors import first_line
-from ..models import PadShortcut, fix_attributes
+from ..models import PadShortcut, sync_model_widths
 from ..modes import eval_mode
 from .groups import Group, conv_groups, out_convs
 from .selection import Selection
@@ -177,7 +177,7 @@ def apply_selection(dg: tp.DependencyGraph, groups: list[Group], selection: Sele
                                f"({first_line(err)[:160]})") from None
         gone = set(idxs)
         g.dense_ids = [d for i, d in enumerate(g.dense_ids) if i not in gone]
-    fix_attributes(dg.model)  # e.g. the embedding width ViT's input reshape uses
+    sync_model_widths(dg.model)
 
 
 def pruning_report(groups: list[Group], steps: int) -> PruneReport:

@@ -66,12 +66,20 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
         self.out_proj = nn.Linear(inner, dim, bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias) if bias else None
+        if bias:
+            nn.init.zeros_(self.out_proj.bias)
+
+    @staticmethod
+    def converts(mha: nn.MultiheadAttention) -> bool:
+        """Whether `mha` has the form ViT uses: batch first, packed q/k/v, no extra
+        key/value biases."""
+        return bool(mha.batch_first and mha._qkv_same_embed_dim and mha.bias_k is None
+                    and not mha.add_zero_attn)
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> SelfAttention:
         """The same function as `mha` (self-attention, batch first), sharing its tensors."""
-        if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None:
+        if not cls.converts(mha):
             raise ValueError("only batch-first self-attention with packed q/k/v converts")
         new = cls(mha.embed_dim, mha.num_heads, mha.head_dim, mha.dropout,
                   bias=mha.in_proj_bias is not None)
@@ -271,7 +279,7 @@ def convert(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             new: nn.Module | None = None
-            if type(child) is nn.MultiheadAttention:
+            if type(child) is nn.MultiheadAttention and SelfAttention.converts(child):
                 new = SelfAttention.from_torch(child)
             elif type(child) is ShiftedWindowAttention:
                 new = WindowAttention.from_torch(child)

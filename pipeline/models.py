@@ -23,7 +23,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 import torchvision
 import torchvision.models.resnet as tvr
+from torchvision.models.vision_transformer import VisionTransformer
 
+from .attention import ATTENTION_TYPES, convert, fix_heads
 from .checkpoint import CheckpointError, load_weights_file
 from .checkpoint import load as load_checkpoint
 from .config import opt
@@ -248,6 +250,9 @@ def build_model(arch: dict, zero_init_residual: bool = False) -> nn.Module:
         if tv_name in ("googlenet", "inception_v3"):  # a plain logits output, like the rest
             extra = {"aux_logits": False, "init_weights": True}
         model = torchvision.models.get_model(tv_name, weights=None, num_classes=nc, **extra)
+        # ViT's and Swin's attention as modules whose heads can be removed (same function,
+        # same state-dict keys: torchvision's weights load unchanged)
+        convert(model)
     if zero_init_residual:
         zero_init_last_bn(model)
     return model
@@ -320,23 +325,40 @@ def shrink_to(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Modul
     This is how a pruned architecture is rebuilt from data: the state dict's tensor
     shapes are the per-layer widths. Every parameter and buffer takes its stored shape
     (free parameters too, e.g. ConvNeXt's layer_scale), and the Conv, BatchNorm, Linear,
-    LayerNorm (normalized_shape; LayerNorm2d alike) and option-A shortcut attributes are
-    updated to match.
+    LayerNorm (normalized_shape; LayerNorm2d alike), option-A shortcut and attention
+    (`num_heads` = q/k/v rows / head_dim) attributes are updated to match.
     """
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         for pname, tensor in list(module.named_parameters(recurse=False)):
             stored = state_dict.get(prefix + pname)
             if stored is not None and stored.shape != tensor.shape:
-                new = nn.Parameter(torch.empty(stored.shape, dtype=tensor.dtype),
+                new = nn.Parameter(torch.empty(stored.shape, dtype=tensor.dtype,
+                                               device=tensor.device),
                                    requires_grad=tensor.requires_grad)
                 setattr(module, pname, new)
         for bname, buf in list(module.named_buffers(recurse=False)):
             stored = state_dict.get(prefix + bname)
             if buf is not None and stored is not None and stored.shape != buf.shape:
-                module._buffers[bname] = torch.empty(stored.shape, dtype=buf.dtype)
-        _fix_attributes(module)
+                module._buffers[bname] = torch.empty(stored.shape, dtype=buf.dtype,
+                                                     device=buf.device)
+    fix_attributes(model)
     return model
+
+
+def fix_attributes(model: nn.Module) -> None:
+    """Make every module's size attributes agree with its parameters' shapes (after
+    they were replaced by narrower ones, before the state dict is loaded)."""
+    for module in model.modules():
+        _fix_attributes(module)
+
+
+def sync_model_widths(model: nn.Module) -> None:
+    """After torch-pruning's surgery (which updates the layers it knows): the widths that
+    whole models keep as attributes, e.g. the embedding width ViT's input reshape uses."""
+    for m in model.modules():
+        if isinstance(m, VisionTransformer):
+            m.hidden_dim = int(m.class_token.shape[-1])
 
 
 def _fix_attributes(m: nn.Module) -> None:
@@ -354,6 +376,10 @@ def _fix_attributes(m: nn.Module) -> None:
         m.normalized_shape = (*m.normalized_shape[:-1], int(m.weight.shape[-1]))
     elif isinstance(m, PadShortcut):
         m.in_channels = m.out_channels = -1  # set from the `sizes` buffer on load
+    elif isinstance(m, ATTENTION_TYPES):
+        fix_heads(m)
+    elif isinstance(m, VisionTransformer):  # the embedding width its input reshape uses
+        m.hidden_dim = int(m.class_token.shape[-1])
 
 
 # --------------------------------------------------------------------------- counting
@@ -367,11 +393,13 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
     """Multiply-accumulates for one image, the papers' way: convolutions and linear layers
-    only (no BN, activation, pooling or bias additions).
+    only (no BN, activation, pooling or bias additions); in attention modules also the
+    packed q/k/v projection (linear) and the two attention products q k^T and attn v
+    (attention), as ViT's and Swin's published counts include them.
 
-    Returns {"conv": ..., "linear": ..., "total": conv + linear}.
+    Returns {"conv": ..., "linear": ..., "attention": ..., "total": their sum}.
     """
-    counts = {"conv": 0, "linear": 0}
+    counts = {"conv": 0, "linear": 0, "attention": 0}
 
     def conv_hook(m: nn.modules.conv._ConvNd, inp, out):
         per_output = math.prod(m.kernel_size) * (m.in_channels // m.groups)
@@ -381,12 +409,18 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
         positions = out[0].numel() // m.out_features  # tokens, for sequence inputs
         counts["linear"] += m.in_features * m.out_features * positions
 
+    def attention_hook(m: nn.Module, inp, out):
+        for key, n in m.macs(inp[0].shape).items():
+            counts[key] += n
+
     hooks = []
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, ATTENTION_TYPES):
+            hooks.append(m.register_forward_hook(attention_hook))
     try:
         p = next(model.parameters())
         with eval_mode(model):
@@ -394,7 +428,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
     finally:
         for h in hooks:
             h.remove()
-    counts["total"] = counts["conv"] + counts["linear"]
+    counts["total"] = counts["conv"] + counts["linear"] + counts["attention"]
     return counts
 
 

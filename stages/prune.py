@@ -1,10 +1,11 @@
 """prune: remove whole filters from the input model by FPGM / L1 / L2 / random / Taylor /
-BN scale (network slimming) / DepGraph group norm.
+BN scale (network slimming) / DepGraph group norm, and (`heads`) whole attention heads.
 
 Writes model.pt (the pruned network as data: its state dict's shapes are the widths;
 `pipeline.load_model(path)` rebuilds it), `layers.json` (per pruned group: name, layer
 number, the coupled convs, widths before and after, the removed filter indices in the
-dense numbering) and a summary with params, MACs before and after, and the pruned
+dense numbering; per attention module that lost heads an entry with "kind": "heads")
+and a summary with params, MACs before and after, and the pruned
 model's accuracy before any recovery (`top1`, `top5`, `test_loss`).
 
 After soft pruning (`prune_during_training` of the input stage) this stage is where
@@ -39,6 +40,7 @@ from pipeline.pruning import (
     prune_model,
     remove_filters,
 )
+from pipeline.pruning.surgery import output_shape
 from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate_splits
 
@@ -79,7 +81,7 @@ class Prune(Stage):
         check_layer_ratios_from(spec, name, run, loader)
 
     def plan_entry(self, spec: Config, name: str, run) -> dict:
-        entry = dict(method=spec.method, ratio=spec.ratio, policy=spec.policy,
+        entry = dict(method=spec.method, ratio=spec.ratio, heads=spec.heads, policy=spec.policy,
                      round_to=spec.round_to, round_mode=spec.round_mode,
                      target_macs_reduction=spec.target_macs_reduction,
                      layer_ratios_from=spec.layer_ratios_from)
@@ -93,7 +95,11 @@ class Prune(Stage):
 
     def plan_lines(self, entry: dict) -> list[str]:
         what = (f"ratio {entry['ratio']}" if entry.get("ratio") is not None
-                else f"target MAC reduction {entry['target_macs_reduction']}")
+                else f"target MAC reduction {entry['target_macs_reduction']}"
+                if entry.get("target_macs_reduction") is not None else "")
+        if entry.get("heads") is not None:
+            what = ", ".join([f"heads {entry['heads']} of every attention module",
+                              what or "no filters"])
         if entry.get("round_to"):
             what += (f", kept filters rounded {entry['round_mode']} to a multiple of "
                      f"{entry['round_to']}")
@@ -112,6 +118,8 @@ class Prune(Stage):
                 f"({100 * p['mac_reduction']:.1f}% fewer), params {_human(p['params_before'])}"
                 f" -> {_human(p['params'])} ({100 * p['param_reduction']:.1f}% fewer), "
                 f"{p['pruned_layers']} pruned group(s)"
+                + (f", {p['heads']} of {p['heads_before']} attention heads kept"
+                   if p.get("heads_before") else "")
                 + ("" if p["exact"] else " (estimate: global ranking depends on the weights)"))
         return lines
 
@@ -149,10 +157,28 @@ class Prune(Stage):
             "param_reduction": 1 - params / before_params,
             "pruned_layers": len(report.layers), "steps": report.steps,
             "widths": {e["name"]: e["after"] for e in report.layers},
+            **_head_counts(report),
             "exact": not use.global_ranking}}
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(spec, ctx)
+
+
+def _head_counts(report) -> dict:
+    """The attention heads before and after (empty when no head was removed)."""
+    if not report.heads:
+        return {}
+    return {"heads_before": sum(e["before"] for e in report.heads),
+            "heads": sum(e["after"] for e in report.heads)}
+
+
+def _runs_on(model: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether `model` takes input `x` (a ViT takes its one image size only)."""
+    try:
+        output_shape(model, x)
+    except Exception:  # noqa: BLE001 -- any failure means: trace at the real size
+        return False
+    return True
 
 
 def _prune_small(model: torch.nn.Module, spec: PruneSpec, size, seed: int):
@@ -160,7 +186,7 @@ def _prune_small(model: torch.nn.Module, spec: PruneSpec, size, seed: int):
     depend on the image size, and the MAC target counts the MACs of the real size; an
     ImageNet network traces ~50x faster), or on images of the real size for a network
     that cannot run on small ones."""
-    if max(size[1:]) > 32:
+    if max(size[1:]) > 32 and _runs_on(model, torch.zeros((1, size[0], 32, 32))):
         params = count_params(model)
         try:
             return prune_model(model, spec, torch.zeros((1, size[0], 32, 32)), seed=seed,
@@ -259,7 +285,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         "mac_ratio": before_macs["total"] / max(after_macs["total"], 1),
         "method": method, "ratio": ratio, "policy": policy, "selection": selection,
         "target_macs_reduction": spec.target_macs_reduction, "steps": report.steps,
-        "pruned_layers": len(report.layers), "epochs": 0,
+        "pruned_layers": len(report.layers), "epochs": 0, "heads": spec.heads,
+        **_head_counts(report),
     }
     if spec.evaluate:
         data = build_data(ctx.run.data, spec.eval_batch_size, spec.eval_batch_size, ctx.run.seed,
@@ -270,14 +297,17 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         model.cpu()
     meta = {"stage": ctx.name, "method": method, "ratio": ratio, "policy": policy,
             "selection": selection, "macs_before": before_macs["total"],
-            "layers": report.layers}
+            "layers": report.layers, "heads": report.heads}
     with D.together():  # rank 0 writes; a failure there stops every rank
         if ctx.dist.is_main:
             ctx.stage_dir.mkdir(parents=True, exist_ok=True)
             ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch, meta)
-            (ctx.stage_dir / "layers.json").write_text(json.dumps(report.layers, indent=1))
-    log.info("pruned %d group(s): MACs %.4g -> %.4g (%.1f%% fewer), params %d -> %d",
-             len(report.layers), before_macs["total"], after_macs["total"],
+            (ctx.stage_dir / "layers.json").write_text(
+                json.dumps(report.layers + report.heads, indent=1))
+    log.info("pruned %d group(s), %d attention head(s): MACs %.4g -> %.4g (%.1f%% fewer), "
+             "params %d -> %d",
+             len(report.layers), sum(len(e["removed"]) for e in report.heads),
+             before_macs["total"], after_macs["total"],
              100 * summary["mac_reduction"], before_params, summary["params"])
     summary["prune_seconds"] = prune_seconds
     summary["stage_seconds"] = time.perf_counter() - t0

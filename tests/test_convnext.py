@@ -241,7 +241,7 @@ def test_count_macs_counts_linear_macs_per_position():
         if s:
             conv += d * WIDTHS[s - 1] * 4 * hw
     assert count_macs(small_convnext(), (3, 32, 32)) == {
-        "conv": conv, "linear": linear, "total": conv + linear}
+        "conv": conv, "linear": linear, "attention": 0, "total": conv + linear}
 
 
 def test_convnext_tiny_from_yaml_name_pruned_saved_and_rebuilt(tmp_path):

@@ -24,6 +24,14 @@ one entry there.
             parameter slice the removal deletes, the producers' rows, the consumers' input
             slices and the normalization layers' scales.
 
+Attention heads (`heads` of a prune spec) are scored by the same criteria through
+`Criterion.score_heads`: each head is one vector, its q, k and v weight rows and its
+out-projection columns; fpgm/l1/l2 score those vectors as filter rows, random draws one
+score per head, group_l2 sums the squares of every parameter the head's removal deletes
+(also the q/k/v biases and Swin's bias-table column), taylor squares each batch's sum of
+gradient x weight over those parameters and averages over the batches; bn_scale has no
+BatchNorm to read and refuses.
+
 For fpgm/l1/l2, when several convolutions produce a group's channels (residual-coupled
 layers), each conv's scores are divided by their mean and the normalized scores are
 summed; a group of one conv uses its raw scores, so single layers rank exactly as in the
@@ -32,13 +40,14 @@ official code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..attention import head_gradient_products
 from ..errors import PipelineError
 from ..modes import eval_mode
 
@@ -75,6 +84,25 @@ class ScoredGroup(Protocol):
     def taylor_terms(self) -> list[np.ndarray]:
         """Per producing layer, (batches, channels): each batch's sum of gradient x
         weight over the filter's parameters and its BN's."""
+        ...
+
+
+class ScoredHeads(Protocol):
+    """What a criterion reads of one attention module's heads (see `heads.HeadSet`)."""
+
+    name: str
+    size: int  # the number of heads
+
+    def vectors(self) -> np.ndarray:
+        """(heads, features): q, k, v weight rows and out-projection columns per head."""
+        ...
+
+    def all_parameters(self) -> np.ndarray:
+        """(heads, features): every parameter removing the head deletes."""
+        ...
+
+    def taylor_terms(self) -> np.ndarray:
+        """(batches, heads): each batch's sum of gradient x weight over those parameters."""
         ...
 
 
@@ -118,6 +146,10 @@ class Criterion:
         """One score per row (flattened filter) of one layer."""
         raise NotImplementedError
 
+    def score_heads(self, heads: ScoredHeads, seed: int = 0) -> np.ndarray:
+        """One score per attention head: the head's parameter vector scored as a filter."""
+        return self.layer_scores(heads.vectors())
+
 
 class FPGM(Criterion):
     name = "fpgm"
@@ -146,6 +178,9 @@ class Random(Criterion):
     def weight_scores(self, weights: list[np.ndarray], seed: int = 0) -> np.ndarray:
         return np.random.default_rng(seed).random(weights[0].shape[0])
 
+    def score_heads(self, heads: ScoredHeads, seed: int = 0) -> np.ndarray:
+        return np.random.default_rng(seed).random(heads.size)
+
 
 class Taylor(Criterion):
     name = "taylor"
@@ -154,6 +189,10 @@ class Taylor(Criterion):
     def __call__(self, group: ScoredGroup, seed: int = 0) -> np.ndarray:
         terms = group.taylor_terms()
         return np.sum([(t * t).mean(0) for t in terms], axis=0)
+
+    def score_heads(self, heads: ScoredHeads, seed: int = 0) -> np.ndarray:
+        t = heads.taylor_terms()
+        return (t * t).mean(0)
 
 
 class BNScale(Criterion):
@@ -167,6 +206,10 @@ class BNScale(Criterion):
                                  "(network slimming scores the BN scale of each channel)")
         return np.mean([np.abs(s) for s in scales], axis=0)
 
+    def score_heads(self, heads: ScoredHeads, seed: int = 0) -> np.ndarray:
+        raise PruningError("bn_scale scores BatchNorm scales, which attention heads lack "
+                           "(use fpgm, l1, l2, group_l2, random or taylor)", "heads")
+
 
 class GroupL2(Criterion):
     name = "group_l2"
@@ -179,6 +222,10 @@ class GroupL2(Criterion):
             np.add.at(score, channel, (rows * rows).sum(1))
         return score
 
+    def score_heads(self, heads: ScoredHeads, seed: int = 0) -> np.ndarray:
+        w = heads.all_parameters()
+        return (w * w).sum(1)
+
 
 CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     FPGM(), L1(), L2(), Random(), Taylor(), BNScale(), GroupL2())}
@@ -190,17 +237,14 @@ _GRAD_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNo
                nn.LayerNorm)
 
 
-def gradient_products(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                      ) -> dict[nn.Module, np.ndarray]:
-    """For every conv, linear and norm layer: (batches, out channels), each batch's sum of
-    gradient x weight over each output channel's parameters (weight row and bias) under
-    the cross-entropy loss. The model is run in eval mode (BN statistics unchanged) and
-    its gradients are left as they were: no update is applied."""
-    layers = [m for m in model.modules() if isinstance(m, _GRAD_TYPES)
-              and getattr(m, "weight", None) is not None]
+def _each_backward(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   after: Callable[[], None]) -> int:
+    """Run every batch forward and backward (cross-entropy, eval mode: BN statistics
+    unchanged) and call `after()` with that batch's gradients in place; the model's
+    gradients are left as they were and no update is applied. Returns the batches."""
     params = [p for p in model.parameters()]
     saved = [p.grad for p in params]
-    rows: dict[nn.Module, list[np.ndarray]] = {m: [] for m in layers}
+    count = 0
     try:
         with eval_mode(model), torch.enable_grad():
             for x, y in batches:
@@ -208,18 +252,50 @@ def gradient_products(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
                     p.grad = None
                 loss = nn.functional.cross_entropy(model(x).float(), y)
                 loss.backward()
-                for m in layers:
-                    s = _row_products(m.weight)
-                    bias = getattr(m, "bias", None)
-                    if isinstance(bias, torch.Tensor) and bias.grad is not None:
-                        s = s + (bias.grad * bias).detach().double()
-                    rows[m].append(s.cpu().numpy())
+                after()
+                count += 1
     finally:
         for p, g in zip(params, saved, strict=True):
             p.grad = g
-    if not any(rows.values()) and layers:
+    return count
+
+
+def gradient_products(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> dict[nn.Module, np.ndarray]:
+    """For every conv, linear and norm layer: (batches, out channels), each batch's sum of
+    gradient x weight over each output channel's parameters (weight row and bias) under
+    the cross-entropy loss (see `_each_backward`)."""
+    layers = [m for m in model.modules() if isinstance(m, _GRAD_TYPES)
+              and getattr(m, "weight", None) is not None]
+    rows: dict[nn.Module, list[np.ndarray]] = {m: [] for m in layers}
+
+    def collect() -> None:
+        for m in layers:
+            s = _row_products(m.weight)
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.Tensor) and bias.grad is not None:
+                s = s + (bias.grad * bias).detach().double()
+            rows[m].append(s.cpu().numpy())
+
+    if not _each_backward(model, batches, collect) and layers:
         raise PruningError("taylor: no training batch to take gradients from")
     return {m: np.stack(r) for m, r in rows.items() if r}
+
+
+def head_gradient_terms(model: nn.Module, modules: list[nn.Module],
+                        batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                        ) -> dict[nn.Module, np.ndarray]:
+    """For every attention module of `modules`: (batches, heads), each batch's sum of
+    gradient x weight over each head's parameters (`attention.head_gradient_products`)."""
+    rows: dict[nn.Module, list[np.ndarray]] = {m: [] for m in modules}
+
+    def collect() -> None:
+        for m in modules:
+            rows[m].append(head_gradient_products(m))
+
+    if not _each_backward(model, batches, collect):
+        raise PruningError("taylor: no training batch to take gradients from", "heads")
+    return {m: np.stack(r) for m, r in rows.items()}
 
 
 def _row_products(weight: torch.Tensor) -> torch.Tensor:
@@ -232,4 +308,4 @@ def _row_products(weight: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["BNScale", "CRITERIA", "Criterion", "FPGM", "GroupL2", "L1",
            "L2", "PruningError", "Random", "ScoredGroup", "Taylor", "filter_matrix", "fpgm_scores",
-           "gradient_products"]
+           "gradient_products", "head_gradient_terms", "ScoredHeads"]

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .criteria import CRITERIA, gradient_products
 from .groups import Group, candidate_groups, required
+from .heads import prune_heads
 from .search import prune_to_target
 from .selection import select, selection_record
 from .spec import PruneSpec, PruningError, checked
@@ -62,11 +63,18 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     `mac_size` (C, H, W): the MAC target counts the MACs of images of that size (the
     widths do not depend on it otherwise), so `example` may be smaller than the real
     images.
+    `spec.heads` first removes that share of every attention module's heads
+    (`heads.prune_heads`); the filters (`ratio`, `target_macs_reduction`) are then pruned
+    on the result, or none when neither is given.
     The forward output shape is checked to be unchanged; any failure is a PruningError.
     """
     spec = checked(spec)
     seed = spec.seed if spec.seed is not None else seed
     shape = output_shape(model, example)
+    heads = prune_heads(model, spec, seed, batches) if spec.heads is not None else []
+    if spec.ratio is None and spec.target_macs_reduction is None:  # heads only
+        forward_check(model, example, shape, spec.policy)
+        return PruneReport(heads=heads)
     dg = build_graph(model, example)
     groups = required(candidate_groups(model, dg, spec), spec)
     refresh = gradient_refresher(model, spec, groups, batches)
@@ -78,6 +86,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
         steps = 1
     forward_check(model, example, shape, spec.policy)
     report = pruning_report(groups, steps)
+    report.heads = heads
     log.info("pruned %d channel group(s) in %d step(s)", len(report.layers), steps)
     return report
 
@@ -85,11 +94,14 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
 def select_filters(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
                    seed: int = 0, batches: Batches | None = None) -> list[dict]:
     """The filters `spec` would remove, without removing them: one record entry per group
-    ({"name", "convs", "removed", ...})."""
+    ({"name", "convs", "removed", ...}); none for a spec of heads only (those:
+    `heads.select_heads`)."""
     spec = checked(spec)
     if spec.target_macs_reduction is not None:
         raise PruningError("target_macs_reduction needs the actual removal (MACs are measured "
                            "between steps); give a ratio")
+    if spec.ratio is None:
+        return []
     seed = spec.seed if spec.seed is not None else seed
     groups = candidate_groups(model, build_graph(model, example), spec)
     gradient_refresher(model, spec, groups, batches)()

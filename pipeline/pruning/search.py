@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..attention import ATTENTION_TYPES
 from .groups import Group
 from .selection import select
 from .spec import PruneSpec, PruningError
@@ -22,7 +23,7 @@ from .surgery import apply_selection, output_shape
 
 
 class MacCounter:
-    """MACs (conv + linear, as `models.count_macs` counts them) from the layers' current
+    """MACs (as `models.count_macs` counts them: conv, linear, attention) from the layers' current
     widths and the output positions recorded once: no forward pass per query. With
     `size` (C, H, W) the positions are those of images of that size, recorded on a
     meta-device copy (shapes only), whatever size `example` has."""
@@ -30,6 +31,7 @@ class MacCounter:
     def __init__(self, model: nn.Module, example: torch.Tensor,
                  size: tuple[int, ...] | None = None):
         self.layers: list[tuple[nn.Module, int]] = []  # (conv or linear, output positions)
+        self.attention: list[tuple[nn.Module, torch.Size]] = []  # (module, input shape)
         hooks = []
         traced, x = model, example
         if size is not None:
@@ -44,9 +46,14 @@ class MacCounter:
                 else m.out_features
             self.layers.append((original[m], int(out[0].numel() // channels)))
 
+        def attention_hook(m, inp, out):
+            self.attention.append((original[m], inp[0].shape))
+
         for m in traced.modules():
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
                 hooks.append(m.register_forward_hook(hook))
+            elif isinstance(m, ATTENTION_TYPES):
+                hooks.append(m.register_forward_hook(attention_hook))
         try:
             output_shape(traced, x)
         finally:
@@ -54,7 +61,8 @@ class MacCounter:
                 h.remove()
 
     def total(self) -> int:
-        return sum(int(m.weight.numel()) * positions for m, positions in self.layers)
+        return sum(int(m.weight.numel()) * positions for m, positions in self.layers) + sum(
+            sum(m.macs(shape).values()) for m, shape in self.attention)
 
 
 def prune_to_target(model: nn.Module, spec: PruneSpec, example: torch.Tensor,

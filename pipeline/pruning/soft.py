@@ -36,6 +36,9 @@ class SoftPruneSpec(PruneSpec):
         if self.target_macs_reduction is not None:
             raise Invalid("target_macs_reduction", "soft pruning needs a ratio (MACs only "
                           "fall when the filters are removed)")
+        if self.heads is not None:
+            raise Invalid("heads", "soft pruning zeroes filters during training; attention "
+                          "heads are removed by a prune stage")
         if CRITERIA[self.method].needs_gradients:
             raise Invalid("method", f"{self.method!r} takes gradients of training batches "
                           "before it prunes: use it in a prune stage")

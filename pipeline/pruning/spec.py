@@ -6,9 +6,10 @@ removed per pruned group (counted and rounded by `selection.prune_count`);
 `target_macs_reduction` instead prunes in small steps until the MACs fall by that share
 (`search`); `global_ranking` ranks all candidate filters together instead of removing
 the same share from every group; `policy`, `include`, `skip`, `layer_ratios` and
-`skip_downsample` choose the groups (`groups`). The FPGM "mix" variant of the official
-code first removes a share by smallest L2 norm, then a share by distance among the
-remaining filters (`fpgm: {norm_ratio, distance_ratio}`).
+`skip_downsample` choose the groups (`groups`). `heads` removes that share of whole
+attention heads from every attention module (`heads`), before any filter pruning. The
+FPGM "mix" variant of the official code first removes a share by smallest L2 norm, then
+a share by distance among the remaining filters (`fpgm: {norm_ratio, distance_ratio}`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class PruneSpec:
 
     method: Method = opt("fpgm", f"criterion: {' | '.join(CRITERIA)}")
     ratio: float | None = opt(None, "share of filters removed per pruned layer (default 0.4 "
-                              "unless target_macs_reduction is given)", gt=0, lt=1)
+                              "unless target_macs_reduction or heads is given)", gt=0, lt=1)
+    heads: float | None = opt(
+        None, "share of attention heads removed from every attention module (ViT, Swin): "
+        "floor(heads x num_heads), at least one head kept; whole heads, scored by `method`",
+        gt=0, lt=1)
     fpgm: FPGMConfig = opt(FPGMConfig, "FPGM mix variant (norm share, distance share)")
     policy: Literal["block_internal", "all"] = opt(
         "block_internal", "block_internal: only groups that meet no residual addition (inner "
@@ -81,10 +86,11 @@ class PruneSpec:
             raise Invalid("target_macs_reduction", "give either ratio or "
                           "target_macs_reduction, not both (set ratio: null)")
         self._validate_mix()
+        self._validate_heads()
         if self.round_mode != "down" and not self.round_to:
             raise Invalid("round_mode", f"{self.round_mode!r} rounds to multiples of round_to: "
                           "set round_to too")
-        if self.ratio is None and self.target_macs_reduction is None:
+        if self.ratio is None and self.target_macs_reduction is None and self.heads is None:
             self.ratio = DEFAULT_RATIO
         self._validate_layer_ratios()
         if self.fpgm.is_mix and self.ratio is not None and self.ratio <= self.fpgm.norm_ratio:
@@ -94,6 +100,19 @@ class PruneSpec:
             for item in getattr(self, key):
                 if isinstance(item, int) and item < 1:
                     raise Invalid(key, f"layer numbers start at 1, got {item}")
+
+    def _validate_heads(self) -> None:
+        if self.heads is None:
+            return
+        if isinstance(self.heads, bool) or not isinstance(self.heads, (int, float)) \
+                or not 0 < self.heads < 1:
+            raise Invalid("heads", f"expected a share of heads in (0, 1), got {self.heads!r}")
+        if self.method == "bn_scale":
+            raise Invalid("heads", "bn_scale scores BatchNorm scales, which attention heads "
+                          "lack: use fpgm, l1, l2, group_l2, random or taylor")
+        if self.target_macs_reduction is not None:
+            raise Invalid("heads", "a fixed share of heads, not with target_macs_reduction "
+                          "(give ratio, or leave heads out)")
 
     def _validate_mix(self) -> None:
         """The FPGM mix variant: fpgm only, fixed shares; its two shares give the ratio."""

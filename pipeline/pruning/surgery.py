@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch_pruning as tp
 from torchvision.models.convnext import CNBlock
 
+from ..attention import ATTENTION_TYPES, SelfAttention
 from ..errors import first_line
-from ..models import PadShortcut
+from ..models import PadShortcut, sync_model_widths
 from ..modes import eval_mode
 from .groups import Group, conv_groups, out_convs
 from .selection import Selection
@@ -91,6 +92,44 @@ class GroupedConvPruner(tp.pruner.function.ConvPruner):
         return layer
 
 
+class AttentionPruner(tp.pruner.function.BasePruningFunc):
+    """The embedding width through an attention module (`attention.SelfAttention`,
+    `attention.WindowAttention`): its inputs are the q/k/v projection's columns, its
+    outputs the out-projection's rows; the heads and their width stay (heads are removed
+    by `heads.prune_heads`). torch-pruning treats the module as one layer."""
+
+    TARGET_MODULES = ATTENTION_TYPES
+
+    @staticmethod
+    def _out(layer: nn.Module) -> nn.Linear:
+        return layer.out_proj if isinstance(layer, SelfAttention) else layer.proj
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        lin = self._out(layer)
+        keep = sorted(set(range(lin.out_features)) - set(int(i) for i in idxs))
+        lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 0)
+        if lin.bias is not None:
+            lin.bias = self._prune_parameter_and_grad(lin.bias, keep, 0)
+        lin.out_features = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(self.get_in_channels(layer))) - set(int(i) for i in idxs))
+        if isinstance(layer, SelfAttention):
+            layer.in_proj_weight = self._prune_parameter_and_grad(layer.in_proj_weight, keep, 1)
+        else:
+            layer.qkv.weight = self._prune_parameter_and_grad(layer.qkv.weight, keep, 1)
+            layer.qkv.in_features = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return self._out(layer).out_features
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        w = layer.in_proj_weight if isinstance(layer, SelfAttention) else layer.qkv.weight
+        return int(w.shape[1])
+
+
 def root_handler(dg: tp.DependencyGraph, m: nn.Module):
     """The graph's handler that removes m's output channels."""
     return dg.get_pruner_of_module(m).prune_out_channels
@@ -98,7 +137,8 @@ def root_handler(dg: tp.DependencyGraph, m: nn.Module):
 
 def customized_pruners() -> dict:
     """The custom pruners to pass to torch-pruning's DependencyGraph."""
-    return {PadShortcut: PadShortcutPruner()}
+    attention = AttentionPruner()
+    return {PadShortcut: PadShortcutPruner(), **{t: attention for t in ATTENTION_TYPES}}
 
 
 def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
@@ -141,10 +181,12 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
 
 @dataclass
 class PruneReport:
-    """What was pruned: one entry per pruned group (dense numbering), plus the steps."""
+    """What was pruned: one entry per pruned group (dense numbering), plus the steps and
+    one entry per attention module that lost heads."""
 
     layers: list[dict] = field(default_factory=list)
     steps: int = 1
+    heads: list[dict] = field(default_factory=list)  # `heads.apply_heads` entries
 
 
 def apply_selection(dg: tp.DependencyGraph, groups: list[Group], selection: Selection) -> None:
@@ -162,6 +204,7 @@ def apply_selection(dg: tp.DependencyGraph, groups: list[Group], selection: Sele
                                f"({first_line(err)[:160]})") from None
         gone = set(idxs)
         g.dense_ids = [d for i, d in enumerate(g.dense_ids) if i not in gone]
+    sync_model_widths(dg.model)
 
 
 def pruning_report(groups: list[Group], steps: int) -> PruneReport:
@@ -227,6 +270,7 @@ def remove_filters(model: nn.Module, record: list[dict], example: torch.Tensor) 
     return pruning_report(groups, 1)
 
 
-__all__ = ["GroupedConvPruner", "PadShortcutPruner", "PruneReport", "apply_selection",
-           "build_graph", "customized_pruners", "forward_check", "output_shape", "pruning_report",
-           "remove_filters", "root_handler", "unwrapped_parameters"]
+__all__ = ["AttentionPruner", "GroupedConvPruner", "PadShortcutPruner", "PruneReport",
+           "apply_selection", "build_graph", "customized_pruners", "forward_check",
+           "output_shape", "pruning_report", "remove_filters", "root_handler",
+           "unwrapped_parameters"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 import torchvision
 import torchvision.models.resnet as tvr
+from torchvision.models.swin_transformer import PatchMerging
 from torchvision.models.vision_transformer import VisionTransformer
 
 from .attention import ATTENTION_TYPES, convert, fix_heads
@@ -380,6 +381,8 @@ def _fix_attributes(m: nn.Module) -> None:
         fix_heads(m)
     elif isinstance(m, VisionTransformer):  # the embedding width its input reshape uses
         m.hidden_dim = int(m.class_token.shape[-1])
+    elif isinstance(m, PatchMerging):  # Swin: C inputs, concatenated 4x before the reduction
+        m.dim = int(m.reduction.weight.shape[1]) // 4
 
 
 # --------------------------------------------------------------------------- counting

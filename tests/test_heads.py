@@ -379,3 +379,114 @@ def test_dry_run_plans_heads_with_predicted_macs(tmp_path, cli):
     assert "l1 heads 0.5 of every attention module, no filters" in block
     # Swin-T's 3/6/12/24 heads (2, 2, 6, 2 blocks) keep 2/3/6/12
     assert "70 of 138 attention heads kept" in block and "predicted: MACs" in block
+
+
+# --------------------------------------------------------------------------- with filters
+
+
+def mlp_fc1s(model: nn.Module) -> dict[str, nn.Linear]:
+    """The first Linear of every transformer MLP (ViT `mlp.0`, Swin `mlp.0`)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.endswith("mlp.0")}
+
+
+@pytest.mark.parametrize("method", ["l1", "fpgm", "group_l2"])
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_heads_and_mlp_hidden_units_together_equal_zeroing(kind, method):
+    """`heads` with `ratio` under block_internal: whole heads and the MLP hidden units
+    (Linear-rooted groups) go; the pruned model computes what the dense model computes
+    with those heads' out-projection columns and those units' fc1 rows and biases zeroed."""
+    model = converted(SMALL[kind]())
+    spec = PruneSpec(method=method, heads=0.5, ratio=0.5)
+    fc1 = mlp_fc1s(model)
+    hidden = {n: m.out_features for n, m in fc1.items()}
+    pruned = copy.deepcopy(model)
+    report = prune_model(pruned, spec, X[:1])
+    # the filter groups are exactly the MLP hidden units, half of each removed
+    assert sorted(e["name"] for e in report.layers) == sorted(fc1)
+    assert all(e["after"] == e["before"] // 2 for e in report.layers)
+    dense = zeroed_heads(model, report.heads, "out_columns")
+    mods = dict(dense.named_modules())
+    with torch.no_grad():
+        for e in report.layers:
+            mods[e["name"]].weight[e["removed"]] = 0
+            mods[e["name"]].bias[e["removed"]] = 0
+    torch.testing.assert_close(pruned(X), dense(X), atol=1e-5, rtol=1e-5)
+    assert {n: m.out_features for n, m in mlp_fc1s(pruned).items()} == \
+        {n: w // 2 for n, w in hidden.items()}
+    sd = pruned.state_dict()
+    rebuilt = shrink_to(converted(SMALL[kind]()), sd)
+    rebuilt.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(rebuilt.eval()(X), pruned(X))
+
+
+def test_swin_stage_widths_under_policy_all():
+    """`all` on Swin prunes each stage's residual width through its patch merging: input
+    channel i of a merge is removed from all four of its 2x2-neighbour copies (positions
+    i + kC of the merge's LayerNorm and reduction columns)."""
+    model = converted(small_swin())
+    merge = model.features[2]
+    norm_w = merge.norm.weight.detach().clone()
+    red_w = merge.reduction.weight.detach().clone()
+    report = prune_model(model, PruneSpec(method="l1", ratio=0.5, policy="all", heads=0.5),
+                         X[:1])
+    (stage1,) = [e for e in report.layers if e["name"] == "features.0.0"]
+    c = stage1["before"]
+    kept = [i for i in range(c) if i not in stage1["removed"]]
+    assert len(kept) == c // 2 == merge.dim
+    pos = [k * c + i for k in range(4) for i in kept]
+    # stage 2's stream: produced by the merge's reduction and the blocks' fc2 (the group
+    # is named by its first Linear root, the merge being one opaque layer to the graph)
+    (stage2,) = [e for e in report.layers if e["name"] == "features.3.0.mlp.3"]
+    assert stage2["coupled"] and stage2["convs"] == ["features.3.0.mlp.3", "features.3.1.mlp.3"]
+    kept_out = [i for i in range(stage2["before"]) if i not in stage2["removed"]]
+    assert torch.equal(merge.norm.weight, norm_w[pos])
+    assert torch.equal(merge.reduction.weight, red_w[kept_out][:, pos])
+    assert model.norm.normalized_shape == (len(kept_out),)
+    assert model(X).shape == (2, 10)
+    sd = model.state_dict()
+    rebuilt = shrink_to(converted(small_swin()), sd)
+    rebuilt.load_state_dict(sd, strict=True)
+    assert rebuilt.features[2].dim == merge.dim
+    torch.testing.assert_close(rebuilt.eval()(X), model(X))
+
+
+def test_swin_t_stage_one_group_reaches_every_layer_whole():
+    """swin_t at 32x32 (an 8x8 map in windows of 7: padded, then cropped): the stage-1
+    stream's group passes the same channels to every attention module, norm, MLP and the
+    patch merging (the layers are traced as one node each, so the inner crop is not read as
+    a channel slice)."""
+    from pipeline.pruning.surgery import build_graph, root_handler
+
+    model = build_model({"name": "swin_t", "num_classes": 4}).eval()
+    dg = build_graph(model, torch.zeros(1, 3, 32, 32))
+    root = model.features[0][0]
+    group = dg.get_pruning_group(root, root_handler(dg, root), list(range(24)))
+    sizes = {(type(it.dep.target.module).__name__, len(it.idxs)) for it in group
+             if not type(it.dep.target.module).__name__.startswith("_")}
+    assert sizes == {("Conv2d", 24), ("LayerNorm", 24), ("WindowAttention", 24),
+                     ("Linear", 24), ("PatchMerging", 24)}
+
+
+def test_swin_t_heads_and_widths_through_the_cli(tiny_config, cli, tmp_path):
+    """`model.arch: swin_t` from YAML: one pretrain epoch on synthetic 32x32 images, a prune
+    stage removing half the heads and a quarter of every width under `all`, a 1-epoch
+    finetune of the pruned model; the stages' model.pt files rebuild by load_model."""
+    import json
+
+    cfg = tiny_config({
+        "data": {"synthetic": {"train_size": 16, "test_size": 8, "image_size": 32}},
+        "model": {"arch": "swin_t"},
+        "stages": {"pretrain": {"epochs": 1, "lr": 0.001, "schedule": {"type": "constant"}},
+                   "prune": {"method": "l1", "heads": 0.5, "ratio": 0.25, "policy": "all"},
+                   "finetune": {"epochs": 1, "lr": 0.001}}})
+    for stage in ("pretrain", "prune", "finetune"):
+        code, _, err = cli("run", cfg, "--stage", stage)
+        assert code == 0, err
+    s = json.loads((tmp_path / "runs/tiny/prune/summary.json").read_text())
+    assert s["status"] == "completed" and (s["heads_before"], s["heads"]) == (138, 70)
+    model = load_model(tmp_path / "runs/tiny/finetune/model.pt").eval()
+    assert [m.num_heads for _, m in attention_modules(model)] == [2] * 2 + [3] * 2 + [6] * 6 \
+        + [12] * 2
+    assert model.features[0][0].out_channels == 72  # 96 -> 72
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)

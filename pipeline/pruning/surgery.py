@@ -11,18 +11,29 @@ Per-channel parameters that belong to no layer (ConvNeXt's `layer_scale`, shape 
 are given to the graph as unwrapped parameters pruned along dim 0, so they shrink with the
 residual stream they scale.
 
+Swin's patch merging (the 2x2 neighbours' channels concatenated, LayerNorm over the 4C,
+Linear 4C -> 2C) is likewise one layer with a pruner of its own: torch-pruning's trace of
+its strided slices and concatenation maps a removed input channel to one of its four
+copies only; here input channel i removes positions i, C+i, 2C+i and 3C+i of the norm and
+of the reduction's columns, so `policy: all` can prune Swin's stage widths. Both kinds of
+layer are traced as one autograd node each (`_opaque_layers`), so their inner crops and
+strided slices do not reach torch-pruning's index mapping.
+
 Every removal is followed by a forward pass that must give the output shape of before.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torchvision.models.convnext import CNBlock
+from torchvision.models.swin_transformer import PatchMerging
 
 from ..attention import ATTENTION_TYPES, SelfAttention
 from ..errors import first_line
@@ -135,10 +146,51 @@ def root_handler(dg: tp.DependencyGraph, m: nn.Module):
     return dg.get_pruner_of_module(m).prune_out_channels
 
 
+class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
+    """torchvision's Swin `PatchMerging` as one layer: C inputs, each present four times
+    in the concatenated 4C (its norm's and reduction's positions i + kC); the outputs are
+    the reduction's rows."""
+
+    TARGET_MODULES = (PatchMerging,)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        lin = layer.reduction
+        keep = sorted(set(range(lin.out_features)) - set(int(i) for i in idxs))
+        lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 0)
+        if lin.bias is not None:
+            lin.bias = self._prune_parameter_and_grad(lin.bias, keep, 0)
+        lin.out_features = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        c = self.get_in_channels(layer)
+        gone = set(int(i) for i in idxs)
+        kept = [i for i in range(c) if i not in gone]
+        keep = [k * c + i for k in range(4) for i in kept]
+        norm, lin = layer.norm, layer.reduction
+        if getattr(norm, "weight", None) is not None:
+            norm.weight = self._prune_parameter_and_grad(norm.weight, keep, 0)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias = self._prune_parameter_and_grad(norm.bias, keep, 0)
+        if isinstance(norm, nn.LayerNorm):
+            norm.normalized_shape = (len(keep),)
+        lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 1)
+        lin.in_features = len(keep)
+        layer.dim = len(kept)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.reduction.out_features
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.reduction.in_features // 4
+
+
 def customized_pruners() -> dict:
     """The custom pruners to pass to torch-pruning's DependencyGraph."""
     attention = AttentionPruner()
-    return {PadShortcut: PadShortcutPruner(), **{t: attention for t in ATTENTION_TYPES}}
+    return {PadShortcut: PadShortcutPruner(), PatchMerging: PatchMergingPruner(),
+            **{t: attention for t in ATTENTION_TYPES}}
 
 
 def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
@@ -147,10 +199,46 @@ def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return [(m.layer_scale, 0) for m in model.modules() if isinstance(m, CNBlock)]
 
 
+class _Opaque(torch.autograd.Function):
+    """A layer's whole forward as one autograd node, for the trace only: torch-pruning then
+    sees one op between the layer's input and its output and passes channel indices
+    straight to the layer's own pruner, instead of reading the layer's inner padding crops
+    (Swin's windows) or strided 2x2 slices (Swin's patch merging) as channel slices."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module, kwargs: dict):
+        out = type(layer).forward(layer, x, **kwargs)
+        return out[0] if isinstance(out, tuple) else out  # SelfAttention: (output, None)
+
+    @staticmethod
+    def backward(ctx, *grads):  # the trace never runs backward
+        raise RuntimeError("a layer traced as one node has no backward")
+
+
+@contextmanager
+def _opaque_layers(model: nn.Module):
+    """Trace the layers torch-pruning handles through a pruner of ours (attention, patch
+    merging) as one node each."""
+    layers = [m for m in model.modules() if isinstance(m, (PatchMerging, *ATTENTION_TYPES))]
+
+    def forward(self, x, *same, **kwargs):  # ViT passes (x, x, x, need_weights=False)
+        out = _Opaque.apply(x, self, kwargs)
+        return (out, None) if isinstance(self, SelfAttention) else out
+
+    for m in layers:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model` (traced in eval mode). The Linears the
-    trace applies per position (input of more than two dimensions) are recorded as
-    `dg.token_linears` (see `groups.token_linears`)."""
+    trace applies per position (input of more than two dimensions) and that the graph
+    holds as layers of their own (not inside an attention or patch-merging module) are
+    recorded as `dg.token_linears` (see `groups.token_linears`)."""
     seen: set[nn.Module] = set()
 
     def record(m, inp, out):
@@ -159,7 +247,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
 
     hooks = [m.register_forward_hook(record) for m in model.modules()
              if isinstance(m, nn.Linear)]
-    with eval_mode(model):
+    with eval_mode(model), _opaque_layers(model):
         try:
             dg = tp.DependencyGraph()
             dg.REGISTERED_PRUNERS[tp.ops.OPTYPE.CONV] = GroupedConvPruner()
@@ -172,7 +260,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         finally:
             for h in hooks:
                 h.remove()
-    dg.token_linears = frozenset(seen)
+    dg.token_linears = frozenset(m for m in seen if m in dg.module2node)
     return dg
 
 
@@ -270,7 +358,8 @@ def remove_filters(model: nn.Module, record: list[dict], example: torch.Tensor) 
     return pruning_report(groups, 1)
 
 
-__all__ = ["AttentionPruner", "GroupedConvPruner", "PadShortcutPruner", "PruneReport",
+__all__ = ["AttentionPruner", "GroupedConvPruner", "PadShortcutPruner", "PatchMergingPruner",
+           "PruneReport",
            "apply_selection", "build_graph", "customized_pruners", "forward_check",
            "output_shape", "pruning_report", "remove_filters", "root_handler",
            "unwrapped_parameters"]

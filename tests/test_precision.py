@@ -31,6 +31,15 @@ def forced(times: dict[str, float], calls: list | None = None):
     return measure
 
 
+REAL_CPU_HAS_BF16 = P.cpu_has_bf16
+
+
+@pytest.fixture(autouse=True)
+def bf16_kernels(monkeypatch):
+    """The forced outcomes below include bf16: the probe must time it on any machine."""
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)
+
+
 BF16_CL_WINS = {"fp32": 0.40, "fp32 channels_last": 0.35, "bf16": 0.30,
                 "bf16 channels_last": 0.20}
 FP32_WINS = {"fp32": 0.10, "fp32 channels_last": 0.35, "bf16": 0.90, "bf16 channels_last": 0.8}
@@ -68,6 +77,7 @@ def make_trainer(out_dir, epochs: int = 1, precision: str = "auto") -> Trainer:
 
 def test_probe_picks_the_fastest_candidate_and_keeps_every_timing(monkeypatch):
     calls: list = []
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(P, "measure", forced(BF16_CL_WINS, calls))
     x, y = torch.randn(8, 3, 16, 16), torch.randint(4, (8,))
     d = P.decide(build_model(ARCH), (x, y), torch.device("cpu"), channels_last=False)
@@ -78,6 +88,31 @@ def test_probe_picks_the_fastest_candidate_and_keeps_every_timing(monkeypatch):
     monkeypatch.setattr(P, "measure", forced(FP32_WINS))
     d = P.decide(build_model(ARCH), (x, y), torch.device("cpu"), channels_last=True)
     assert (d.precision, d.channels_last) == ("fp32", False)  # the probe overrides the config
+
+
+def test_a_cpu_without_bf16_kernels_is_probed_in_fp32_only(monkeypatch):
+    """No oneDNN bf16 kernels (an AVX2-only CPU): bf16 is not timed (its steps would cost
+    more than the rest of the probe), the decision says why, and it survives a round trip."""
+    calls: list = []
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(P, "measure", forced(BF16_CL_WINS, calls))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(4, (8,))
+    d = P.decide(build_model(ARCH), (x, y), torch.device("cpu"), channels_last=False)
+    assert [c[:2] for c in calls] == [("fp32", False), ("fp32", True)]
+    assert (d.precision, d.channels_last) == ("fp32", True)
+    assert set(d.seconds_per_step) == {"fp32", "fp32 channels_last"}
+    assert "bf16 not timed: oneDNN has no bf16 kernels" in d.describe()
+    assert P.Decision.from_dict(d.as_dict()) == d
+
+
+def test_cpu_has_bf16_follows_onednn(monkeypatch):
+    class Ops:
+        def __init__(self, answer):
+            self._is_mkldnn_bf16_supported = lambda: answer
+
+    for answer in (True, False):
+        monkeypatch.setattr(torch.ops, "mkldnn", Ops(answer))
+        assert REAL_CPU_HAS_BF16() is answer
 
 
 def test_real_probe_times_real_steps_without_touching_the_model():
@@ -171,6 +206,7 @@ def test_explicit_precision_is_not_probed(tmp_path, monkeypatch):
 
 def test_auto_through_the_cli_summary_provenance_and_log(tiny_config, cli, tmp_path,
                                                         monkeypatch):
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(P, "measure", forced(BF16_CL_WINS))
     path = tiny_config({"precision": "auto", "stages": {"pretrain": {"epochs": 1}}})
     code, _, err = cli("run", path)

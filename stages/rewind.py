@@ -30,6 +30,7 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline.config import Loader, opt
 from pipeline.data.sizes import steps_per_epoch
+from pipeline.attention import remove_heads
 from pipeline.models import model_from_payload
 from pipeline.pruning import PruningError, remove_filters
 from pipeline.schedules import ReplaySchedule
@@ -209,8 +210,8 @@ def _run(stage: Rewind, spec: Config, ctx: StageContext) -> dict:
 
 def rewound_weights(ctx: StageContext, up: str, epoch: int, pruned: torch.nn.Module,
                     payload: dict) -> torch.nn.Module:
-    """The upstream snapshot after `epoch`, with the filters the prune stage removed
-    removed (its `layers` record, dense numbering)."""
+    """The upstream snapshot after `epoch`, with the attention heads and the filters the
+    prune stage removed removed (its `heads` and `layers` records, dense numbering)."""
     path = snapshot_path(ctx.run_dir / up, epoch)
     if not path.is_file():
         raise StageInputError(
@@ -224,6 +225,9 @@ def rewound_weights(ctx: StageContext, up: str, epoch: int, pruned: torch.nn.Mod
         src = ctx.run.stages[ctx.name].from_
         raise PruningError(f"stage '{ctx.name}': the input {ctx.input_path(src)} carries no "
                            "record of the removed filters")
+    mods = dict(model.named_modules())
+    for entry in (payload.get("meta") or {}).get("heads") or []:  # heads first, as pruned
+        remove_heads(mods[entry["name"]], list(entry["removed"]))
     remove_filters(model, record, torch.zeros((1, *ctx.input_size)))
     want = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -490,3 +490,21 @@ def test_swin_t_heads_and_widths_through_the_cli(tiny_config, cli, tmp_path):
         + [12] * 2
     assert model.features[0][0].out_channels == 72  # 96 -> 72
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_weight_rewinding_of_a_head_pruned_swin(tiny_config, cli, tmp_path):
+    """rewind `mode: weights` on a transformer: the pretrain snapshot loses the same heads
+    (its `heads` record) and the same filters, then trains; the result rebuilds."""
+    cfg = tiny_config({
+        "data": {"synthetic": {"train_size": 16, "test_size": 8, "image_size": 32}},
+        "model": {"arch": "swin_t"},
+        "stages": {"pretrain": {"epochs": 2, "lr": 0.001, "schedule": {"type": "constant"}},
+                   "prune": {"method": "l1", "heads": 0.5, "ratio": 0.25},
+                   "finetune": {"type": "rewind", "from": "prune", "mode": "weights",
+                                "rewind_epoch": 1, "batch_size": 32}}})
+    code, _, err = cli("run", cfg)
+    assert code == 0, err
+    model = load_model(tmp_path / "runs/tiny/finetune/model.pt").eval()
+    assert [m.num_heads for _, m in attention_modules(model)] == [2] * 2 + [3] * 2 + [6] * 6 \
+        + [12] * 2
+    assert model.features[1][0].mlp[0].out_features == 288  # 384 -> 288

@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline.attention import remove_heads
 from pipeline.config import Loader, opt
 from pipeline.data.sizes import steps_per_epoch
-from pipeline.attention import remove_heads
 from pipeline.models import model_from_payload
 from pipeline.pruning import PruningError, remove_filters
 from pipeline.schedules import ReplaySchedule

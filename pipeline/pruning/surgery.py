@@ -103,7 +103,28 @@ class GroupedConvPruner(tp.pruner.function.ConvPruner):
         return layer
 
 
-class AttentionPruner(tp.pruner.function.BasePruningFunc):
+class _LinearOutPruner(tp.pruner.function.BasePruningFunc):
+    """A layer torch-pruning sees whole whose outputs are the rows of one inner Linear
+    (`_out`)."""
+
+    @staticmethod
+    def _out(layer: nn.Module) -> nn.Linear:  # every subclass names its Linear
+        raise TypeError(f"no output Linear for {type(layer).__name__}")
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        lin = self._out(layer)
+        keep = sorted(set(range(lin.out_features)) - set(int(i) for i in idxs))
+        lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 0)
+        if lin.bias is not None:
+            lin.bias = self._prune_parameter_and_grad(lin.bias, keep, 0)
+        lin.out_features = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return self._out(layer).out_features
+
+
+class AttentionPruner(_LinearOutPruner):
     """The embedding width through an attention module (`attention.SelfAttention`,
     `attention.WindowAttention`): its inputs are the q/k/v projection's columns, its
     outputs the out-projection's rows; the heads and their width stay (heads are removed
@@ -115,14 +136,6 @@ class AttentionPruner(tp.pruner.function.BasePruningFunc):
     def _out(layer: nn.Module) -> nn.Linear:
         return layer.out_proj if isinstance(layer, SelfAttention) else layer.proj
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        lin = self._out(layer)
-        keep = sorted(set(range(lin.out_features)) - set(int(i) for i in idxs))
-        lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 0)
-        if lin.bias is not None:
-            lin.bias = self._prune_parameter_and_grad(lin.bias, keep, 0)
-        lin.out_features = len(keep)
-        return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         keep = sorted(set(range(self.get_in_channels(layer))) - set(int(i) for i in idxs))
@@ -132,9 +145,6 @@ class AttentionPruner(tp.pruner.function.BasePruningFunc):
             layer.qkv.weight = self._prune_parameter_and_grad(layer.qkv.weight, keep, 1)
             layer.qkv.in_features = len(keep)
         return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return self._out(layer).out_features
 
     def get_in_channels(self, layer: nn.Module) -> int:
         w = layer.in_proj_weight if isinstance(layer, SelfAttention) else layer.qkv.weight
@@ -146,21 +156,16 @@ def root_handler(dg: tp.DependencyGraph, m: nn.Module):
     return dg.get_pruner_of_module(m).prune_out_channels
 
 
-class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
+class PatchMergingPruner(_LinearOutPruner):
     """torchvision's Swin `PatchMerging` as one layer: C inputs, each present four times
     in the concatenated 4C (its norm's and reduction's positions i + kC); the outputs are
     the reduction's rows."""
 
     TARGET_MODULES = (PatchMerging,)
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        lin = layer.reduction
-        keep = sorted(set(range(lin.out_features)) - set(int(i) for i in idxs))
-        lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 0)
-        if lin.bias is not None:
-            lin.bias = self._prune_parameter_and_grad(lin.bias, keep, 0)
-        lin.out_features = len(keep)
-        return layer
+    @staticmethod
+    def _out(layer: nn.Module) -> nn.Linear:
+        return layer.reduction
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         c = self.get_in_channels(layer)
@@ -178,9 +183,6 @@ class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
         lin.in_features = len(keep)
         layer.dim = len(kept)
         return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.reduction.out_features
 
     def get_in_channels(self, layer: nn.Module) -> int:
         return layer.reduction.in_features // 4

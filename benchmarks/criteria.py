@@ -6,7 +6,8 @@ The dense model is the CPU study's (configs/cifar10_cpu_study.yaml: ResNet-20, o
 Given `--pretrained FILE` (a pipeline checkpoint or state dict) it is loaded; otherwise the
 script trains it first with the study's recipe, shortened: SGD Nesterov, batch 256, lr 0.2
 (0.1 per 128 images), 1-epoch gradual warmup then cosine to 0, label smoothing 0.1,
-weight decay 5e-4, `--pretrain-epochs` epochs (19 in the study), saved for later runs.
+weight decay 5e-4 (none on biases and BN), precision auto (the probe's fastest of fp32/bf16 x
+NCHW/channels_last), `--pretrain-epochs` epochs, saved for later runs.
 
 Every criterion prunes the same dense weights with the same spec (40% of the filters of
 every block-internal conv, the CPU study's policy) and finetunes with the same recipe
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +39,7 @@ from pipeline.checkpoint import save_model  # noqa: E402
 from pipeline.data import build_data  # noqa: E402
 from pipeline.data.config import DataConfig  # noqa: E402
 from pipeline.models import build_model, count_macs, count_params, load_pretrained  # noqa: E402
+from pipeline.provenance import cpu_name  # noqa: E402
 from pipeline.pruning import CRITERIA, PruneSpec, prune_model  # noqa: E402
 from pipeline.recipes import OptimizerConfig  # noqa: E402
 from pipeline.schedules import ScheduleConfig, WarmupConfig  # noqa: E402
@@ -52,12 +53,17 @@ OUT = Path(__file__).resolve().parent / "results" / "criteria"
 def train(model, data, out_dir: Path, epochs: int, lr: float, warmup: float, smoothing: float,
           seed: int) -> dict:
     cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, label_smoothing=smoothing,
-                      optimizer=OptimizerConfig(momentum=0.9, nesterov=True, weight_decay=5e-4),
+                      optimizer=OptimizerConfig(momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                                no_bias_decay=True),
+                      precision="auto", channels_last=True,
                       schedule=ScheduleConfig(type="cosine", warmup=WarmupConfig(
                           type="gradual" if warmup else "none", epochs=warmup)),
                       eval_every=max(epochs, 1), log_interval=10_000)
     run = RunSettings(seed=seed, show_progress=False)
-    return Trainer(model, cfg, data, out_dir, run=run, arch=ARCH, base_lr=lr).fit()
+    trainer = Trainer(model, cfg, data, out_dir, run=run, arch=ARCH, base_lr=lr)
+    res = trainer.fit()
+    res["precision"] = trainer.decision.label  # what the probe chose
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         res = train(model, data, work / method, args.finetune_epochs, 0.02, 0.0, 0.1, seed)
         rows.append({"method": method, "top1_pruned": round(before, 2),
                      "top1_finetuned": round(res["top1"], 2),
-                     "macs": count_macs(model, size)["total"], "params": count_params(model)})
+                     "macs": count_macs(model, size)["total"], "params": count_params(model),
+                     "precision": res["precision"]})
         print(f"{method:9s} pruned {before:6.2f}%  finetuned {res['top1']:6.2f}%  "
-              f"MACs {rows[-1]['macs'] / 1e6:.2f}M", flush=True)
+              f"MACs {rows[-1]['macs'] / 1e6:.2f}M  ({res['precision']})", flush=True)
 
     floor = next((r["top1_finetuned"] for r in rows if r["method"] == "random"), None)
     lines = [f"| ResNet-20, {args.ratio:.0%} per block-internal conv | top-1 pruned | "
@@ -132,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             "yes" if r["top1_finetuned"] > floor else "no")
         lines.append(f"| {r['method']} | {r['top1_pruned']:.2f} | {r['top1_finetuned']:.2f} | "
                      f"{r['macs'] / 1e6:.2f}M | {r['params']:,} | {beat} |")
+    chosen = sorted({r["precision"] for r in rows})
+    lines.append("")
+    lines.append(f"Finetune precision (the probe's choice): {', '.join(chosen)}; "
+                 f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
     table = "\n".join(lines)
     print(table)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"dense_top1": dense_top1, "dense_macs": dense_macs, "rows": rows,
             "quick": args.quick, "pretrain_epochs": args.pretrain_epochs,
             "finetune_epochs": args.finetune_epochs, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(),
+            "machine": cpu_name(), "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - t0, 1)}
     (OUT / f"table{suffix}.json").write_text(json.dumps(meta, indent=1))
     if floor is not None:

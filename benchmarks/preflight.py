@@ -16,7 +16,6 @@ The data set and the pretrained weights need not be there (the `--dry-run` rules
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.preflight import preflight  # noqa: E402
+from pipeline.provenance import cpu_name  # noqa: E402
 from pipeline.runconfig import load_config  # noqa: E402
 
 GOAL_SECONDS = 10.0
@@ -50,7 +50,7 @@ def main() -> None:
         cpus.append(time.process_time() - c)
     prune = next((e["predicted"] for e in checked.values() if "predicted" in e), None)
     print(f"config {args.config} {' '.join(args.overrides)}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{torch.get_num_threads()} threads, {cpu_name()}")
     if prune:
         print(f"predicted: MACs {prune['macs_before']:.4g} -> {prune['macs']:.4g}, params "
               f"{prune['params_before']} -> {prune['params']}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.export import FORMATS, MissingExtraError  # noqa: E402
 from pipeline.export.formats import OnnxFormat  # noqa: E402
 from pipeline.models import build_model, count_macs  # noqa: E402
+from pipeline.provenance import cpu_name  # noqa: E402
 from pipeline.pruning import PruneSpec, prune_model  # noqa: E402
 from pipeline.report.latency import in_memory_format, interleaved_median_seconds  # noqa: E402
 
@@ -141,7 +141,7 @@ def main() -> int:
     # --quick: only the target batch of ResNet-56; ResNet-50 at batch 2 with FPGM 40% alone
     # (its 2x search takes ~15 s)
     quick_r50 = {"variants": ["fpgm40"], "batch": 2}
-    print(f"# pruned_latency  {datetime.date.today()}  {platform.processor() or platform.machine()}"
+    print(f"# pruned_latency  {datetime.date.today()}  {cpu_name()}"
           f"  {os.cpu_count()} cpus, {args.threads} thread(s), torch {torch.__version__}, "
           f"policy {args.policy}{', quick' if args.quick else ''}")
     print("| model | conv | batch | variant | MACs (M) | MACs ratio | ms / batch | speedup | "

@@ -20,7 +20,6 @@ start-up is excluded: its iterator is created once, before timing, and kept).
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.data import build_data  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.provenance import cpu_name  # noqa: E402
 from pipeline.runconfig import load_config  # noqa: E402
 from pipeline.trainer import RunSettings, Trainer  # noqa: E402
 
@@ -141,7 +141,7 @@ def main() -> None:
               f"plain {images['plain'] / times['plain']:.0f} img/s", flush=True)
     rate = {k: images[k] / times[k] for k in times}
     ratio = rate["study"] / rate["plain"]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__}, batch {spec.batch_size}, fp32, "
           f"channels_last, {steps} steps each")
     print(f"| study pretrain (fast path + Trainer) | {rate['study']:.0f} img/s |")

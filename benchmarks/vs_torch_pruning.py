@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import re
 import shutil
 import subprocess
@@ -61,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.data import load_small_folder  # noqa: E402
 from pipeline.data.images import balanced_indices  # noqa: E402
+from pipeline.provenance import cpu_name  # noqa: E402
 
 TARGET = 1.5
 CONFIG = ROOT / "configs" / "cifar10_cpu_study.yaml"
@@ -177,7 +177,7 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from .data.config import is_torchvision_cifar, resolve_root
 from .data.folders import split_folders
 from .errors import UsageError, did_you_mean, first_line
 from .models import count_macs, count_params, model_from_payload
+from .precision import AUTO, eval_precision
 from .rundir import CONFIG_FILE, MODEL_FILE, read_config, stage_specs
 from .trainer import evaluate
 
@@ -104,10 +105,11 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
                              f"{options.batch_size}")
     data_cfg, plain = _data_config(run_dir, options)
     precision = options.precision or plain.get("precision") or "fp32"
-    if precision not in PRECISIONS:
+    if precision not in (*PRECISIONS, AUTO) or (precision == AUTO and options.precision):
         raise EvalUsageError(f"--precision {precision}: expected one of {list(PRECISIONS)}")
     info = D.env_info()
     device = D.resolve_device(options.device, info, "--device")
+    precision = eval_precision(precision, device)  # the run's auto: no training to probe
     if precision == "fp16" and device.type != "cuda":
         raise EvalUsageError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
     model, payload = _load(path)

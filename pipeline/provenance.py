@@ -120,10 +120,38 @@ def reproduce_command(config_path: str, overrides: list[str]) -> str:
     return shlex.join(parts)
 
 
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU as a published figure should name it: the model name, its family/model where
+    the name alone is vague (a VM's "AMD EPYC"), and whether it has AMX and AVX-512 BF16
+    (what decides bf16 speed on a CPU). Read from /proc/cpuinfo where there is one."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    if flags:
+        name += ", AMX" if "amx_bf16" in flags else ", no AMX"
+        name += ", AVX-512 BF16" if "avx512_bf16" in flags else (
+            ", AVX-512" if "avx512f" in flags else ", no AVX-512")
+    return name
+
+
 def device_name(device) -> str:
     if getattr(device, "type", None) == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def record_provenance(run_dir: Path, cfg, config_path: str, overrides: list[str],

@@ -262,7 +262,8 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
         batch = training.eval_batch(spec)
         data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
                           ctx.dist.world_size)
-        m = evaluate_splits(model.to(ctx.device), data, ctx.device, ctx.run.precision)
+        m = evaluate_splits(model.to(ctx.device), data, ctx.device,
+                              training.precision_of(spec, ctx))
         model.cpu()
         dense: dict[str, list[int]] = {}
         for g in candidate_groups(model, build_graph(model, example), pspec):
@@ -313,7 +314,8 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
             batch = training.eval_batch(spec)
             data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device,
                               ctx.dist.rank, ctx.dist.world_size)
-            res = evaluate_splits(model.to(ctx.device), data, ctx.device, ctx.run.precision)
+            res = evaluate_splits(model.to(ctx.device), data, ctx.device,
+                              training.precision_of(spec, ctx))
             model.cpu()
             if ctx.dist.is_main:
                 ckpt.save_model(rdir / MODEL_FILE, model, arch, {"stage": ctx.name, "round": t})

@@ -40,6 +40,7 @@ from pipeline.atomic import atomic_open, atomic_write_text
 from pipeline.config import Invalid, Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs
+from pipeline.precision import eval_precision
 from pipeline.pruning import PruneSpec, PruningError, build_graph, candidate_groups, prune_model
 from pipeline.pruning.criteria import CRITERIA
 from pipeline.pruning.spec import FPGMConfig
@@ -136,8 +137,10 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         log.warning("sensitivity: no data.val_split; evaluating on the test set")
     loader = data.select
 
+    precision = eval_precision(ctx.run.precision, ctx.device)  # auto: no probe to run here
+
     def score(m: torch.nn.Module) -> dict:
-        out = evaluate(m.to(ctx.device), loader, ctx.device, ctx.run.precision)
+        out = evaluate(m.to(ctx.device), loader, ctx.device, precision)
         m.cpu()
         return out
 

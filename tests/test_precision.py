@@ -243,3 +243,28 @@ def test_stage_level_auto_and_dry_run_text(tiny_config, cli):
     assert [s.get("precision") for s in plan["stages"]] == ["auto", None, "fp32"]
     code, _, err = cli("run", path, "--dry-run", "--set", "precision=fastest")
     assert code == 2 and "precision" in err and "auto" in err
+
+
+def test_evaluation_only_stages_and_eval_resolve_a_run_level_auto(tiny_config, cli, tmp_path,
+                                                                 monkeypatch):
+    """A run with `precision: auto` also holds stages that only evaluate (a sensitivity
+    sweep, iterative rounds' scoring, `eval`): they take eval_precision's answer (fp32 on the
+    CPU) instead of passing "auto" on to autocast."""
+    monkeypatch.setattr(P, "measure", forced(FP32_WINS))
+    path = tiny_config({"precision": "auto", "data": {"val_split": 16},
+                        "stages": {"pretrain": {"epochs": 1},
+                                   "sens": {"type": "sensitivity", "from": "pretrain",
+                                            "ratios": [0.5]},
+                                   "it": {"type": "iterative", "from": "pretrain",
+                                          "rounds": 2, "ratio": 0.5, "finetune_epochs": 0}}})
+    for stage in ("pretrain", "sens", "it"):
+        code, _, err = cli("run", path, "--stage", stage)
+        assert code == 0, f"{stage}: {err}"
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "sens" / "sensitivity.csv").is_file()
+    assert json.loads((run_dir / "it" / "summary.json").read_text())["rounds_done"] == 2
+    code, out, err = cli("eval", run_dir / "it", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["precision"] == "fp32"
+    code, _, err = cli("eval", run_dir / "it", "--precision", "auto")
+    assert code == 2 and "--precision" in err

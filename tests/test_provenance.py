@@ -131,3 +131,17 @@ def test_command_line_shows_the_module_form():
     argv = ["/x/pipeline/__main__.py", "run", "configs/a b.yaml", "--set", "seed=1"]
     assert P.command_line(argv) == "python -m pipeline run 'configs/a b.yaml' --set seed=1"
     assert P.reproduce_command("c.yaml", ["a.b=1"]) == "python -m pipeline run c.yaml --set a.b=1"
+
+
+def test_cpu_name_says_model_family_amx_and_bf16():
+    from pipeline.provenance import cpu_name
+
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+            "processor\t: 1\nmodel name\t: other\n")
+    assert cpu_name(info) == "AMD EPYC (family 26 model 2), no AMX, AVX-512 BF16"
+    xeon = ("model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+            "flags\t\t: avx2 avx512f amx_bf16 amx_tile\n")
+    assert cpu_name(xeon) == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, AMX, AVX-512"
+    assert cpu_name("model name\t: Old CPU\nflags\t\t: sse2 avx2\n").endswith(
+        "no AMX, no AVX-512")

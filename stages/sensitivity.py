@@ -44,6 +44,7 @@ from pipeline.precision import eval_precision
 from pipeline.pruning import PruneSpec, PruningError, build_graph, candidate_groups, prune_model
 from pipeline.pruning.criteria import CRITERIA
 from pipeline.pruning.spec import FPGMConfig
+from pipeline.replay import PrefixReplay
 from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate
 
@@ -78,6 +79,12 @@ class Config(StageBase):
         None, "suggested.yaml: instead of the tolerance, the least-sensitive allocation that "
         "removes this share of the MACs", gt=0, lt=1)
     eval_batch_size: int = opt(256, "batch size of the evaluations", min=1)
+    channels_last: bool = opt(True, "evaluate in the NHWC memory format (faster convolutions "
+                              "on CPUs)")
+    replay_memory_gb: float = opt(
+        2.0, "memory (GiB) the sweep may hold for the dense model's activations at the "
+        "input of the block being swept, so that the layers before it are computed once per "
+        "block instead of once per ratio (0: off; pipeline/replay.py)", min=0)
     seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)")
 
     def validate(self) -> None:
@@ -132,18 +139,23 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     example = torch.zeros((1, *size))
     seed = ctx.run.seed if spec.seed is None else spec.seed
     data = build_data(ctx.run.data, spec.eval_batch_size, spec.eval_batch_size, ctx.run.seed,
-                      ctx.device, ctx.dist.rank, ctx.dist.world_size)
+                      ctx.device, ctx.dist.rank, ctx.dist.world_size, spec.channels_last)
     if data.val is None:
         log.warning("sensitivity: no data.val_split; evaluating on the test set")
     loader = data.select
-
     precision = eval_precision(ctx.run.precision, ctx.device)  # auto: no probe to run here
+    fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+
+    def prepare(m: torch.nn.Module) -> torch.nn.Module:
+        return m.to(ctx.device, memory_format=fmt)
 
     def score(m: torch.nn.Module) -> dict:
-        out = evaluate(m.to(ctx.device), loader, ctx.device, precision)
-        m.cpu()
-        return out
+        return evaluate(prepare(copy.deepcopy(m)), loader, ctx.device, precision)
 
+    replay = PrefixReplay(model, loader, ctx.device, precision,
+                          spec.replay_memory_gb * 2**30, prepare) \
+        if spec.replay_memory_gb > 0 else None
+    replayed = 0
     base = score(model)
     dense_macs = count_macs(model, size)["total"]
     groups = candidate_groups(model, build_graph(model, example), prune_spec(spec, 0.5))
@@ -167,10 +179,13 @@ def _run(spec: Config, ctx: StageContext) -> dict:
             report = prune_model(pruned, prune_spec(spec, ratio, g.name), example, seed=seed)
             (layer,) = [x for x in report.layers if x["name"] == g.name] or [None]
             after = layer["after"] if layer else g.channels
-            m = score(pruned)
+            macs = count_macs(pruned, size)["total"]
+            m = replay.evaluate(pruned) if replay is not None else None
+            replayed += m is not None
+            m = m or score(pruned)
             new.append({"group": g.name, "layer_number": g.number, "convs": " ".join(g.convs),
                         "ratio": ratio, "width_before": g.channels, "width_after": after,
-                        "macs": count_macs(pruned, size)["total"], "top1": m["top1"],
+                        "macs": macs, "top1": m["top1"],
                         "top5": m["top5"], "loss": m["test_loss"]})
         rows += new
         if ctx.dist.is_main:
@@ -188,7 +203,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     return {"top1": None, "top5": None, "base_top1": base["top1"], "base_top5": base["top5"],
             "split": loader_split(data), "split_images": loader.n, "macs": dense_macs,
             "groups": len(groups), "ratios": spec.ratios, "epochs": 0,
-            "suggested": suggested, "stage_seconds": time.perf_counter() - t0}
+            "suggested": suggested, "replayed": replayed,
+            "stage_seconds": time.perf_counter() - t0}
 
 
 def loader_split(data) -> str:

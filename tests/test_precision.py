@@ -266,5 +266,3 @@ def test_evaluation_only_stages_and_eval_resolve_a_run_level_auto(tiny_config, c
     code, out, err = cli("eval", run_dir / "it", "--format", "json")
     assert code == 0, err
     assert json.loads(out)["precision"] == "fp32"
-    code, _, err = cli("eval", run_dir / "it", "--precision", "auto")
-    assert code == 2 and "--precision" in err

@@ -3,10 +3,12 @@ resume per group, and a prune stage reading `layer_ratios_from`."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
 import pytest
+import torch
 import yaml
 
 from stages.sensitivity import FIELDS, allowed_ratio, suggest
@@ -129,3 +131,94 @@ def test_layer_ratios_from_must_name_a_sensitivity_stage(tiny_config, cli):
         **SWEEP["stages"]["pruned"], "policy": "all"}}}
     code, _, err = cli("run", tiny_config(bad), "--dry-run")
     assert code == 2 and "policy 'all' differs" in err
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def batches(n: int = 3, size: int = 8, classes: int = 4, side: int = 16):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(size, 3, side, side, generator=g),
+             torch.randint(0, classes, (size,), generator=g)) for _ in range(n)]
+
+
+def test_replay_gives_the_plain_evaluation_for_every_block_internal_group():
+    from pipeline.models import build_model
+    from pipeline.pruning import PruneSpec, build_graph, candidate_groups, prune_model
+    from pipeline.replay import PrefixReplay, changed_modules, enclosing
+    from pipeline.trainer import evaluate
+
+    dense = build_model({"name": "resnet8", "num_classes": 4, "shortcut": "A"}).eval()
+    # BN statistics that are not the identity, so that a wrong replay shows
+    for m in dense.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    data, example, cpu = batches(), torch.zeros(1, 3, 16, 16), torch.device("cpu")
+    replay = PrefixReplay(dense, data, cpu, "fp32", 1e9)
+    groups = candidate_groups(dense, build_graph(dense, example), PruneSpec(ratio=0.5))
+    assert len(groups) == 3
+    for g in groups:
+        for ratio in (0.25, 0.75):
+            pruned = copy.deepcopy(dense)
+            prune_model(pruned, PruneSpec(ratio=ratio, include=[g.name]), example)
+            block = g.name.rsplit(".", 1)[0]  # layer2.0.conv1 -> layer2.0
+            assert enclosing(changed_modules(dense, pruned))[0] == block
+            got = replay.evaluate(pruned)
+            assert got is not None and replay.name == block
+            plain = evaluate(pruned, data, cpu, "fp32")
+            assert got["top1"] == plain["top1"] and got["images"] == plain["images"] == 24
+            assert got["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-5)
+    assert replay.batches[0][0].shape[2:] == (1, 1)  # the layers before ran on 1x1 images
+
+
+class SkipAround(torch.nn.Module):
+    """A stem whose output also reaches the head around the block: no replay is valid."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1),
+                                         torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1))
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.head((self.block(s) + s).mean((2, 3)))
+
+
+def test_replay_refuses_a_block_bypassed_by_the_prefix_and_a_memory_budget():
+    from pipeline.replay import PrefixReplay
+
+    dense = SkipAround().eval()
+    pruned = copy.deepcopy(dense)
+    keep = torch.arange(4)
+    pruned.block[0] = torch.nn.Conv2d(8, 4, 3, padding=1)
+    pruned.block[0].weight.data = dense.block[0].weight.data[keep].clone()
+    pruned.block[0].bias.data = dense.block[0].bias.data[keep].clone()
+    pruned.block[2] = torch.nn.Conv2d(4, 8, 3, padding=1)
+    pruned.block[2].weight.data = dense.block[2].weight.data[:, keep].clone()
+    pruned.block[2].bias.data = dense.block[2].bias.data.clone()
+    replay = PrefixReplay(dense, batches(), torch.device("cpu"), "fp32", 1e9)
+    assert replay.evaluate(pruned) is None and "block" in replay.refused
+    # a block whose inputs would exceed the budget is not recorded
+    dense8 = SkipAround()
+    small = PrefixReplay(dense8, batches(), torch.device("cpu"), "fp32", 100)
+    assert small._record("block") is False and small.inputs == []
+
+
+def test_sweep_with_and_without_replay_writes_the_same_table(tmp_path, tiny_config, cli):
+    cfg = tiny_config(SWEEP)
+    assert cli("run", cfg, "--stage", "pretrain")[0] == 0
+    assert cli("run", cfg, "--stage", "sens")[0] == 0
+    d = tmp_path / "runs/tiny/sens"
+    with_replay = read_csv(d / "sensitivity.csv")
+    assert json.loads((d / "summary.json").read_text())["replayed"] == 6
+    code, _, err = cli("run", cfg, "--stage", "sens", "--restart",
+                       "--set", "stages.sens.replay_memory_gb=0")
+    assert code == 0, err
+    assert json.loads((d / "summary.json").read_text())["replayed"] == 0
+    without = read_csv(d / "sensitivity.csv")
+    assert [r["top1"] for r in without] == [r["top1"] for r in with_replay]
+    assert [float(r["loss"]) for r in without] == pytest.approx(
+        [float(r["loss"]) for r in with_replay], rel=1e-5)

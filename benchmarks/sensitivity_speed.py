@@ -31,17 +31,18 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.checkpoint import save_model  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
 from pipeline.provenance import cpu_name  # noqa: E402
 
+ARCH = {"name": "resnet56", "num_classes": 10, "shortcut": "A"}
 GOAL_SECONDS = 600.0
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
-def config(data: str, val: int, ratios: list[float], precision: str, pretrained: str | None,
+def config(data: str, val: int, ratios: list[float], precision: str, pretrained: str,
            include: list[str]) -> dict:
-    model = {"arch": "resnet56", "shortcut": "A"}
-    if pretrained:
-        model["pretrained"] = pretrained
+    model = {"arch": "resnet56", "shortcut": "A", "pretrained": pretrained}
     sens = {"type": "sensitivity", "from": "pretrain", "method": "fpgm", "ratios": ratios,
             "policy": "block_internal"}
     if include:
@@ -68,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ratios, val = ([0.3, 0.6, 0.9], 1000) if args.quick else (RATIOS, 5000)
     include = ["layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"] if args.quick else []
     work = Path(tempfile.mkdtemp(prefix="sensitivity-speed-"))
-    cfg = config(str(Path(args.data).resolve()), val, ratios, args.precision,
-                 args.pretrained, include)
+    pretrained = args.pretrained
+    if not pretrained:  # fresh weights, saved as the checkpoint the pretrain stage passes on
+        torch.manual_seed(0)
+        pretrained = str(work / "resnet56_init.pt")
+        save_model(pretrained, build_model(ARCH), ARCH, {"stage": "init"})
+    cfg = config(str(Path(args.data).resolve()), val, ratios, args.precision, pretrained,
+                 include)
     cfg["out_dir"] = str(work / "runs")
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -75,12 +75,13 @@ class Decision:
         """One line for the log."""
         head = f"precision auto ({self.how} on {self.device}): {self.label}"
         if not self.seconds_per_step:
-            return head
+            return head + (f"; {self.note}" if self.note else "")
         times = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds_per_step.items())
         clock = ("wall time" if self.clock == "wall" else
                  "CPU time of this process: other processes load the machine")
         note = f"; {self.note}" if self.note else ""
-        return f"{head}; per training step at batch {self.batch} ({clock}): {times}{note}"
+        step = "forward pass" if "inference" in self.how else "training step"
+        return f"{head}; per {step} at batch {self.batch} ({clock}): {times}{note}"
 
 
 def candidate_name(precision: str, channels_last: bool) -> str:
@@ -227,6 +228,49 @@ def decide(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None,
     return decision
 
 
+def time_forward(model: nn.Module, x: torch.Tensor, precision: str) -> float:
+    """Wall seconds of one no-grad forward pass of `model` on `x` in `precision`."""
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast(x.device, precision):
+        model(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - t0
+
+
+def decide_inference(model: nn.Module, x: torch.Tensor | None,
+                     device: torch.device) -> Decision:
+    """`precision: auto` for a stage that only evaluates, many times over (a sensitivity
+    sweep: hundreds of evaluations of one model's variants): on CUDA the CUDA rule; on the
+    CPU the faster of fp32 and bf16 forward passes of `model` (eval mode, a copy) on the
+    batch `x`, in x's memory format, bf16 only where oneDNN has bf16 kernels. bf16 rounds
+    the logits: an accuracy can differ from fp32's in the last decimals."""
+    device = torch.device(device)
+    channels_last = bool(x is not None and x.dim() == 4 and not x.is_contiguous()
+                         and x.is_contiguous(memory_format=torch.channels_last))
+    if device.type == "cuda":
+        return cuda_rule(device, channels_last)
+    if x is None:
+        return Decision("fp32", channels_last, "no batch to probe", str(device))
+    if not cpu_has_bf16():
+        return Decision("fp32", channels_last, "cpu probe", str(device), int(x.shape[0]),
+                        note="bf16 not timed: oneDNN has no bf16 kernels for this CPU "
+                             f"({torch.backends.cpu.get_cpu_capability()})")
+    net = copy.deepcopy(model).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for p in times:
+        time_forward(net, x, p)  # untimed: oneDNN builds its kernels for the shape
+    for _ in range(TIMED_STEPS):
+        for p in times:
+            times[p].append(time_forward(net, x, p))
+    best = {p: min(t) for p, t in times.items()}
+    choice = min(best, key=best.get)  # ties: fp32
+    return Decision(choice, channels_last, "cpu inference probe", str(device), int(x.shape[0]),
+                    {candidate_name(p, channels_last): round(t, 6) for p, t in best.items()})
+
+
 __all__ = ["AUTO", "CANDIDATES", "Decision", "autocast", "candidate_name", "cpu_has_bf16",
-           "cuda_rule",
-           "decide", "eval_precision", "machine_clock", "measure", "probe", "time_step"]
+           "cuda_rule", "decide", "decide_inference", "eval_precision", "machine_clock",
+           "measure", "probe", "time_forward", "time_step"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -36,11 +37,13 @@ from typing import Literal
 import torch
 import yaml
 
+from pipeline import distributed as D
 from pipeline.atomic import atomic_open, atomic_write_text
 from pipeline.config import Invalid, Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs
-from pipeline.precision import eval_precision
+from pipeline.precision import AUTO, Decision, decide_inference
+from pipeline.provenance import record_stage_precision
 from pipeline.pruning import PruneSpec, PruningError, build_graph, candidate_groups, prune_model
 from pipeline.pruning.criteria import CRITERIA
 from pipeline.pruning.spec import FPGMConfig
@@ -54,6 +57,7 @@ from .registry import register, stage_of
 log = logging.getLogger("pipeline")
 
 CSV_FILE, PNG_FILE, SUGGESTED_FILE = "sensitivity.csv", "sensitivity.png", "suggested.yaml"
+DECISION_FILE = "precision.json"  # what precision auto chose for the sweep (kept on resume)
 FIELDS = ["group", "layer_number", "convs", "ratio", "width_before", "width_after", "macs",
           "top1", "top5", "loss"]
 DEFAULT_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -143,11 +147,13 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     if data.val is None:
         log.warning("sensitivity: no data.val_split; evaluating on the test set")
     loader = data.select
-    precision = eval_precision(ctx.run.precision, ctx.device)  # auto: no probe to run here
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
 
     def prepare(m: torch.nn.Module) -> torch.nn.Module:
         return m.to(ctx.device, memory_format=fmt)
+
+    decision = _precision(ctx, model, loader, prepare)
+    precision = decision.precision if decision else ctx.run.precision
 
     def score(m: torch.nn.Module) -> dict:
         return evaluate(prepare(copy.deepcopy(m)), loader, ctx.device, precision)
@@ -203,8 +209,37 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     return {"top1": None, "top5": None, "base_top1": base["top1"], "base_top5": base["top5"],
             "split": loader_split(data), "split_images": loader.n, "macs": dense_macs,
             "groups": len(groups), "ratios": spec.ratios, "epochs": 0,
-            "suggested": suggested, "replayed": replayed,
+            "suggested": suggested, "replayed": replayed, "precision": precision,
+            "precision_decision": decision.as_dict() if decision else None,
             "stage_seconds": time.perf_counter() - t0}
+
+
+def _precision(ctx: StageContext, model: torch.nn.Module, loader,
+               prepare) -> Decision | None:
+    """The sweep's precision under a run-level `precision: auto` (None: the run's own): the
+    faster of fp32 and bf16 forward passes on the first evaluation batch
+    (`decide_inference`), decided once by rank 0, kept in the stage folder so that a resumed
+    sweep evaluates its remaining groups in the same precision."""
+    if ctx.run.precision != AUTO:
+        return None
+    path = ctx.stage_dir / DECISION_FILE
+    if path.is_file():
+        try:
+            decision = Decision.from_dict(json.loads(path.read_text()))
+            log.info("stage %s: precision %s (decided when the sweep started)", ctx.name,
+                     decision.label)
+            return decision
+        except (ValueError, TypeError, KeyError):
+            pass  # unreadable: decide afresh
+    decision = None
+    if ctx.dist.is_main:
+        x = next(iter(loader), (None,))[0]
+        decision = decide_inference(prepare(copy.deepcopy(model)), x, ctx.device)
+        log.info("stage %s: %s", ctx.name, decision.describe())
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(decision.as_dict()))
+        record_stage_precision(ctx.run_dir, ctx.name, decision.as_dict())
+    return Decision.from_dict(D.broadcast_object(decision.as_dict() if decision else None))
 
 
 def loader_split(data) -> str:

@@ -266,3 +266,53 @@ def test_evaluation_only_stages_and_eval_resolve_a_run_level_auto(tiny_config, c
     code, out, err = cli("eval", run_dir / "it", "--format", "json")
     assert code == 0, err
     assert json.loads(out)["precision"] == "fp32"
+
+
+def test_inference_probe_picks_the_faster_forward_and_skips_bf16_without_kernels(monkeypatch):
+    model = build_model(ARCH)
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    calls = []
+
+    def fake(net, xb, precision):
+        calls.append((precision, xb.is_contiguous(memory_format=torch.channels_last)))
+        return {"fp32": 0.30, "bf16": 0.10}[precision]
+
+    monkeypatch.setattr(P, "time_forward", fake)
+    d = P.decide_inference(model, x, torch.device("cpu"))
+    assert (d.precision, d.channels_last, d.how) == ("bf16", True, "cpu inference probe")
+    assert d.seconds_per_step == {"fp32 channels_last": 0.30, "bf16 channels_last": 0.10}
+    assert "per forward pass at batch 8" in d.describe()
+    assert {p for p, _ in calls} == {"fp32", "bf16"} and all(cl for _, cl in calls)
+    monkeypatch.setattr(P, "time_forward", lambda *a: {"fp32": 0.1, "bf16": 0.3}[a[2]])
+    assert P.decide_inference(model, x.contiguous(), torch.device("cpu")).label == "fp32"
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(P, "time_forward", lambda *a: pytest.fail("timed without bf16"))
+    d = P.decide_inference(model, x, torch.device("cpu"))
+    assert d.precision == "fp32" and "no bf16 kernels" in d.note and "no bf16" in d.describe()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert P.decide_inference(model, None, torch.device("cuda")).precision == "fp16"
+
+
+def test_sensitivity_sweep_under_auto_probes_once_and_keeps_the_choice(tiny_config, cli,
+                                                                      tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "measure", forced(FP32_WINS))
+    monkeypatch.setattr(P, "time_forward", lambda net, x, p: {"fp32": 0.3, "bf16": 0.1}[p])
+    path = tiny_config({"precision": "auto", "data": {"val_split": 16},
+                        "stages": {"pretrain": {"epochs": 1},
+                                   "sens": {"type": "sensitivity", "from": "pretrain",
+                                            "ratios": [0.5]}}})
+    for stage in ("pretrain", "sens"):
+        code, _, err = cli("run", path, "--stage", stage)
+        assert code == 0, f"{stage}: {err}"
+    d = tmp_path / "runs" / "tiny" / "sens"
+    s = json.loads((d / "summary.json").read_text())
+    assert s["precision"] == "bf16" and s["precision_decision"]["how"] == "cpu inference probe"
+    assert json.loads((d / "precision.json").read_text())["precision"] == "bf16"
+    prov = json.loads((tmp_path / "runs" / "tiny" / "provenance.json").read_text())
+    assert prov["precision_decisions"]["sens"]["precision"] == "bf16"
+    # a resumed sweep keeps the stored decision (the probe would now say fp32)
+    monkeypatch.setattr(P, "time_forward", lambda net, x, p: {"fp32": 0.1, "bf16": 0.3}[p])
+    (d / "summary.json").unlink()
+    code, _, err = cli("run", path, "--stage", "sens")
+    assert code == 0, err
+    assert json.loads((d / "summary.json").read_text())["precision"] == "bf16"

@@ -170,16 +170,6 @@ def torch_pruning_side(checkout: Path, work: Path) -> tuple[float, float | None]
     return wall, (100 * float(accs[-1]) if accs else None)
 
 
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return cpu_name()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkout", help="a checkout of Torch-Pruning's repository "
@@ -200,7 +190,7 @@ def main() -> None:
         return
     work = Path(args.work or tempfile.mkdtemp(prefix="vs_torch_pruning_"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; work folder {work}")
     prep = write_torchvision_pickles(root, work / "torchdata", args.quick)
     what = (f"{QUICK_TRAIN} train / {QUICK_TEST} test images (--quick)" if args.quick

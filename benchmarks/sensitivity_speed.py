@@ -9,7 +9,7 @@ the weights are, only the accuracies it writes do.
 
     python benchmarks/sensitivity_speed.py --data data/cifar10            # the full sweep
     python benchmarks/sensitivity_speed.py --data data/cifar10 --quick    # 3 groups, 3 ratios
-    python benchmarks/sensitivity_speed.py --data DIR --precision bf16    # the sweep in bf16
+    python benchmarks/sensitivity_speed.py --data DIR --precision fp32    # the sweep in fp32
 
 `--data` is the real CIFAR-10 as an ImageFolder tree (train/ and test/); without it the
 script says so and stops.
@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/cifar10", help="CIFAR-10 ImageFolder tree")
     p.add_argument("--pretrained", help="a CIFAR ResNet-56 checkpoint (default: fresh weights)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="the run's precision (auto evaluates in fp32 on a CPU)")
+    p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
+                   help="the run's precision (auto: the sweep's inference probe picks the "
+                        "faster of fp32 and bf16)")
     p.add_argument("--quick", action="store_true",
                    help="3 groups x 3 ratios on 1,000 images (under a minute)")
     args = p.parse_args(argv)
@@ -95,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}  {torch.get_num_threads()} threads")
     print(f"ResNet-56, {s['groups']} groups x {len(s['ratios'])} ratios = {evals} pruned "
           f"models, each evaluated on {s['split_images']} images ({s['split']} split), "
-          f"precision {args.precision}; base top-1 {s['base_top1']:.2f}")
+          f"precision {s['precision']} (run: {args.precision}); {s['replayed']} evaluated by "
+          f"replaying the dense activations; base top-1 {s['base_top1']:.2f}")
+    if s.get("precision_decision"):
+        times = s["precision_decision"].get("seconds_per_step") or {}
+        print("inference probe (s per forward of one batch): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
     print(f"sweep (stage_seconds): {seconds:.1f} s, {seconds / evals:.2f} s per pruned model; "
           f"whole process {wall:.1f} s")
     if args.quick:

@@ -222,3 +222,19 @@ def test_sweep_with_and_without_replay_writes_the_same_table(tmp_path, tiny_conf
     assert [r["top1"] for r in without] == [r["top1"] for r in with_replay]
     assert [float(r["loss"]) for r in without] == pytest.approx(
         [float(r["loss"]) for r in with_replay], rel=1e-5)
+
+
+def test_sensitivity_speed_benchmark_says_when_there_is_no_data(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "sensitivity_speed.py"
+    spec = importlib.util.spec_from_file_location("sensitivity_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--data", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "target sensitivity_resnet56_sweep: not measured (no data)"
+    cfg = mod.config("D", 5000, mod.RATIOS, "auto", "w.pt", [])
+    assert cfg["data"]["val_split"] == 5000 and cfg["model"]["arch"] == "resnet56"
+    assert cfg["stages"]["sens"]["ratios"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]

@@ -195,6 +195,12 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, candidates=CANDIDA
                     clock)
 
 
+def no_bf16_note() -> str:
+    """Why a probe did not time bf16 (a decision's `note`)."""
+    return (f"bf16 not timed: oneDNN has no bf16 kernels for this CPU "
+            f"({torch.backends.cpu.get_cpu_capability()})")
+
+
 def cpu_has_bf16() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (its own check: AVX-512 BW/VL/DQ,
     AVX-512 BF16, AMX or Arm bf16). Without them bf16 autocast takes a reference path many
@@ -220,8 +226,7 @@ def decide(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None,
     candidates, note = CANDIDATES, ""
     if not cpu_has_bf16():
         candidates = tuple(c for c in CANDIDATES if c[0] != "bf16")
-        note = (f"bf16 not timed: oneDNN has no bf16 kernels for this CPU "
-                f"({torch.backends.cpu.get_cpu_capability()})")
+        note = no_bf16_note()
     with torch.random.fork_rng(devices=[]):  # the probe leaves the run's RNG streams alone
         decision = probe(model, x, y, candidates)
     decision.note = note
@@ -254,8 +259,7 @@ def decide_inference(model: nn.Module, x: torch.Tensor | None,
         return Decision("fp32", channels_last, "no batch to probe", str(device))
     if not cpu_has_bf16():
         return Decision("fp32", channels_last, "cpu probe", str(device), int(x.shape[0]),
-                        note="bf16 not timed: oneDNN has no bf16 kernels for this CPU "
-                             f"({torch.backends.cpu.get_cpu_capability()})")
+                        note=no_bf16_note())
     net = copy.deepcopy(model).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -117,3 +117,62 @@ def _default_pipeline_logging():
     _reset_pipeline_loggers()
     yield
     _reset_pipeline_loggers()
+
+
+def tree_state(root: Path, inside: tuple[Path, ...] = ()) -> dict[str, tuple]:
+    """Every entry under `root` (symlinks not followed) as relative path -> (kind, mode,
+    content hash or link target), leaving out the folders in `inside` and what they hold."""
+    import hashlib
+    import os
+    import stat
+
+    skip = {os.path.abspath(p) for p in inside}
+    state: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip]
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if path in skip:
+                continue
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if stat.S_ISLNK(st.st_mode):
+                state[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                state[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                state[rel] = ("file", stat.S_IMODE(st.st_mode), digest)
+    return state
+
+
+@pytest.fixture
+def outside_untouched():
+    """Guard that nothing outside a run directory changes: `guard = outside_untouched(root,
+    run_dir, ...)` records every file, folder and link under `root` except the named run
+    directories; at the end of the test (or at `guard.check()`) the same must be found.
+
+    Take the snapshot after writing the test's own inputs (configs, planted symlinks)."""
+
+    class Guard:
+        def __init__(self, root: Path, inside: tuple[Path, ...]):
+            self.root, self.inside = Path(root), tuple(Path(p) for p in inside)
+            self.before = tree_state(self.root, self.inside)
+
+        def check(self) -> None:
+            after = tree_state(self.root, self.inside)
+            changed = sorted(k for k in set(self.before) | set(after)
+                             if self.before.get(k) != after.get(k))
+            assert not changed, f"changed outside the run directory under {self.root}: {changed}"
+
+    guards: list[Guard] = []
+
+    def watch(root: Path, *inside: Path) -> Guard:
+        guard = Guard(root, inside)
+        guards.append(guard)
+        return guard
+
+    yield watch
+    for guard in guards:
+        guard.check()

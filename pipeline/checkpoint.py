@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .atomic import atomic_open, fsync_dir
 from .errors import PipelineError, first_line
+from .safefs import remove_file, replace
 
 SCHEMA_VERSION = 1
 
@@ -112,10 +113,10 @@ def link(src: Path, dst: Path) -> bool:
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.link.tmp")
     try:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp.is_symlink() or tmp.exists():
+            remove_file(dst.parent, tmp)
         os.link(src, tmp)
-        os.replace(tmp, dst)
+        replace(dst.parent, tmp, dst)
     except OSError:
         try:
             tmp.unlink()

@@ -21,13 +21,13 @@ Only rank 0 touches the files; the other ranks wait for it, and learn of its fai
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from . import checkpoint as ckpt
 from . import distributed as D
 from .errors import first_line
+from .safefs import replace
 
 log = logging.getLogger("pipeline")
 
@@ -75,9 +75,9 @@ class CheckpointSaver:
             ckpt.save(state, new)
         try:
             if self.last_path.exists():
-                os.replace(self.last_path, self.prev_path)
+                replace(self.folder, self.last_path, self.prev_path)
             if new != self.best_path:
-                os.replace(new, self.last_path)
+                replace(self.folder, new, self.last_path)
             elif not ckpt.link(self.best_path, self.last_path):
                 ckpt.save(state, self.last_path)
         except OSError as err:  # the newest good file is then last.prev.pt (or best.pt)
@@ -173,7 +173,7 @@ class CheckpointSaver:
 def _set_aside(paths: list[Path]) -> None:
     """Move corrupt checkpoints out of the rotation (kept for inspection)."""
     for p in paths:
-        os.replace(p, p.with_name(p.name + ".corrupt"))
+        replace(p.parent, p, p.with_name(p.name + ".corrupt"))
 
 
 __all__ = ["CheckpointSaver"]

@@ -19,6 +19,7 @@ from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, UsageError,
 from .evaluate import PRECISIONS, SPLITS, EvalOptions, evaluate_stage
 from .evaluate import format_text as format_eval
 from .export import DEFAULT_OPSET, FORMATS, ExportOptions, export_stage
+from .export.target import MAX_FIXED_BATCH
 from .plan import build_plan, format_text
 from .preemption import Preempted
 from .preflight import preflight
@@ -142,6 +143,9 @@ def _add_export_parser(sub) -> None:
                    help="weights and input in NHWC memory format (torchscript, exported)")
     e.add_argument("--data-root", metavar="DIR",
                    help="where the run's data set is now, if not at its config's data.root")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing output file (a run directory's own files, such "
+                        "as model.pt, config.yaml or summary.json, are never replaced)")
 
 
 def _fail(message: str, code: int, all_ranks: bool = True) -> int:
@@ -185,9 +189,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not_runs:
         return _fail(f"not a run directory (no config.yaml and no <stage>/summary.json): "
                      f"{', '.join(not_runs)}", EXIT_USAGE)
-    if args.latency_batch < 1:
-        return _fail(f"--latency-batch: expected a positive integer, got {args.latency_batch}",
-                     EXIT_USAGE)
+    if not 1 <= args.latency_batch <= MAX_FIXED_BATCH:
+        return _fail(f"--latency-batch: expected an integer in [1, {MAX_FIXED_BATCH}], got "
+                     f"{args.latency_batch}", EXIT_USAGE)
     if args.latency:
         report.check_backend(args.latency_backend, args.latency_device)
     baseline = Path(args.baseline) if args.baseline else None
@@ -230,7 +234,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                             batch=None if args.dynamic_batch else (
                                 1 if args.batch is None else args.batch),
                             opset=args.opset, precision=args.precision,
-                            channels_last=args.channels_last, data_root=args.data_root)
+                            channels_last=args.channels_last, data_root=args.data_root,
+                            force=args.force)
     result = export_stage(args.stage, options)
     meta = result.metadata
     print(f"exported {meta['run']}/{meta['stage']} ({meta['model']}, {meta['num_classes']} "

@@ -24,7 +24,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import UsageError, did_you_mean
+from . import yamlload
+from .errors import UsageError, did_you_mean, show_value
+
+INT_LIMIT = 2**63  # every integer of a config is a signed 64-bit one
+MAX_EPOCHS = 100_000  # bound of every epoch count (a typo such as 1e20 would never end)
+MAX_BATCH = 1 << 20  # bound of every batch size
+MAX_IMAGE_SIZE = 8192  # bound of every image side, in pixels
 
 
 class ConfigError(UsageError, ValueError):
@@ -154,9 +160,11 @@ class Loader:
             return value
         if tp is int:
             if isinstance(value, bool) or not isinstance(value, int):
-                if isinstance(value, float) and value.is_integer():
-                    return int(value)
-                self.fail(key, f"expected an integer, got {_show(value)}")
+                if not (isinstance(value, float) and value.is_integer()):
+                    self.fail(key, f"expected an integer, got {_show(value)}")
+                value = int(value)
+            if not -INT_LIMIT <= value < INT_LIMIT:  # what torch, numpy and files can hold
+                self.fail(key, f"expected an integer below 2^63, got {_show(value)}")
             return value
         if tp is float:
             if isinstance(value, str):
@@ -175,8 +183,7 @@ class Loader:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return show_value(value)
 
 
 def _check_range(loader: Loader, f: dataclasses.Field, value: Any, key: str) -> None:
@@ -239,7 +246,7 @@ def read_yaml(path: Path) -> dict:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yamlload.load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -280,9 +287,10 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw)
+            value = yamlload.load(raw)
         except yaml.YAMLError:
-            raise ConfigError(f"{source}: --set {key}: value {raw!r} is not valid YAML") from None
+            raise ConfigError(f"{source}: --set {key}: value {_show(raw)} is not valid "
+                              "YAML") from None
         parts = key.split(".")
         if not all(parts):
             raise ConfigError(f"{source}: --set {key}: empty key segment")

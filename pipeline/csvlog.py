@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import atomic_open
+from .safefs import open_append
 
 
 class CsvLog:
@@ -18,7 +19,7 @@ class CsvLog:
 
     def append(self, row: dict) -> None:
         new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
+        with open_append(self.path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
             if new:
                 w.writeheader()

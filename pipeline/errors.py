@@ -9,6 +9,7 @@ whose input does not exist).
 from __future__ import annotations
 
 import difflib
+import reprlib
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -31,6 +32,19 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxdict, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxset = 2, 4, 4, 4, 4
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 60, 60, 40
+
+
+def show_value(value: object, limit: int = 60) -> str:
+    """A value as an error message shows it: its repr, bounded in size and in the work it
+    takes (a huge or deeply shared structure, such as a YAML alias bomb, is not expanded),
+    with newlines and control characters escaped so the message stays one line."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def did_you_mean(word: str, choices, prefix: str = " ", cutoff: float = 0.6) -> str:
     """` (did you mean 'x'?)` for the closest of `choices`, or '' when none is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1,
@@ -38,5 +52,5 @@ def did_you_mean(word: str, choices, prefix: str = " ", cutoff: float = 0.6) -> 
     return f"{prefix}(did you mean '{close[0]}'?)" if close else ""
 
 
-__all__ = ["PipelineError", "UsageError", "first_line", "did_you_mean",
+__all__ = ["PipelineError", "UsageError", "first_line", "did_you_mean", "show_value",
            "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]

@@ -37,6 +37,9 @@ class EvalUsageError(UsageError):
     """What `eval` was asked cannot be done: a missing stage, a corrupt file, other data."""
 
 
+MAX_EVAL_BATCH = 65536  # images per evaluation batch, at most
+
+
 @dataclass
 class EvalOptions:
     checkpoint: str | None = None  # default RUN_DIR/STAGE/model.pt
@@ -100,9 +103,9 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
     if not path.is_file():
         what = "" if options.checkpoint else " (the stage has not completed)"
         raise EvalUsageError(f"{path}: checkpoint not found{what}")
-    if options.batch_size < 1:
-        raise EvalUsageError(f"--batch-size: expected a positive integer, got "
-                             f"{options.batch_size}")
+    if not 1 <= options.batch_size <= MAX_EVAL_BATCH:
+        raise EvalUsageError(f"--batch-size: expected an integer in [1, {MAX_EVAL_BATCH}], "
+                             f"got {options.batch_size}")
     data_cfg, plain = _data_config(run_dir, options)
     precision = options.precision or plain.get("precision") or "fp32"
     if precision not in (*PRECISIONS, AUTO) or (precision == AUTO and options.precision):

@@ -25,6 +25,7 @@ from stages import Preflight, stage_of
 
 from .data import check_available, describe
 from .data.config import DataError, input_size
+from .errors import show_value
 from .runconfig import RunConfig
 
 log = logging.getLogger("pipeline")
@@ -51,6 +52,9 @@ def data_shape(cfg: RunConfig, source: str, need_data: bool) -> tuple[int, tuple
 def check_writable(cfg: RunConfig, source: str, pf: Preflight) -> None:
     """out_dir (or its nearest existing parent) must be a writable folder."""
     path = cfg.run_dir
+    if path.is_symlink():
+        pf.fail("name", f"the run directory {path} is a symbolic link (to "
+                f"{show_value(os.readlink(path))}); the pipeline does not write through links")
     while not path.exists() and path != path.parent:
         path = path.parent
     if not path.is_dir():

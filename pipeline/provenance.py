@@ -36,6 +36,7 @@ import torchvision
 
 from .config import to_plain
 from .rundir import read_json, read_summary, write_json
+from .safefs import open_append
 
 log = logging.getLogger("pipeline")
 
@@ -167,7 +168,7 @@ def record_provenance(run_dir: Path, cfg, config_path: str, overrides: list[str]
     if before.get("precision_decisions"):  # stages decided by an earlier invocation
         info["precision_decisions"] = before["precision_decisions"]
     write_json(Path(run_dir) / "provenance.json", info)
-    with open(Path(run_dir) / "provenance.log.jsonl", "a") as f:
+    with open_append(Path(run_dir) / "provenance.log.jsonl") as f:
         f.write(json.dumps(info) + "\n")
     return info
 

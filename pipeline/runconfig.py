@@ -11,8 +11,9 @@ from stages import REGISTRY, stage_of
 from .config import Loader, apply_overrides, opt, read_yaml
 from .data import DataConfig
 from .distributed import DistributedConfig
-from .errors import did_you_mean
+from .errors import did_you_mean, show_value
 from .models import ModelConfig, check_arch
+from .safefs import check_name
 
 
 @dataclass
@@ -55,17 +56,20 @@ def parse(data: dict, source: str) -> RunConfig:
     cfg: RunConfig = loader.load(RunConfig, body, "")
     if "name" not in body:
         loader.fail("name", "missing required key (the run's name)")
-    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
-        loader.fail("name", f"expected a plain folder name, got {cfg.name!r}")
+    problem = check_name(cfg.name)
+    if problem:
+        loader.fail("name", f"the run directory's name {problem}")
     if raw_stages is None or raw_stages == {}:
         loader.fail("stages", "at least one stage is required")
     if not isinstance(raw_stages, dict):
-        loader.fail("stages", f"expected a mapping of stage name -> spec, got {raw_stages!r}")
+        loader.fail("stages", f"expected a mapping of stage name -> spec, got "
+                    f"{show_value(raw_stages)}")
     stages: dict[str, Any] = {}
     for name, spec in raw_stages.items():
+        _check_stage_name(name, stages, loader)
         key = f"stages.{name}"
         if not isinstance(spec, dict):
-            loader.fail(key, f"expected a mapping with a 'type', got {spec!r}")
+            loader.fail(key, f"expected a mapping with a 'type', got {show_value(spec)}")
         kind = spec.get("type")
         if kind is None:
             loader.fail(f"{key}.type", f"missing; one of {sorted(REGISTRY)}")
@@ -81,6 +85,29 @@ def parse(data: dict, source: str) -> RunConfig:
     for name, spec in stages.items():
         stage_of(spec).check(spec, name, cfg, loader)
     return cfg
+
+
+# what a run directory holds besides its stages' folders (and <stage>.restart / .old)
+RESERVED = {"config.yaml", "provenance.json", "provenance.log.jsonl", "log.txt", "run.lock",
+            "restart.json", "report"}
+
+
+def _check_stage_name(name: Any, earlier: dict[str, Any], loader: Loader) -> None:
+    """A stage's name is the name of its folder in the run directory: a plain name
+    (safefs.check_name) that is none of the run directory's own files, no `<stage>.restart`
+    or `<stage>.old` folder, and not another stage's name in other letter case."""
+    problem = check_name(name)
+    if problem:
+        loader.fail("stages", f"stage name {problem}")
+    folded = {n.casefold(): n for n in earlier}
+    if name.casefold() in {r.casefold() for r in RESERVED}:
+        problem = "is a file of the run directory"
+    elif name.endswith((".restart", ".old")):
+        problem = "ends like the folder of a restarted stage (.restart, .old)"
+    elif name.casefold() in folded:
+        problem = f"differs from stage {folded[name.casefold()]!r} in letter case only"
+    if problem:
+        loader.fail(f"stages.{name}", f"stage name {name!r} {problem}; choose another name")
 
 
 def _check_links(cfg: RunConfig, loader: Loader) -> None:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
+from .safefs import refuse_link, remove_file
 
 try:
     import fcntl
@@ -50,7 +51,7 @@ class RunLock:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -89,8 +90,8 @@ class RunLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        try:
-            os.unlink(self.path)  # while still holding it: no one locks a file being removed
+        try:  # while still holding it: no one locks a file being removed
+            remove_file(self.path.parent, self.path)
         except OSError:
             pass
         os.close(self._fd)
@@ -102,6 +103,18 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened for reading and writing; a symbolic link planted in its place
+    is refused (O_NOFOLLOW), never followed and truncated."""
+    refuse_link(path, "the lock file")
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                       | getattr(os, "O_NONBLOCK", 0), 0o666)
+    except OSError as err:
+        refuse_link(path, "the lock file")  # planted between the check and the open
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def _read(fd: int) -> dict:

@@ -16,8 +16,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,15 +31,23 @@ from .config import ConfigError, to_plain
 from .data import describe
 from .errors import UsageError, did_you_mean, first_line
 from .preflight import preflight
+from .restarts import RestartLedger
 from .rng import configure_kernels
 from .runconfig import RunConfig, load_config
 from .rundir import CONFIG_FILE, is_complete, read_summary, write_json
 from .runlock import RunLock, RunLocked
+from .safefs import ensure_dir, open_append, refuse_link, remove_tree, replace
 
 log = logging.getLogger("pipeline")
 
 def plain_config(cfg: RunConfig) -> dict:
     return to_plain(cfg)
+
+
+def stage_hash_all(cfg: RunConfig) -> str:
+    """Hash of every stage's result-determining settings (a `--restart`'s identity)."""
+    return hashlib.sha256("".join(stage_hash(cfg, n) for n in cfg.stages).encode()
+                          ).hexdigest()[:16]
 
 
 def stage_hash(cfg: RunConfig, name: str) -> str:
@@ -59,6 +65,13 @@ def stage_hash(cfg: RunConfig, name: str) -> str:
     key = {"seed": cfg.seed, "data": plain["data"], "model": plain["model"],
            "precision": cfg.precision, "chain": chain}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _LogFileHandler(logging.FileHandler):
+    """A FileHandler that refuses a symbolic link planted at the log file (O_NOFOLLOW)."""
+
+    def _open(self):
+        return open_append(self.baseFilename, encoding=self.encoding, errors=self.errors)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -87,8 +100,8 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     for name in ("pipeline.data", "pipeline.pruning"):
         logging.getLogger(name).setLevel(logging.INFO if is_main else logging.ERROR)
     if run_dir is not None and is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "log.txt")
+        ensure_dir(run_dir)
+        fh = _LogFileHandler(run_dir / "log.txt")
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(fh)
 
@@ -124,14 +137,20 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
         setup_logging(run_dir, info.is_main)
         if lock.stale:
             log.warning("%s", lock.stale)
+        names = [stage] if stage else list(cfg.stages)
+        ledger = None
         with D.together():  # rank 0 writes; a failure there stops every rank
             if info.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
+                ensure_dir(run_dir)
                 _write_config(cfg, run_dir / CONFIG_FILE)
                 provenance.record_provenance(run_dir, cfg, config_path, overrides, device)
+                if restart:
+                    ledger = RestartLedger.open(run_dir, names, stage_hash_all(cfg))
+                    if ledger.resumed:
+                        log.info("taking up the stopped --restart of %s (done: %s)",
+                                 ", ".join(names), ", ".join(ledger.done) or "none")
         if show_progress is None:
             show_progress = {"on": True, "off": False}.get(cfg.logging.progress)
-        names = [stage] if stage else list(cfg.stages)
         summaries = []
         with preemption.handle_signals():
             for name in names:
@@ -141,8 +160,8 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
                         f"stopped on {preemption.name(signum)} before stage {name}; run the "
                         "same command to go on", signum)
                 summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
-                                            restart, show_progress, num_classes, input_size,
-                                            only=stage is not None))
+                                            ledger if restart else None, show_progress,
+                                            num_classes, input_size))
         return summaries
     finally:
         lock.release()
@@ -165,16 +184,24 @@ def _write_config(cfg: RunConfig, path: Path) -> None:
 
 
 def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: str,
-               restart: bool, show_progress, num_classes: int, input_size, only: bool) -> dict:
+               ledger: RestartLedger | None, show_progress, num_classes: int,
+               input_size) -> dict:
+    """Run, resume or skip stage `name`; with a `ledger` (`--restart`), run it afresh unless
+    this restart already did (skip) or started it (resume)."""
     spec = cfg.stages[name]
     stage_dir = run_dir / name
     digest = stage_hash(cfg, name)
     # rank 0 looks at the shared filesystem and decides for every rank (a stale NFS view
     # on another node must not make the ranks diverge)
-    done, input_done, teacher_done = D.decide(lambda: (
+    done, input_done, teacher_done, restarted, resuming = D.decide(lambda: (
         read_summary(stage_dir),
         spec.from_ is None or is_complete(run_dir / spec.from_),
-        getattr(spec, "distill", None) is None or is_complete(run_dir / spec.distill.from_)))
+        getattr(spec, "distill", None) is None or is_complete(run_dir / spec.distill.from_),
+        ledger is not None and name in ledger.done,
+        ledger is not None and name in ledger.started))
+    restart = ledger is not None and not restarted  # rank 0's ledger; the others follow
+    if restarted and info.is_main:
+        log.info("stage %s: already restarted by this --restart", name)
     if done and done.get("status") == "completed" and not restart:
         if done.get("config_hash") not in (None, digest):
             log.warning("stage %s: completed with a different config or upstream (hash %s, now "
@@ -203,10 +230,16 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
     if done and done.get("status") == "completed" and restart:
         work_dir = run_dir / f"{name}.restart"
     with D.together():
-        if restart and info.is_main and work_dir.exists():
-            shutil.rmtree(work_dir)  # never a completed stage: that one is swapped at the end
         if info.is_main:
-            work_dir.mkdir(parents=True, exist_ok=True)
+            refuse_link(work_dir, "the stage's folder")
+            if restart and not resuming and work_dir.exists():
+                # never a completed stage: that one is swapped at the end
+                remove_tree(run_dir, work_dir)
+            if restart:
+                ledger.start(name)
+            ensure_dir(work_dir)
+    if restart and resuming and info.is_main:
+        log.info("stage %s: resuming its stopped --restart in %s", name, work_dir)
     ctx = StageContext(run=cfg, name=name, run_dir=run_dir, stage_dir=work_dir, device=device,
                        dist=info, source=source, show_progress=show_progress,
                        extra={"num_classes": num_classes, "input_size": input_size})
@@ -244,10 +277,12 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
             if work_dir != stage_dir:
                 old = run_dir / f"{name}.old"
                 if old.exists():
-                    shutil.rmtree(old)
-                os.replace(stage_dir, old)
-                os.replace(work_dir, stage_dir)
-                shutil.rmtree(old)
+                    remove_tree(run_dir, old)
+                replace(run_dir, stage_dir, old)
+                replace(run_dir, work_dir, stage_dir)
+                remove_tree(run_dir, old)
+            if restart:
+                ledger.finish(name)
     log.info("stage %s: completed in %.1fs (top-1 %s, params %s, MACs %s)", name,
              summary["wall_seconds"], _fmt(summary["top1"]), summary["params"], summary["macs"])
     return summary

@@ -46,7 +46,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from . import preemption
 from .checkpoint_saver import CheckpointSaver
-from .config import ConfigError, opt
+from .config import MAX_BATCH, MAX_EPOCHS, ConfigError, opt
 from .csvlog import CsvLog
 from .errors import PipelineError
 from .modes import eval_mode, freeze
@@ -65,6 +65,7 @@ from .recipes import (
     soft_cross_entropy,
 )
 from .rng import rng_state, seed_everything, set_rng_state
+from .safefs import ensure_dir
 from .schedules import LinearScaling, Schedule, ScheduleConfig
 
 log = logging.getLogger("pipeline")
@@ -107,10 +108,11 @@ class TrainingError(PipelineError):
 @dataclass
 class TrainConfig:
     epochs: int = opt(1, "training epochs (pretrain: 0 passes model.pretrained weights on "
-                      "after an evaluation)", min=0)
-    batch_size: int = opt(128, "global batch size (split across DDP ranks)", min=1)
+                      "after an evaluation)", min=0, max=MAX_EPOCHS)
+    batch_size: int = opt(128, "global batch size (split across DDP ranks)", min=1,
+                         max=MAX_BATCH)
     eval_batch_size: int | None = opt(None, "evaluation batch (default: max(batch_size, 256))",
-                                      min=1)
+                                      min=1, max=MAX_BATCH)
     eval_every: int = opt(1, "evaluate on the test set every N epochs and after the last one "
                           "(the other epochs' metrics.csv rows leave the test columns empty; "
                           "best.pt is chosen among the evaluated epochs)", min=1)
@@ -469,6 +471,8 @@ class Trainer:
             log.warning("logging.tensorboard: the tensorboard package is not installed "
                         "(pip install tensorboard); skipping TensorBoard scalars")
             return None
+        if self.dist.is_main:
+            ensure_dir(self.out_dir / "tb")
         # purge what a killed run logged after the checkpoint we resumed from
         return SummaryWriter(str(self.out_dir / "tb"),
                              purge_step=self.global_step + 1 if resumed else None)
@@ -491,7 +495,7 @@ class Trainer:
         cfg = self.cfg
         target: torch.Tensor = y
         if cfg.mixup > 0 or cfg.cutmix > 0:
-            g = torch.Generator().manual_seed(self.seed * 7919 + step)
+            g = torch.Generator().manual_seed((self.seed * 7919 + step) % 2**64)
             x, target = mix_batch(x, y, self.num_classes, cfg.mixup, cfg.cutmix, g)
         with autocast_context(self.device, self.precision):
             logits = self.net(x)
@@ -632,7 +636,7 @@ class Trainer:
     def fit(self) -> dict:
         """Run (or resume) the whole schedule; returns the final metrics."""
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.out_dir)
         resumed = self.try_resume()
         if not resumed:
             seed_everything(self.seed, self.device, self.dist.rank)

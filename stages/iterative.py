@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -36,8 +35,8 @@ from typing import Literal
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.atomic import atomic_open, atomic_write_text
-from pipeline.config import Invalid, Loader, opt
+from pipeline.atomic import atomic_copy, atomic_open, atomic_write_text
+from pipeline.config import MAX_EPOCHS, Invalid, Loader, opt
 from pipeline.data import build_data
 from pipeline.data.sizes import steps_per_epoch
 from pipeline.models import count_macs, count_params, model_from_payload
@@ -49,6 +48,7 @@ from pipeline.pruning.selection import select
 from pipeline.pruning.spec import FPGMConfig
 from pipeline.pruning.surgery import apply_selection, forward_check, output_shape
 from pipeline.rundir import MODEL_FILE
+from pipeline.safefs import ensure_dir
 from pipeline.schedules import Schedule, ScheduleConfig
 from pipeline.trainer import TrainConfig, evaluate_splits
 
@@ -68,13 +68,13 @@ ROUND_FIELDS = ["round", "ratio", "target_macs_reduction", "macs", "mac_reductio
 class Config(StageBase, TrainConfig):
     type: str = opt("iterative", "stage kind")
     epochs: int | None = opt(  # type: ignore[assignment]
-        None, "leave unset: a round trains finetune_epochs", min=0)
+        None, "leave unset: a round trains finetune_epochs", min=0, max=MAX_EPOCHS)
     schedule: Literal["linear", "agp"] = opt(  # type: ignore[assignment]
         "agp", "the pruning schedule over the rounds: linear, or agp (Zhu & Gupta's cubic "
         "s_t = s_f + (s_i - s_f)(1 - t/n)^3)")
-    rounds: int = opt(5, "prune-then-finetune cycles", min=1)
+    rounds: int = opt(5, "prune-then-finetune cycles", min=1, max=1000)
     finetune_epochs: int = opt(1, "finetune epochs after each round's pruning (constant lr)",
-                               min=0)
+                               min=0, max=MAX_EPOCHS)
     ratio: float | None = opt(None, "final share of each pruned group's filters (default 0.4 "
                               "unless target_macs_reduction is given)", gt=0, lt=1)
     target_macs_reduction: float | None = opt(
@@ -93,7 +93,8 @@ class Config(StageBase, TrainConfig):
     round_mode: Literal["down", "nearest"] = opt("down", "the prune stage's round_mode")
     target_step: float = opt(0.02, "target_macs_reduction: ratio added per search step",
                              gt=0, lt=1)
-    seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)")
+    seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)",
+                           min=0)
 
     def validate(self) -> None:
         if self.ratio is not None and self.target_macs_reduction is not None:
@@ -299,7 +300,7 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
             prune_round(model, pspec, example, dense, plan[t - 1], by_macs, state["dense_macs"],
                         seed + 104729 * t)
             if ctx.dist.is_main:
-                rdir.mkdir(parents=True, exist_ok=True)
+                ensure_dir(rdir)
                 ckpt.save_model(pruned_path, model, arch, {"stage": ctx.name, "round": t,
                                                            "dense": dense})
         round_spec = dataclasses.replace(spec, epochs=spec.finetune_epochs)
@@ -342,8 +343,8 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
                      "%s top-1 %.2f)", t, spec.stop_below, state["split"], base_sel)
     last = rows[-1]
     if ctx.dist.is_main:
-        shutil.copyfile(ctx.stage_dir / f"round_{last['round']}" / MODEL_FILE,
-                        ctx.stage_dir / MODEL_FILE)
+        atomic_copy(ctx.stage_dir / f"round_{last['round']}" / MODEL_FILE,
+                    ctx.stage_dir / MODEL_FILE)
     return {"top1": last["top1"], "top5": last["top5"], "val_top1": last["val_top1"],
             "params": last["params"], "macs": last["macs"], "macs_before": state["dense_macs"],
             "mac_reduction": last["mac_reduction"], "epochs": spec.finetune_epochs * len(rows),

@@ -20,7 +20,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as D
-from pipeline.config import opt, to_plain
+from pipeline.config import MAX_EPOCHS, opt, to_plain
 from pipeline.data import build_data
 from pipeline.errors import PipelineError, UsageError, first_line
 from pipeline.models import (
@@ -40,6 +40,7 @@ from pipeline.pruning import (
     zero_pattern_record,
 )
 from pipeline.rundir import MODEL_FILE
+from pipeline.safefs import ensure_dir
 from pipeline.trainer import TrainConfig, evaluate_splits
 
 from . import training
@@ -57,7 +58,8 @@ class Config(StageBase, TrainConfig):
         None, "init each residual block's last BN gamma to 0 (default: model.zero_init_residual)")
     save_epochs: list[int] = opt([], "also keep the weights after these epochs (0: the "
                                  "initialization) in snapshots/epoch_N.pt, for weight rewinding; "
-                                 "epochs a downstream rewind stage asks for are added", min=0)
+                                 "epochs a downstream rewind stage asks for are added", min=0,
+                                 max=MAX_EPOCHS)
     prune_during_training: SoftPruneSpec | None = opt(
         None, "soft filter pruning (FPGM/SFP): after every epoch zero the filters the criterion "
         "selects and re-select next time; a downstream prune stage removes them")
@@ -195,14 +197,14 @@ def _snapshot_hooks(ctx: StageContext, spec: Config, model: torch.nn.Module,
     log.info("stage %s keeps weight snapshots after epochs %s", ctx.name, epochs)
     first = snapshot_path(ctx.stage_dir, 0)
     if 0 in epochs and ctx.dist.is_main and not first.is_file():
-        first.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(first.parent)
         ckpt.save_model(first, model, arch, {"stage": ctx.name, "epoch": 0})
 
     def keep(trainer) -> None:
         done = trainer.epoch + 1
         if done in epochs and ctx.dist.is_main:
             path = snapshot_path(ctx.stage_dir, done)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(path.parent)
             ckpt.save_model(path, trainer.final_model(), arch, {"stage": ctx.name,
                                                                 "epoch": done})
 

@@ -27,7 +27,8 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as D
-from pipeline.config import Loader, opt
+from pipeline.atomic import atomic_write_text
+from pipeline.config import MAX_BATCH, Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
 from pipeline.precision import eval_precision
@@ -55,10 +56,10 @@ log = logging.getLogger("pipeline")
 class Config(StageBase, PruneSpec):
     type: str = opt("prune", "stage kind")
     evaluate: bool = opt(True, "measure the pruned model's accuracy before recovery")
-    eval_batch_size: int = opt(256, "batch size of that evaluation", min=1)
+    eval_batch_size: int = opt(256, "batch size of that evaluation", min=1, max=MAX_BATCH)
     batch_size: int = opt(128, "taylor: size of the training batches the gradients are "
                           "taken on (the run's training data, its augmentation included)",
-                          min=1)
+                          min=1, max=MAX_BATCH)
     layer_ratios_from: str | None = opt(
         None, "an earlier sensitivity stage: prune with its suggested.yaml's layer_ratios "
         "(only those layers) and skip")
@@ -302,8 +303,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         if ctx.dist.is_main:
             ctx.stage_dir.mkdir(parents=True, exist_ok=True)
             ckpt.save_model(ctx.stage_dir / MODEL_FILE, model, arch, meta)
-            (ctx.stage_dir / "layers.json").write_text(
-                json.dumps(report.layers + report.heads, indent=1))
+            atomic_write_text(ctx.stage_dir / "layers.json",
+                              json.dumps(report.layers + report.heads, indent=1))
     log.info("pruned %d group(s), %d attention head(s): MACs %.4g -> %.4g (%.1f%% fewer), "
              "params %d -> %d",
              len(report.layers), sum(len(e["removed"]) for e in report.heads),

@@ -29,7 +29,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.attention import remove_heads
-from pipeline.config import Loader, opt
+from pipeline.config import MAX_EPOCHS, Loader, opt
 from pipeline.data.sizes import steps_per_epoch
 from pipeline.models import model_from_payload
 from pipeline.pruning import PruningError, remove_filters
@@ -55,9 +55,10 @@ class Config(StageBase, TrainConfig):
     epochs: int | None = opt(  # type: ignore[assignment]
         None, "mode lr: epochs to retrain (the replayed tail's length; required); mode "
         "weights: upstream epochs - rewind_epoch (the default; another value is an error)",
-        min=1)
+        min=1, max=MAX_EPOCHS)
     rewind_epoch: int | None = opt(None, "mode weights: the upstream epoch whose weights are "
-                                   "restored (0: the initialization)", min=0)
+                                   "restored (0: the initialization)", min=0,
+                                   max=MAX_EPOCHS)
 
 
 def upstream_of(run, name: str) -> str | None:

@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,8 @@ import torch
 import yaml
 
 from pipeline import distributed as D
-from pipeline.atomic import atomic_open, atomic_write_text
-from pipeline.config import Invalid, Loader, opt
+from pipeline.atomic import atomic_copy, atomic_open, atomic_write_text
+from pipeline.config import MAX_BATCH, Invalid, Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs
 from pipeline.precision import AUTO, Decision, decide_inference
@@ -82,14 +81,16 @@ class Config(StageBase):
     target_macs_reduction: float | None = opt(
         None, "suggested.yaml: instead of the tolerance, the least-sensitive allocation that "
         "removes this share of the MACs", gt=0, lt=1)
-    eval_batch_size: int = opt(256, "batch size of the evaluations", min=1)
+    eval_batch_size: int = opt(256, "batch size of the evaluations", min=1,
+                               max=MAX_BATCH)
     channels_last: bool = opt(True, "evaluate in the NHWC memory format (faster convolutions "
                               "on CPUs)")
     replay_memory_gb: float = opt(
         2.0, "memory (GiB) the sweep may hold for the dense model's activations at the "
         "input of the block being swept, so that the layers before it are computed once per "
         "block instead of once per ratio (0: off; pipeline/replay.py)", min=0)
-    seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)")
+    seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)",
+                           min=0)
 
     def validate(self) -> None:
         if not self.ratios:
@@ -205,7 +206,7 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(ctx.stage_dir / SUGGESTED_FILE, suggested_yaml(suggested, spec, base))
         plot(rows, base["top1"], ctx.stage_dir / PNG_FILE, spec.method, loader_split(data))
-        shutil.copyfile(ctx.input_path(spec.from_), ctx.stage_dir / MODEL_FILE)
+        atomic_copy(ctx.input_path(spec.from_), ctx.stage_dir / MODEL_FILE)
     return {"top1": None, "top5": None, "base_top1": base["top1"], "base_top5": base["top5"],
             "split": loader_split(data), "split_images": loader.n, "macs": dense_macs,
             "groups": len(groups), "ratios": spec.ratios, "epochs": 0,
@@ -378,10 +379,9 @@ def plot(rows: list[dict], base_top1: float, path: Path, method: str, split: str
     ax.legend(fontsize=6, ncol=2 if len(curves) > 14 else 1, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def check_layer_ratios_from(spec, name: str, run, loader: Loader) -> None:

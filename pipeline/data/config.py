@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import Invalid, opt
+from ..config import MAX_IMAGE_SIZE, Invalid, opt
 from ..errors import UsageError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -24,10 +24,10 @@ class DataError(UsageError):
 
 @dataclass
 class SyntheticConfig:
-    num_classes: int = opt(10, "number of classes", min=2)
-    train_size: int = opt(512, "training images", min=1)
-    test_size: int = opt(256, "test images", min=1)
-    image_size: int = opt(32, "height and width", min=8)
+    num_classes: int = opt(10, "number of classes", min=2, max=100_000)
+    train_size: int = opt(512, "training images", min=1, max=1_000_000)
+    test_size: int = opt(256, "test images", min=1, max=1_000_000)
+    image_size: int = opt(32, "height and width", min=8, max=MAX_IMAGE_SIZE)
 
 
 @dataclass
@@ -51,28 +51,32 @@ class DataConfig:
         "inside a run (sensitivity, iterative stopping) use it, the test set is only reported",
         gt=0)
     val_seed: int = opt(0, "seed of the validation split (independent of the run's seed, so "
-                        "that every run and rank holds out the same images)")
+                        "that every run and rank holds out the same images)", min=0)
     loader: Literal["auto", "tensor", "dataloader"] = opt(
         "auto", "tensor = in-memory fast path on the training device; dataloader = torch "
         "DataLoader with workers; auto = tensor for CIFAR/synthetic and for imagefolder "
         f"images of image_size {SMALL_IMAGE_MAX} or less, else dataloader")
-    num_workers: int = opt(4, "DataLoader workers per process (dataloader path)", min=0)
+    num_workers: int = opt(4, "DataLoader workers per process (dataloader path)", min=0,
+                          max=1024)
     pin_memory: bool = opt(True, "dataloader path: pinned host memory for batches (CUDA only)")
     persistent_workers: bool = opt(
         True, "dataloader path: keep the workers alive across epochs (no start-up per epoch)")
-    prefetch_factor: int = opt(2, "dataloader path: batches each worker prepares ahead", min=1)
+    prefetch_factor: int = opt(2, "dataloader path: batches each worker prepares ahead", min=1,
+                              max=1024)
     image_size: int | None = opt(
         None, "train crop and eval size; default 32 for CIFAR, 224 for imagefolder; the fast "
-        "path resizes (shorter side) and center-crops imagefolder images to it once", min=8)
+        "path resizes (shorter side) and center-crops imagefolder images to it once", min=8,
+        max=MAX_IMAGE_SIZE)
     resize_size: int | None = opt(None, "imagefolder eval (ImageNet preset): resize the shorter "
                                   "side to this before the center crop (default image_size * "
-                                  "256/224)", min=8)
+                                  "256/224)", min=8, max=MAX_IMAGE_SIZE)
     train_crop: Literal["auto", "pad", "resized", "none"] = opt(
         "auto", "training crop: pad = zero-pad by `pad` and crop back (CIFAR); resized = "
         "RandomResizedCrop (ImageNet preset, dataloader path only); none = the eval view; "
         "auto = resized for imagefolder on the dataloader path, else pad")
     crop_scale: float = opt(0.08, "resized crop: smallest area fraction of the crop", gt=0, max=1)
-    pad: int = opt(4, "pad crop: zero padding on each side before the random crop", min=0)
+    pad: int = opt(4, "pad crop: zero padding on each side before the random crop", min=0,
+                  max=MAX_IMAGE_SIZE)
     flip: bool = opt(True, "random horizontal flip for training")
     mean: list[float] | None = opt(None, "normalization mean per channel (0-1 scale); default "
                                    "the data set's (CIFAR-10, CIFAR-100 or ImageNet values)")

@@ -46,7 +46,7 @@ def torchvision_cifar(cfg: DataConfig, train: bool) -> ImageSet:
 def synthetic_split(cfg: SyntheticConfig, train: bool, seed: int) -> ImageSet:
     """Learnable random images: a class-specific colour pattern plus noise."""
     n = cfg.train_size if train else cfg.test_size
-    g = torch.Generator().manual_seed(1000 + seed * 2 + int(train))
+    g = torch.Generator().manual_seed((1000 + seed * 2 + int(train)) % 2**64)
     protos = torch.Generator().manual_seed(seed)
     centers = torch.randint(40, 216, (cfg.num_classes, 3, 4, 4), generator=protos).float()
     labels = torch.arange(n) % cfg.num_classes

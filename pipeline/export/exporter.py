@@ -30,6 +30,7 @@ from .formats import (
     sidecar_path,
 )
 from .source import ExportSource, ExportUsageError, eval_images, load_source
+from .target import check_batch, check_memory, check_target
 from .timing import DTYPES
 from .verify import Check, compare
 
@@ -50,6 +51,7 @@ class ExportOptions:
     channels_last: bool = False
     data_root: str | None = None  # where the run's data is now, if it moved
     eval_images: int = 256  # test images verified (at most)
+    force: bool = False  # replace an existing file (never a run directory's own)
 
     def validate(self) -> None:
         """Raise ExportUsageError for an option combination that cannot be exported."""
@@ -60,6 +62,7 @@ class ExportOptions:
                                    f"{list(PRECISIONS)}")
         if self.batch is not None and self.batch < 1:
             raise ExportUsageError(f"--batch: expected a positive integer, got {self.batch}")
+        check_batch(self.batch)
         if self.opset is not None and self.format != "onnx":
             raise ExportUsageError(f"--opset applies to --format onnx, not {self.format}")
         problem = FORMATS[self.format].problem(self.precision, self.channels_last)
@@ -119,7 +122,11 @@ def export_stage(stage_dir: str | Path, options: ExportOptions) -> ExportResult:
     out = Path(options.out) if options.out else default_out(source.stage_dir, options)
     if out.is_dir():
         raise ExportUsageError(f"--out {out}: is a directory; give a file name")
+    check_target(out, options.force)
+    if fmt.sidecar:
+        check_target(sidecar_path(out), options.force, "--out's sidecar")
     model, cast = _prepared(source, options)
+    check_memory(model, cast(_random(1, source.input_size, seed=0)), options.batch)
     meta = metadata_for(source, options)
     example = cast(_random(options.batch or 2, source.input_size, seed=0))
     try:

@@ -77,9 +77,11 @@ class PruneSpec:
                              "target_macs_reduction search (each step re-scores)", gt=0, lt=1)
     global_ranking: bool = opt(False, "rank filters across groups (scores normalized by each "
                                "group's mean) instead of removing `ratio` from every group")
-    seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)")
+    seed: int | None = opt(None, "seed of the random criterion (default: the run's seed)",
+                           min=0)
     batches: int = opt(10, "taylor: training batches whose gradients the importance is "
-                       "averaged over (taken on the input model, no update applied)", min=1)
+                       "averaged over (taken on the input model, no update applied)", min=1,
+                       max=100_000)
 
     def validate(self) -> None:
         if self.ratio is not None and self.target_macs_reduction is not None:

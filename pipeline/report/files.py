@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from .latency import latency_device_for
 from .plots import plot_curves, plot_pareto
 from .rows import Options
@@ -60,7 +61,7 @@ def write_report(rows: list[dict], run_dirs: list[Path], out: Path, options: Opt
     written = []
     for name, text in (("compare.md", _markdown(rows, run_dirs, cols, options, pngs, command)),
                        ("compare.csv", to_csv(rows, cols)), ("compare.json", to_json(rows))):
-        (out / name).write_text(text if text.endswith("\n") else text + "\n")
+        atomic_write_text(out / name, text if text.endswith("\n") else text + "\n")
         written.append(out / name)
     return written + pngs
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_open
 from ..rundir import read_summary, stage_specs
 from .rows import is_prune_stage, read_metrics
 
@@ -50,7 +51,8 @@ def _drawn(fig: Any) -> dict[str, Points]:
 
 def _save(plt: Any, fig: Any, path: Path) -> Plot:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path, "wb") as f:  # a planted link is replaced, never written through
+        fig.savefig(f, dpi=120, format="png")
     series = _drawn(fig)
     plt.close(fig)
     return Plot(path, series)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,15 @@ from typing import Any
 from stages import REGISTRY, Stage
 
 from ..provenance import read_provenance, stale_reasons
-from ..rundir import MODEL_FILE, chain, is_run_dir, read_config, read_summary, stage_specs
+from ..rundir import (
+    MODEL_FILE,
+    SUMMARY_FILE,
+    chain,
+    is_run_dir,
+    read_config,
+    read_summary,
+    stage_specs,
+)
 from .latency import file_latency_ms, input_size_of, latency_device_for
 
 COLUMNS = ["run", "stage", "type", "status", "model", "method", "ratio", "top1", "top5",
@@ -89,6 +98,10 @@ def read_metrics(stage_dir: Path) -> list[dict[str, float]]:
 def stage_state(stage_dir: Path, spec: dict) -> tuple[str, str]:
     """(status, note) of a stage without a completed summary."""
     s = read_summary(stage_dir)
+    path = stage_dir / SUMMARY_FILE
+    if s is None and path.is_file():  # another user's file of mode 0600, or damaged
+        why = "not readable by this user" if not os.access(path, os.R_OK) else "not JSON"
+        return "unreadable", f"{path}: {why}"
     if s is not None and s.get("status") == "failed":
         return "failed", str(s.get("error", ""))
     if s is not None and s.get("status") not in (None, "completed"):

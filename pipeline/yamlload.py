@@ -1,0 +1,65 @@
+"""YAML loading with a bound on alias expansion.
+
+PyYAML's safe loader shares the node an alias points at, so a few hundred bytes of nested
+anchors (a "billion laughs" file) load as a small graph that expands to billions of
+values as soon as anything walks it: merging, validating, hashing or printing it in an
+error message. `load` counts the values the document expands to and refuses it beyond
+`MAX_VALUES`, and refuses an alias that refers to itself, before anything is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from yaml.composer import ComposerError
+from yaml.nodes import MappingNode, Node, SequenceNode
+
+MAX_VALUES = 100_000  # values (scalars, lists, mappings) a document may expand to
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents whose aliases expand beyond MAX_VALUES."""
+
+    def compose_document(self) -> Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node, {}, set(), self)
+        return node
+
+
+def _expanded_size(node: Node, sizes: dict[int, int], active: set[int],
+                   loader: BoundedLoader) -> int:
+    """The values under `node` with every alias expanded (memoized per shared node)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        raise ComposerError(None, None, "an alias refers to the mapping or list that holds it "
+                            "(recursive alias)", node.start_mark)
+    total = 1
+    if isinstance(node, (SequenceNode, MappingNode)):
+        active.add(key)
+        children = (node.value if isinstance(node, SequenceNode)
+                    else [n for pair in node.value for n in pair])
+        for child in children:
+            total += _expanded_size(child, sizes, active, loader)
+            if total > MAX_VALUES:
+                raise ComposerError(None, None, f"aliases expand to more than {MAX_VALUES:,} "
+                                    "values (an alias bomb?); refused", child.start_mark)
+        active.discard(key)
+    sizes[key] = total
+    return total
+
+
+def load(text: str) -> Any:
+    """`yaml.safe_load(text)` with the alias bound; raises yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=BoundedLoader)
+    except RecursionError:
+        raise yaml.YAMLError("lists or mappings nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise yaml.YAMLError(str(err).split(";")[0]) from None
+
+
+__all__ = ["MAX_VALUES", "BoundedLoader", "load"]

@@ -10,6 +10,8 @@ Field metadata understood by the loader:
   help      one-line meaning (used by the README's config reference)
   key       the YAML key when it differs from the field name (`from` -> `from_`)
   min/max   inclusive bounds;  gt/lt  exclusive bounds
+  limit     an inclusive upper bound that guards resources, not meaning (epochs, batch and
+            image sizes: a typo such as 1e20 must not hang or exhaust memory)
 """
 
 from __future__ import annotations
@@ -203,9 +205,12 @@ def _check_range(loader: Loader, f: dataclasses.Field, value: Any, key: str) -> 
             bounds.append(f"> {md['gt']}")
         if "lt" in md and v >= md["lt"]:
             bounds.append(f"< {md['lt']}")
+        kind = "an integer" if isinstance(v, int) else "a number"
         if bounds:
-            kind = "an integer" if isinstance(v, int) else "a number"
-            loader.fail(key, f"expected {kind} {_describe_range(md)}, got {v}")
+            loader.fail(key, f"expected {kind} {_describe_range(md)}, got {_show(v)}")
+        if "limit" in md and v > md["limit"]:
+            loader.fail(key, f"expected {kind} <= {md['limit']:,} (the most this key "
+                        f"allows), got {_show(v)}")
 
 
 def _describe_range(md: dict) -> str:

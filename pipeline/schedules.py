@@ -46,7 +46,7 @@ class LinearScaling:
     """Linear scaling rule (Goyal et al.): lr = base * batch_size / per_batch."""
 
     base: float = opt(0.1, "lr at the reference batch size", gt=0)
-    per_batch: int = opt(256, "reference batch size of `base`", min=1, max=MAX_BATCH)
+    per_batch: int = opt(256, "reference batch size of `base`", min=1, limit=MAX_BATCH)
 
     def resolve(self, batch_size: int) -> float:
         """The lr for a global batch of `batch_size` images."""
@@ -59,7 +59,7 @@ class WarmupConfig:
         "none", "none | gradual (linear per iteration from the start lr to the target) | "
         "constant (the start lr for the warmup epochs, then the target)")
     epochs: float = opt(0.0, "warmup length in epochs (always epochs, never a fraction of the "
-                        "run; may be fractional, e.g. 0.5)", min=0, max=MAX_EPOCHS)
+                        "run; may be fractional, e.g. 0.5)", min=0, limit=MAX_EPOCHS)
     start_lr: float | None = opt(None, "lr at the start of warmup (overrides start_factor)", min=0)
     start_factor: float = opt(0.1, "start lr as a fraction of the target lr (1/k for Goyal's "
                               "lr/k)", min=0, max=1)
@@ -79,10 +79,10 @@ class ScheduleConfig:
         "start, warmup included) | cosine | linear (both decay over the steps after warmup)")
     milestones: list[float] = opt(
         [], "multistep: epochs at which lr *= gamma; all values < 1 = fractions of the run, "
-        "e.g. [0.5, 0.75]", min=0, max=MAX_EPOCHS)
+        "e.g. [0.5, 0.75]", min=0, limit=MAX_EPOCHS)
     gamma: float = opt(0.1, "multiplicative decay for step/multistep", gt=0, max=1)
     step_size: float = opt(30.0, "step: decay every this many epochs (always epochs)", gt=0,
-                           max=MAX_EPOCHS)
+                           limit=MAX_EPOCHS)
     min_lr: float = opt(0.0, "cosine/linear: the floor, reached at the end of the run", min=0)
     warmup: WarmupConfig = opt(WarmupConfig, "warmup in front of the schedule")
 

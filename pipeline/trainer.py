@@ -108,11 +108,11 @@ class TrainingError(PipelineError):
 @dataclass
 class TrainConfig:
     epochs: int = opt(1, "training epochs (pretrain: 0 passes model.pretrained weights on "
-                      "after an evaluation)", min=0, max=MAX_EPOCHS)
+                      "after an evaluation)", min=0, limit=MAX_EPOCHS)
     batch_size: int = opt(128, "global batch size (split across DDP ranks)", min=1,
-                         max=MAX_BATCH)
+                         limit=MAX_BATCH)
     eval_batch_size: int | None = opt(None, "evaluation batch (default: max(batch_size, 256))",
-                                      min=1, max=MAX_BATCH)
+                                      min=1, limit=MAX_BATCH)
     eval_every: int = opt(1, "evaluate on the test set every N epochs and after the last one "
                           "(the other epochs' metrics.csv rows leave the test columns empty; "
                           "best.pt is chosen among the evaluated epochs)", min=1)

@@ -68,13 +68,13 @@ ROUND_FIELDS = ["round", "ratio", "target_macs_reduction", "macs", "mac_reductio
 class Config(StageBase, TrainConfig):
     type: str = opt("iterative", "stage kind")
     epochs: int | None = opt(  # type: ignore[assignment]
-        None, "leave unset: a round trains finetune_epochs", min=0, max=MAX_EPOCHS)
+        None, "leave unset: a round trains finetune_epochs", min=0, limit=MAX_EPOCHS)
     schedule: Literal["linear", "agp"] = opt(  # type: ignore[assignment]
         "agp", "the pruning schedule over the rounds: linear, or agp (Zhu & Gupta's cubic "
         "s_t = s_f + (s_i - s_f)(1 - t/n)^3)")
-    rounds: int = opt(5, "prune-then-finetune cycles", min=1, max=1000)
+    rounds: int = opt(5, "prune-then-finetune cycles", min=1, limit=1000)
     finetune_epochs: int = opt(1, "finetune epochs after each round's pruning (constant lr)",
-                               min=0, max=MAX_EPOCHS)
+                               min=0, limit=MAX_EPOCHS)
     ratio: float | None = opt(None, "final share of each pruned group's filters (default 0.4 "
                               "unless target_macs_reduction is given)", gt=0, lt=1)
     target_macs_reduction: float | None = opt(

@@ -59,7 +59,7 @@ class Config(StageBase, TrainConfig):
     save_epochs: list[int] = opt([], "also keep the weights after these epochs (0: the "
                                  "initialization) in snapshots/epoch_N.pt, for weight rewinding; "
                                  "epochs a downstream rewind stage asks for are added", min=0,
-                                 max=MAX_EPOCHS)
+                                 limit=MAX_EPOCHS)
     prune_during_training: SoftPruneSpec | None = opt(
         None, "soft filter pruning (FPGM/SFP): after every epoch zero the filters the criterion "
         "selects and re-select next time; a downstream prune stage removes them")

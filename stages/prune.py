@@ -56,10 +56,10 @@ log = logging.getLogger("pipeline")
 class Config(StageBase, PruneSpec):
     type: str = opt("prune", "stage kind")
     evaluate: bool = opt(True, "measure the pruned model's accuracy before recovery")
-    eval_batch_size: int = opt(256, "batch size of that evaluation", min=1, max=MAX_BATCH)
+    eval_batch_size: int = opt(256, "batch size of that evaluation", min=1, limit=MAX_BATCH)
     batch_size: int = opt(128, "taylor: size of the training batches the gradients are "
                           "taken on (the run's training data, its augmentation included)",
-                          min=1, max=MAX_BATCH)
+                          min=1, limit=MAX_BATCH)
     layer_ratios_from: str | None = opt(
         None, "an earlier sensitivity stage: prune with its suggested.yaml's layer_ratios "
         "(only those layers) and skip")

@@ -55,10 +55,10 @@ class Config(StageBase, TrainConfig):
     epochs: int | None = opt(  # type: ignore[assignment]
         None, "mode lr: epochs to retrain (the replayed tail's length; required); mode "
         "weights: upstream epochs - rewind_epoch (the default; another value is an error)",
-        min=1, max=MAX_EPOCHS)
+        min=1, limit=MAX_EPOCHS)
     rewind_epoch: int | None = opt(None, "mode weights: the upstream epoch whose weights are "
                                    "restored (0: the initialization)", min=0,
-                                   max=MAX_EPOCHS)
+                                   limit=MAX_EPOCHS)
 
 
 def upstream_of(run, name: str) -> str | None:

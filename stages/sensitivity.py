@@ -82,7 +82,7 @@ class Config(StageBase):
         None, "suggested.yaml: instead of the tolerance, the least-sensitive allocation that "
         "removes this share of the MACs", gt=0, lt=1)
     eval_batch_size: int = opt(256, "batch size of the evaluations", min=1,
-                               max=MAX_BATCH)
+                               limit=MAX_BATCH)
     channels_last: bool = opt(True, "evaluate in the NHWC memory format (faster convolutions "
                               "on CPUs)")
     replay_memory_gb: float = opt(

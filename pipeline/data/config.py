@@ -24,10 +24,10 @@ class DataError(UsageError):
 
 @dataclass
 class SyntheticConfig:
-    num_classes: int = opt(10, "number of classes", min=2, max=100_000)
-    train_size: int = opt(512, "training images", min=1, max=1_000_000)
-    test_size: int = opt(256, "test images", min=1, max=1_000_000)
-    image_size: int = opt(32, "height and width", min=8, max=MAX_IMAGE_SIZE)
+    num_classes: int = opt(10, "number of classes", min=2, limit=100_000)
+    train_size: int = opt(512, "training images", min=1, limit=1_000_000)
+    test_size: int = opt(256, "test images", min=1, limit=1_000_000)
+    image_size: int = opt(32, "height and width", min=8, limit=MAX_IMAGE_SIZE)
 
 
 @dataclass
@@ -57,26 +57,26 @@ class DataConfig:
         "DataLoader with workers; auto = tensor for CIFAR/synthetic and for imagefolder "
         f"images of image_size {SMALL_IMAGE_MAX} or less, else dataloader")
     num_workers: int = opt(4, "DataLoader workers per process (dataloader path)", min=0,
-                          max=1024)
+                          limit=1024)
     pin_memory: bool = opt(True, "dataloader path: pinned host memory for batches (CUDA only)")
     persistent_workers: bool = opt(
         True, "dataloader path: keep the workers alive across epochs (no start-up per epoch)")
     prefetch_factor: int = opt(2, "dataloader path: batches each worker prepares ahead", min=1,
-                              max=1024)
+                              limit=1024)
     image_size: int | None = opt(
         None, "train crop and eval size; default 32 for CIFAR, 224 for imagefolder; the fast "
         "path resizes (shorter side) and center-crops imagefolder images to it once", min=8,
-        max=MAX_IMAGE_SIZE)
+        limit=MAX_IMAGE_SIZE)
     resize_size: int | None = opt(None, "imagefolder eval (ImageNet preset): resize the shorter "
                                   "side to this before the center crop (default image_size * "
-                                  "256/224)", min=8, max=MAX_IMAGE_SIZE)
+                                  "256/224)", min=8, limit=MAX_IMAGE_SIZE)
     train_crop: Literal["auto", "pad", "resized", "none"] = opt(
         "auto", "training crop: pad = zero-pad by `pad` and crop back (CIFAR); resized = "
         "RandomResizedCrop (ImageNet preset, dataloader path only); none = the eval view; "
         "auto = resized for imagefolder on the dataloader path, else pad")
     crop_scale: float = opt(0.08, "resized crop: smallest area fraction of the crop", gt=0, max=1)
     pad: int = opt(4, "pad crop: zero padding on each side before the random crop", min=0,
-                  max=MAX_IMAGE_SIZE)
+                  limit=MAX_IMAGE_SIZE)
     flip: bool = opt(True, "random horizontal flip for training")
     mean: list[float] | None = opt(None, "normalization mean per channel (0-1 scale); default "
                                    "the data set's (CIFAR-10, CIFAR-100 or ImageNet values)")

@@ -81,7 +81,7 @@ class PruneSpec:
                            min=0)
     batches: int = opt(10, "taylor: training batches whose gradients the importance is "
                        "averaged over (taken on the input model, no update applied)", min=1,
-                       max=100_000)
+                       limit=100_000)
 
     def validate(self) -> None:
         if self.ratio is not None and self.target_macs_reduction is not None:

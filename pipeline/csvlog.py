@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import atomic_open
-from .safefs import open_append
+from .safefs import open_append, refuse_link
 
 
 class CsvLog:
@@ -27,7 +27,8 @@ class CsvLog:
 
     def trim(self, keep: Callable[[dict], bool]) -> None:
         """Keep only the rows `keep(row)` accepts (rewritten atomically); a half-written
-        line of a killed run is dropped."""
+        line of a killed run is dropped. A symbolic link planted at the file is refused."""
+        refuse_link(self.path, "the log file")
         if not self.path.exists():
             return
         rows = []

@@ -98,6 +98,8 @@ class Loader:
                 valid = ", ".join(sorted(known))
                 self.fail(sub, f"unknown key{hint}; valid keys: {valid}")
             f = known[name]
+            if "limit" in f.metadata:  # a number beyond it is named with it, not as an int64
+                _check_range(self, f, value, sub)
             kwargs[f.name] = self.convert(hints[f.name], value, sub)
             _check_range(self, f, kwargs[f.name], sub)
         try:

@@ -118,6 +118,8 @@ def meaning_text(f: dataclasses.Field) -> str:
         bounds.append(f"<= {md['max']}")
     if "lt" in md:
         bounds.append(f"< {md['lt']}")
+    if "limit" in md:
+        bounds.append(f"at most {md['limit']:,}")
     if bounds:
         text += f" ({', '.join(bounds)})"
     return text

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from .safefs import remove_file, replace
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
@@ -29,10 +31,10 @@ def atomic_open(path: str | Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace(path.parent, tmp, path)  # a link at `path` is replaced, never followed
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            remove_file(path.parent, tmp)
         raise
     fsync_dir(path.parent)
 

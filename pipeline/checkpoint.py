@@ -119,7 +119,7 @@ def link(src: Path, dst: Path) -> bool:
         replace(dst.parent, tmp, dst)
     except OSError:
         try:
-            tmp.unlink()
+            remove_file(dst.parent, tmp)
         except OSError:
             pass
         return False

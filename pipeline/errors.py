@@ -26,10 +26,15 @@ class UsageError(PipelineError):
     exit_code = EXIT_USAGE
 
 
+MESSAGE_LIMIT = 2000  # characters of an error line, at most
+
+
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message, or its type name when it has none."""
+    """The first line of an exception's message (at most MESSAGE_LIMIT characters), or its
+    type name when it has none."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= MESSAGE_LIMIT else line[:MESSAGE_LIMIT - 3] + "..."
 
 
 _SHOW = reprlib.Repr()

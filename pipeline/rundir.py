@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from . import yamlload
 from .atomic import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
@@ -50,7 +51,7 @@ def is_complete(stage_dir: Path) -> bool:
 def read_config(run_dir: Path) -> dict:
     """The resolved config a run wrote, as plain data ({} when absent or unreadable)."""
     try:
-        cfg = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
+        cfg = yamlload.load((Path(run_dir) / CONFIG_FILE).read_text())
     except (OSError, yaml.YAMLError):
         return {}
     return cfg if isinstance(cfg, dict) else {}

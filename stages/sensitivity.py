@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from pipeline import distributed as D
+from pipeline import yamlload
 from pipeline.atomic import atomic_copy, atomic_open, atomic_write_text
 from pipeline.config import MAX_BATCH, Invalid, Loader, opt
 from pipeline.data import build_data
@@ -349,7 +350,7 @@ def read_suggested(stage_dir: Path) -> dict:
     path = Path(stage_dir) / SUGGESTED_FILE
     if not path.is_file():
         return {}
-    data = yaml.safe_load(path.read_text())
+    data = yamlload.load(path.read_text())
     return data if isinstance(data, dict) else {}
 
 

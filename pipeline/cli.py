@@ -25,6 +25,7 @@ from .preemption import Preempted
 from .preflight import preflight
 from .provenance import command_line
 from .runconfig import load_config
+from .safefs import refuse_link
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +193,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not 1 <= args.latency_batch <= MAX_FIXED_BATCH:
         return _fail(f"--latency-batch: expected an integer in [1, {MAX_FIXED_BATCH}], got "
                      f"{args.latency_batch}", EXIT_USAGE)
+    out = Path(args.out) if args.out else report.default_out(dirs)
+    if not args.out:  # <run dir>/report: a link planted there would carry the files away
+        refuse_link(out, "the report folder")
     if args.latency:
         report.check_backend(args.latency_backend, args.latency_device)
     baseline = Path(args.baseline) if args.baseline else None
@@ -217,7 +221,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                           else [])), end="")
     else:
         print(report.to_json(rows))
-    out = Path(args.out) if args.out else report.default_out(dirs)
     try:
         written = report.write_report(rows, dirs, out, options, plot=args.plot,
                                       command=command_line())

@@ -356,11 +356,13 @@ def test_without_the_data_random_inputs_only_then_data_root(tmp_path, cli):
     (note,) = result.notes
     assert note.startswith(f"test data not available ({tmp_path / 'moved'}: no cifar10 found")
     assert note.endswith("; verified on random inputs only")
-    code, out, _ = cli("export", stage_dir, "--format", "torchscript")
+    code, _, err = cli("export", stage_dir, "--format", "torchscript")  # written above
+    assert code == 2 and "exists; give --force to replace it" in err
+    code, out, _ = cli("export", stage_dir, "--format", "torchscript", "--force")
     assert code == 0 and "verified on random inputs only" in out
 
     cifar_like_folder(tmp_path / "here")
-    result = export_stage(stage_dir, ExportOptions(format="torchscript",
+    result = export_stage(stage_dir, ExportOptions(format="torchscript", force=True,
                                                    data_root=str(tmp_path / "here")))
     assert not result.notes and result.checks[1].what == "20 test images of cifar10"
 

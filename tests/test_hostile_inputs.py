@@ -425,3 +425,19 @@ def test_compare_shows_an_unreadable_summary_as_such(done_run, tmp_path, cli):
     assert code == 0, err
     rows = {r["stage"]: r for r in json.loads(out)}
     assert rows["prune"]["status"] == "unreadable" and rows["pretrain"]["status"] == "completed"
+
+
+def test_compare_refuses_a_planted_report_link(done_run, tmp_path, cli, outside_untouched):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(done_run, run)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (run / "report").symlink_to(victim)
+    guard = outside_untouched(tmp_path, run)
+    code, _, err = cli("compare", run)
+    assert code == 2, err
+    one_error(err, str(run / "report"), "symbolic link", only=False)
+    guard.check()
+    assert not any(victim.iterdir())

@@ -160,8 +160,8 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
                         f"stopped on {preemption.name(signum)} before stage {name}; run the "
                         "same command to go on", signum)
                 summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
-                                            ledger if restart else None, show_progress,
-                                            num_classes, input_size))
+                                            restart, ledger, show_progress, num_classes,
+                                            input_size))
         return summaries
     finally:
         lock.release()
@@ -184,10 +184,10 @@ def _write_config(cfg: RunConfig, path: Path) -> None:
 
 
 def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: str,
-               ledger: RestartLedger | None, show_progress, num_classes: int,
-               input_size) -> dict:
-    """Run, resume or skip stage `name`; with a `ledger` (`--restart`), run it afresh unless
-    this restart already did (skip) or started it (resume)."""
+               restart: bool, ledger: RestartLedger | None, show_progress,
+               num_classes: int, input_size) -> dict:
+    """Run, resume or skip stage `name`; with `restart`, run it afresh unless this restart
+    already did (skip) or started it (resume), as rank 0's `ledger` says."""
     spec = cfg.stages[name]
     stage_dir = run_dir / name
     digest = stage_hash(cfg, name)
@@ -199,7 +199,7 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
         getattr(spec, "distill", None) is None or is_complete(run_dir / spec.distill.from_),
         ledger is not None and name in ledger.done,
         ledger is not None and name in ledger.started))
-    restart = ledger is not None and not restarted  # rank 0's ledger; the others follow
+    restart = restart and not restarted
     if restarted and info.is_main:
         log.info("stage %s: already restarted by this --restart", name)
     if done and done.get("status") == "completed" and not restart:
@@ -235,7 +235,7 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
             if restart and not resuming and work_dir.exists():
                 # never a completed stage: that one is swapped at the end
                 remove_tree(run_dir, work_dir)
-            if restart:
+            if restart and ledger is not None:
                 ledger.start(name)
             ensure_dir(work_dir)
     if restart and resuming and info.is_main:
@@ -281,7 +281,7 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
                 replace(run_dir, stage_dir, old)
                 replace(run_dir, work_dir, stage_dir)
                 remove_tree(run_dir, old)
-            if restart:
+            if restart and ledger is not None:
                 ledger.finish(name)
     log.info("stage %s: completed in %.1fs (top-1 %s, params %s, MACs %s)", name,
              summary["wall_seconds"], _fmt(summary["top1"]), summary["params"], summary["macs"])

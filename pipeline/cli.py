@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import report, runner
-from .distributed import joined
+from .distributed import env_info, joined, resolve_device
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, UsageError, first_line
 from .evaluate import PRECISIONS, SPLITS, EvalOptions, evaluate_stage
 from .evaluate import format_text as format_eval
@@ -163,6 +163,8 @@ def _fail(message: str, code: int, all_ranks: bool = True) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg, _ = load_config(args.config, args.overrides)
+        runner.check_stage(cfg, args.stage, args.config)
+        resolve_device(cfg.device, env_info(), args.config)
         plan = build_plan(cfg, preflight(cfg, args.config, need_data=False))
         print(json.dumps(plan, indent=2) if args.format == "json" else format_text(plan))
         return EXIT_OK

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import field
@@ -104,9 +106,11 @@ class Loader:
             _check_range(self, f, kwargs[f.name], sub)
         try:
             obj = cls(**kwargs)
-        except TypeError as err:  # a required field is missing
-            missing = [yaml_key(f) for f in dataclasses.fields(cls) if f.name not in kwargs]
-            self.fail(key or "(top level)", f"missing required key(s) {missing}: {err}")
+        except TypeError:  # a required field (one without a default) is missing
+            missing = [yaml_key(f) for f in dataclasses.fields(cls)
+                       if f.init and f.name not in kwargs and f.default is dataclasses.MISSING
+                       and f.default_factory is dataclasses.MISSING]
+            self.fail(key or "(top level)", f"missing required key(s) {missing}")
         validate = getattr(obj, "validate", None)
         if validate is not None:
             try:
@@ -124,8 +128,10 @@ class Loader:
             if value is None and type(None) in args:
                 return None
             errors = []
-            # try scalars before dataclasses so a number does not fail as "expected a mapping"
-            ordered = sorted(args, key=lambda a: dataclasses.is_dataclass(a))
+            # the value's own type first (1.0 stays a float in `int | float`), then scalars
+            # before dataclasses so a number does not fail as "expected a mapping"
+            ordered = sorted(args, key=lambda a: (dataclasses.is_dataclass(a),
+                                                  a is not type(value)))
             for arg in ordered:
                 if arg is type(None):
                     continue
@@ -171,19 +177,32 @@ class Loader:
                 self.fail(key, f"expected an integer below 2^63, got {_show(value)}")
             return value
         if tp is float:
-            if isinstance(value, str):
-                try:  # YAML reads "5e-4" as a string; accept it as a number
-                    return float(value)
-                except ValueError:
-                    pass
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                self.fail(key, f"expected a number, got {_show(value)}")
-            return float(value)
+            return self._number(value, key)
         if tp is str:
             if not isinstance(value, str):
                 self.fail(key, f"expected a string, got {_show(value)}")
+            if "\x00" in value:
+                self.fail(key, f"contains a NUL character: {_show(value)}")
             return value
         raise TypeError(f"config loader: unsupported type {tp!r} at {key}")
+
+    def _number(self, value: Any, key: str) -> float:
+        """A finite float: every number key is checked here, so NaN (which passes every
+        range comparison) and infinities never reach a range check or a schedule."""
+        if isinstance(value, str):
+            try:  # YAML reads "5e-4" as a string; accept it as a number
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"expected a number, got {_show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            self.fail(key, f"expected a finite number, got {_show(value)}")
+        return number
 
 
 def _show(value: Any) -> str:
@@ -244,30 +263,51 @@ def _copy(d: Any) -> Any:
 # --------------------------------------------------------------------------- raw YAML
 
 
-def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping; follow `base:` (relative to the file) with a deep merge."""
+def parse_yaml(text: str, source: str | Path) -> Any:
+    """YAML text -> data (aliases bounded, duplicate keys refused: `yamlload`); a syntax
+    error is one ConfigError line naming `source`, the line and the column."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
-    try:
-        data = yamlload.load(text)
+        return yamlload.load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
+
+
+def read_text(path: Path, what: str = "config file") -> str:
+    """A UTF-8 text file's content; a missing, unreadable or non-UTF-8 file is one
+    ConfigError line naming it."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+                          f"{err.start}); a {what} is UTF-8 YAML") from None
+
+
+def read_yaml(path: Path, _chain: tuple[tuple[Path, str], ...] = ()) -> dict:
+    """Read a YAML mapping; follow `base:` (relative to the file) with a deep merge. A
+    `base:` chain that comes back to a file already in it is refused, naming the chain."""
+    real = Path(os.path.realpath(path))
+    if real in [r for r, _ in _chain]:
+        chain = " -> ".join([shown for _, shown in _chain] + [str(path)])
+        raise ConfigError(f"{_chain[-1][1]}: base: {chain} is a cycle of base files")
+    data = parse_yaml(read_text(path), path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: (top level): expected a mapping, got {_show(data)}")
     base = data.pop("base", None)
     if base is not None:
-        if not isinstance(base, str):
+        if not isinstance(base, str) or not base or "\x00" in base:
             raise ConfigError(f"{path}: base: expected a file name, got {_show(base)}")
-        parent = read_yaml((path.parent / base).resolve())
+        parent = read_yaml(path.parent / base, (*_chain, (real, str(path))))
         data = deep_merge(parent, data)
     return data
 

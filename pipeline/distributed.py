@@ -74,23 +74,52 @@ def env_info() -> DistInfo:
                     int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def check_device(name: Any, where: str) -> torch.device | None:
+    """The device `name` asks for, checked against this machine: a ConfigError naming
+    `where` (a file and key, or a flag) for a name that is not auto, cpu, cuda or cuda:N,
+    for CUDA on a machine without it, and for a GPU index beyond the visible ones. None
+    for `auto`."""
+    text = str(name).strip().lower() if isinstance(name, str) else None
+    if text == "auto":
+        return None
+    kind, _, index = (text or "").partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ConfigError(f"{where}: expected {DEVICE_FORMS}, got {str(name)[:60]!r}")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{where}: {text}: CUDA is not available on this machine "
+                          "(torch.cuda.is_available() is false); use auto or cpu")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise ConfigError(f"{where}: {text}: this machine has {count} visible GPU(s), "
+                          f"cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", int(index)) if index else torch.device("cuda")
+
+
 def resolve_device(name: str, info: DistInfo, source: str = "config") -> torch.device:
     """`auto` -> this process's CUDA device when CUDA is present, else the CPU; `cuda` ->
     cuda:LOCAL_RANK. Under torchrun each local rank needs a GPU of its own (NCCL refuses
     two ranks on one device): more local ranks than visible GPUs, or one explicit `cuda:N`
-    for every rank, is a config error."""
-    if name == "auto" and not torch.cuda.is_available():
+    for every rank, is a config error. `source` is a config file (its `device` key is
+    meant) or a flag such as `--device`."""
+    where = source if source.startswith("--") else f"{source}: device"
+    checked = check_device(name, where)
+    if checked is None and not torch.cuda.is_available():
         return torch.device("cpu")
-    dev = torch.device("cuda" if name == "auto" else name)
+    dev = checked if checked is not None else torch.device("cuda")
     if dev.type != "cuda":
         return dev
     if info.enabled and dev.index is not None:
-        raise ConfigError(f"{source}: device: {name} would put all {info.world_size} "
+        raise ConfigError(f"{where}: {name} would put all {info.world_size} "
                           "processes on one GPU; under torchrun use device: cuda (or auto): "
                           "local rank k takes cuda:k (choose GPUs with CUDA_VISIBLE_DEVICES)")
     count = torch.cuda.device_count()
     if info.enabled and info.local_world_size > count:
-        raise ConfigError(f"{source}: device: {name}: torchrun starts {info.local_world_size} "
+        raise ConfigError(f"{where}: {name}: torchrun starts {info.local_world_size} "
                           f"processes on this node but {count} GPU(s) are visible; NCCL needs "
                           f"one GPU per process: use --nproc_per_node {count} or device: cpu")
     return torch.device("cuda", info.local_rank if dev.index is None else dev.index)

@@ -53,9 +53,10 @@ def parse(data: dict, source: str) -> RunConfig:
     loader = Loader(source)
     raw_stages = data.get("stages")
     body = {k: v for k, v in data.items() if k != "stages"}
-    cfg: RunConfig = loader.load(RunConfig, body, "")
     if "name" not in body:
-        loader.fail("name", "missing required key (the run's name)")
+        loader.fail("name", "missing required key (the run's name; every other top-level "
+                    "key has a default)")
+    cfg: RunConfig = loader.load(RunConfig, body, "")
     problem = check_name(cfg.name)
     if problem:
         loader.fail("name", f"the run directory's name {problem}")
@@ -73,6 +74,9 @@ def parse(data: dict, source: str) -> RunConfig:
         kind = spec.get("type")
         if kind is None:
             loader.fail(f"{key}.type", f"missing; one of {sorted(REGISTRY)}")
+        if not isinstance(kind, str):
+            loader.fail(f"{key}.type", f"expected a stage type name, got {show_value(kind)}; "
+                        f"one of {sorted(REGISTRY)}")
         if kind not in REGISTRY:
             loader.fail(f"{key}.type", f"unknown stage type {kind!r}"
                         f"{did_you_mean(kind, REGISTRY)}; known: {sorted(REGISTRY)}")

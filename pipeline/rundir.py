@@ -27,7 +27,7 @@ SUMMARY_FILE = "summary.json"
 def read_json(path: Path) -> dict | None:
     """A JSON object from `path`, or None when it is absent, unreadable or not an object."""
     try:
-        obj = json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -51,8 +51,8 @@ def is_complete(stage_dir: Path) -> bool:
 def read_config(run_dir: Path) -> dict:
     """The resolved config a run wrote, as plain data ({} when absent or unreadable)."""
     try:
-        cfg = yamlload.load((Path(run_dir) / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError):
+        cfg = yamlload.load((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return {}
     return cfg if isinstance(cfg, dict) else {}
 

@@ -110,10 +110,7 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
         restart: bool = False, show_progress: bool | None = None) -> list[dict]:
     """Run (or resume) the pipeline; returns the summaries of the stages it ran or skipped."""
     cfg, _ = load_config(config_path, overrides)
-    if stage is not None and stage not in cfg.stages:
-        hint = did_you_mean(stage, cfg.stages)
-        raise ConfigError(f"{config_path}: --stage {stage}: no such stage{hint}; stages: "
-                          f"{list(cfg.stages)}")
+    check_stage(cfg, stage, config_path)
     info = D.env_info()
     device = D.resolve_device(cfg.device, info, config_path)
     _check_precision(cfg, device, config_path)
@@ -166,6 +163,14 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
     finally:
         lock.release()
         D.shutdown()
+
+
+def check_stage(cfg: RunConfig, stage: str | None, config_path: str) -> None:
+    """`--stage` must name a stage of the config (a usage error listing them)."""
+    if stage is not None and stage not in cfg.stages:
+        hint = did_you_mean(stage, cfg.stages)
+        raise ConfigError(f"{config_path}: --stage {stage}: no such stage{hint}; stages: "
+                          f"{list(cfg.stages)}")
 
 
 def _check_precision(cfg: RunConfig, device, source: str) -> None:
@@ -292,4 +297,4 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-__all__ = ["run", "setup_logging", "stage_hash"]
+__all__ = ["run", "check_stage", "setup_logging", "stage_hash"]

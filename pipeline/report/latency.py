@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ..config import Loader
 from ..data import DataConfig, input_size
+from ..distributed import check_device
 from ..errors import UsageError, first_line
 from ..export import FORMATS, ExportOptions, export_stage, time_exported
 from ..models import load_model
@@ -47,21 +48,24 @@ T = TypeVar("T", nn.Module, torch.Tensor)
 
 
 def latency_device(requested: str | None) -> str:
-    """The device asked for, else cuda when present, else cpu."""
-    if requested:
+    """The device asked for, else (or for `auto`) cuda when present, else cpu."""
+    if requested and requested.strip().lower() != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_backend(backend: str, device: str | None = None) -> None:
     """UsageError (one line, exit 2) for a backend that cannot be timed here: an unknown
-    name, a device other than the CPU for an exported form, or a missing `export` extra
+    name, a device that is not here (or not a device), a device other than the CPU for an
+    exported form, or a missing `export` extra
     (MissingExtraError names the install command)."""
     if backend not in LATENCY_BACKENDS:
         raise UsageError(f"--latency-backend {backend}: expected one of "
                          f"{list(LATENCY_BACKENDS)}")
     fmt = LATENCY_BACKENDS[backend]
     if fmt is None:
+        if device is not None:
+            check_device(device, "--latency-device")
         return
     if device not in (None, "cpu"):
         raise UsageError(f"--latency-backend {backend} runs on the CPU; --latency-device "

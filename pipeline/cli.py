@@ -18,7 +18,7 @@ from .distributed import env_info, joined, resolve_device
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError, UsageError, first_line
 from .evaluate import PRECISIONS, SPLITS, EvalOptions, evaluate_stage
 from .evaluate import format_text as format_eval
-from .export import DEFAULT_OPSET, FORMATS, ExportOptions, export_stage
+from .export import DEFAULT_OPSET, FORMATS, MAX_OPSET, MIN_OPSET, ExportOptions, export_stage
 from .export.target import MAX_FIXED_BATCH
 from .plan import build_plan, format_text
 from .preemption import Preempted
@@ -137,7 +137,7 @@ def _add_export_parser(sub) -> None:
     e.add_argument("--dynamic-batch", action="store_true",
                    help="a variable batch dimension instead of a fixed one")
     e.add_argument("--opset", type=int, metavar="N",
-                   help=f"ONNX opset (default {DEFAULT_OPSET})")
+                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     e.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="weights, input and output precision (default fp32; onnx: fp32/fp16)")
     e.add_argument("--channels-last", action="store_true",

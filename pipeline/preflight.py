@@ -25,6 +25,7 @@ from stages import Preflight, stage_of
 
 from .data import check_available, describe
 from .data.config import DataError, input_size
+from .data.sizes import train_size
 from .errors import show_value
 from .runconfig import RunConfig
 
@@ -67,6 +68,10 @@ def preflight(cfg: RunConfig, source: str, need_data: bool = True) -> dict[str, 
     """Run every check; returns per stage what the plan adds to its entry."""
     t0 = time.perf_counter()
     classes, size, how = data_shape(cfg, source, need_data)
+    try:  # data.val_split against the training set's size
+        train_size(cfg.data)
+    except DataError as err:
+        raise DataError(f"{source}: {err}") from None
     pf = Preflight(run=cfg, source=source, num_classes=classes, input_size=size,
                    need_files=need_data)
     if how == "assumed":

@@ -82,7 +82,7 @@ class Config(StageBase, TrainConfig):
     initial_ratio: float = opt(0.0, "s_i: the amount the schedule starts from", min=0, lt=1)
     stop_below: float | None = opt(
         None, "stop after the first round whose validation top-1 is more than this many points "
-        "below the input's", min=0)
+        "below the input's (top-1 is a percentage: 0 to 100)", min=0, max=100)
     method: Literal[tuple(CRITERIA)] = opt(  # type: ignore[valid-type]
         "fpgm", f"criterion: {' | '.join(CRITERIA)}")
     policy: Literal["block_internal", "all"] = opt("block_internal", "as the prune stage's")

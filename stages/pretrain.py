@@ -20,7 +20,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as D
-from pipeline.config import MAX_EPOCHS, opt, to_plain
+from pipeline.config import MAX_EPOCHS, Loader, opt, to_plain
 from pipeline.data import build_data
 from pipeline.errors import PipelineError, UsageError, first_line
 from pipeline.models import (
@@ -120,6 +120,19 @@ class Pretrain(TrainingStage):
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(self, spec, ctx)
+
+    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+        """Weight snapshots (`save_epochs`, and those a downstream stage asks for) fall
+        inside the stage's training: after epoch 0 (the initialization) to epochs - 1 (the
+        weights after the last epoch are model.pt)."""
+        super().check(spec, name, run, loader)
+        late = [e for e in spec.save_epochs if e >= spec.epochs]
+        if late:
+            span = (f"after epochs 0 to {spec.epochs - 1}" if spec.epochs else
+                    "none: it trains no epochs")
+            loader.fail(f"stages.{name}.save_epochs", f"epoch {late[0]} is not before the end "
+                        f"of training: the stage trains {spec.epochs} epoch(s), so the "
+                        f"snapshots it can keep are {span} (its final weights are model.pt)")
 
     def preflight(self, spec: Config, name: str, pf: Preflight):
         """The dense network, with model.pretrained loaded (strictly) when given; the soft

@@ -78,7 +78,7 @@ class Config(StageBase):
     round_to: int | None = opt(None, "the prune stage's round_to", min=1)
     round_mode: Literal["down", "nearest"] = opt("down", "the prune stage's round_mode")
     tolerance: float = opt(1.0, "suggested.yaml: the top-1 drop (points) a layer may cost at "
-                           "its suggested ratio", min=0)
+                           "its suggested ratio", min=0, max=100)
     target_macs_reduction: float | None = opt(
         None, "suggested.yaml: instead of the tolerance, the least-sensitive allocation that "
         "removes this share of the MACs", gt=0, lt=1)

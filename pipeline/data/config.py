@@ -115,6 +115,9 @@ def val_count(cfg: DataConfig, n_train: int) -> int:
     if v is None:
         return 0
     n = int(v * n_train) if isinstance(v, float) else int(v)
+    if n < 1:
+        raise DataError(f"data.val_split: {v:g} of the {n_train} training images holds out "
+                        "none; give a larger fraction or a number of images")
     if n >= n_train:
         raise DataError(f"data.val_split: {v} holds out {n} of the {n_train} training images; "
                         "leave some to train on")

@@ -13,6 +13,8 @@ from .formats import (
                       DEFAULT_OPSET,
                       FORMATS,
                       INSTALL_HINT,
+                      MAX_OPSET,
+                      MIN_OPSET,
                       ExportError,
                       MissingExtraError,
                       load_exported,
@@ -24,5 +26,6 @@ from .timing import time_exported
 from .verify import Check
 
 __all__ = ["ExportOptions", "ExportResult", "export_stage", "default_out", "DEFAULT_OPSET",
+           "MIN_OPSET", "MAX_OPSET",
            "FORMATS", "INSTALL_HINT", "ExportError", "ExportUsageError", "MissingExtraError",
            "load_exported", "read_metadata", "sidecar_path", "time_exported", "Check"]

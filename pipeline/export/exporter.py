@@ -24,6 +24,8 @@ from .formats import (
     DEFAULT_OPSET,
     FORMATS,
     INPUT_NAME,
+    MAX_OPSET,
+    MIN_OPSET,
     OUTPUT_NAME,
     ExportError,
     Runner,
@@ -65,6 +67,9 @@ class ExportOptions:
         check_batch(self.batch)
         if self.opset is not None and self.format != "onnx":
             raise ExportUsageError(f"--opset applies to --format onnx, not {self.format}")
+        if self.opset is not None and not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ExportUsageError(f"--opset {self.opset}: expected an ONNX opset from "
+                                   f"{MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
         problem = FORMATS[self.format].problem(self.precision, self.channels_last)
         if problem:
             raise ExportUsageError(problem)
@@ -103,7 +108,7 @@ def metadata_for(source: ExportSource, options: ExportOptions) -> dict:
             "preprocessing": PREPROCESSING, "num_classes": int(source.arch["num_classes"]),
             "torch": torch.__version__, "exported": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if options.format == "onnx":
-        meta["opset"] = options.opset or DEFAULT_OPSET
+        meta["opset"] = DEFAULT_OPSET if options.opset is None else options.opset
     return meta
 
 

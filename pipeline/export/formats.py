@@ -38,6 +38,9 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # opset 17 (ONNX 1.12): read by every current runtime (onnxruntime >= 1.12, TensorRT 8.5+,
 # OpenVINO) and written by torch's exporter since torch 1.13
 DEFAULT_OPSET = 17
+# the opsets accepted: torch's TorchScript-based ONNX exporter writes up to 20; strided
+# slices (the option-A shortcut of the CIFAR ResNets) need 10
+MIN_OPSET, MAX_OPSET = 10, 20
 MAX_BATCH = 65536  # upper bound of a dynamic batch dimension (torch.export wants one)
 INSTALL_HINT = "pip install 'prune-pipeline[export]'"
 
@@ -111,7 +114,7 @@ class OnnxFormat:
         # torch.export-level failure modes without giving these models anything.
         with quiet(), torch.no_grad():
             torch.onnx.export(model, (example,), buf, dynamo=False, export_params=True,
-                              opset_version=opset or DEFAULT_OPSET, do_constant_folding=True,
+                              opset_version=DEFAULT_OPSET if opset is None else opset, do_constant_folding=True,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes=axes)
         proto = onnx.load_from_string(buf.getvalue())

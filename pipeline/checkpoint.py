@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,11 +167,7 @@ def load(path: Path, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, pickle error, disallowed global...
-        first = first_line(err)
-        raise CheckpointError(f"{path}: unreadable checkpoint ({first[:160]})") from None
+    obj = _torch_load(path, map_location, "checkpoint")
     if not isinstance(obj, dict) or not isinstance(obj.get("schema"), int):
         raise CheckpointError(f"{path}: not a pipeline checkpoint (no schema version)")
     if obj["schema"] > SCHEMA_VERSION:
@@ -178,6 +177,110 @@ def load(path: Path, map_location: Any = "cpu") -> dict:
     if stored is not None and stored != digest(obj):
         raise CheckpointError(f"{path}: corrupt checkpoint (content digest mismatch)")
     return obj
+
+
+_ZIP_HEAD, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # a zip's first bytes and end record
+_REFUSED_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)", re.IGNORECASE)
+_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+
+
+def _torch_load(path: Path, map_location: Any, what: str) -> Any:
+    """torch.load(weights_only=True) whose failure is one CheckpointError line saying why:
+    empty, truncated, not a checkpoint, or refused (what the pickle asks to run)."""
+    problem = _damage(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    try:
+        with warnings.catch_warnings():  # torch's note on an unusual pickle protocol
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused: {_refusal(err)} (not a plain {what}; "
+                              "nothing in it was run)") from None
+    except Exception as err:  # zip errors, pickle errors of damaged data, I/O...
+        text = first_line(err).split(". This is an internal", 1)[0]
+        raise CheckpointError(f"{path}: unreadable {what} ({text[:160]})") from None
+
+
+def _damage(path: Path) -> str | None:
+    """Why a file cannot be a torch checkpoint, seen from its size and ends (or None)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, size - 65_557))  # the end record sits in the last 64 KiB + 22 bytes
+            tail = f.read()
+    except OSError as err:
+        return f"cannot read ({err.strerror or first_line(err)})"
+    if size == 0:
+        return "empty file (0 bytes)"
+    if head != _ZIP_HEAD:
+        return None if head[:1] == b"\x80" else (  # a pickle starts with its protocol
+            "not a torch checkpoint (neither a zip archive nor a pickle)")
+    end = tail.rfind(_ZIP_END)
+    # the end record: 22 bytes, the last two the length of a comment that follows it
+    if end < 0 or len(tail) < end + 22 or \
+            len(tail) < end + 22 + int.from_bytes(tail[end + 20:end + 22], "little"):
+        return f"truncated: the zip archive's end record is missing ({size:,} bytes on disk)"
+    return None
+
+
+def _refusal(err: Exception) -> str:
+    """What a weights_only unpickler refused, in a few words."""
+    text = str(err)
+    found = _REFUSED_GLOBAL.search(text)
+    if found:
+        module, _, name = found.group(1).rpartition(".")
+        module = {"posix": "os", "nt": "os"}.get(module, module)
+        return f"it asks to import {module}.{name}" if module else f"it asks to import {name}"
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln.strip().startswith(_BOILERPLATE)]
+    detail = lines[0].removeprefix("WeightsUnpickler error:").strip() if lines else ""
+    return f"its pickle asks for more than tensors and plain data ({detail[:120]})" if detail \
+        else "its pickle asks for more than tensors and plain data"
+
+
+def payload_parts(ckpt: Any, source: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The `arch` and `state_dict` of a model checkpoint dict, checked to be what a
+    network can be rebuilt from (a hand-made dict may lack them or hold anything)."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{source}: not a pipeline checkpoint (expected a mapping)")
+    for key in ("arch", "state_dict"):
+        if key not in ckpt:
+            raise CheckpointError(f"{source}: checkpoint lacks {key!r} (a model checkpoint "
+                                  "holds arch, state_dict and meta)")
+    arch, sd = ckpt["arch"], ckpt["state_dict"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise CheckpointError(f"{source}: arch: expected a mapping with the model's name, "
+                              f"got {_brief(arch)}")
+    classes = arch.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise CheckpointError(f"{source}: arch.num_classes: expected a positive integer, "
+                              f"got {_brief(classes)}")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise CheckpointError(f"{source}: state_dict: expected a mapping of parameter names "
+                              f"to tensors, got {_brief(sd)}")
+    return arch, sd
+
+
+def misfit(expected: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> str:
+    """How a stored state dict differs from a network's: missing, unexpected and
+    differently shaped keys, counted, the first of each named."""
+    missing = [k for k in expected if k not in stored]
+    extra = [k for k in stored if k not in expected]
+    shaped = [k for k in expected if k in stored and stored[k].shape != expected[k].shape]
+    parts = [f"{len(keys)} {what} ({keys[0]}{', ...' if len(keys) > 1 else ''})"
+             for what, keys in (("missing", missing), ("unexpected", extra),
+                                ("of another shape", shaped)) if keys]
+    return ", ".join(parts) or "the tensors do not load"
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} entries"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def model_payload(model: nn.Module, arch: dict, meta: dict | None = None) -> dict:
@@ -197,11 +300,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: pretrained weights file not found (model.pretrained)")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = first_line(err)
-        raise CheckpointError(f"{p}: unreadable weights file ({first[:160]})") from None
+    obj = _torch_load(p, "cpu", "weights file")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

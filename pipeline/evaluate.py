@@ -20,11 +20,11 @@ import torch
 from . import checkpoint
 from . import distributed as D
 from .config import Loader
-from .data import DataConfig, build_data, check_available, describe
+from .data import DataConfig, build_data, check_available, describe, input_size
 from .data.config import is_torchvision_cifar, resolve_root
 from .data.folders import split_folders
 from .errors import UsageError, did_you_mean, first_line
-from .models import count_macs, count_params, model_from_payload
+from .models import check_forward, count_macs, count_params, model_from_payload
 from .precision import AUTO, eval_precision
 from .rundir import CONFIG_FILE, MODEL_FILE, read_config, stage_specs
 from .trainer import evaluate
@@ -116,6 +116,10 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
     if precision == "fp16" and device.type != "cuda":
         raise EvalUsageError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
     model, payload = _load(path)
+    try:
+        check_forward(model, tuple(input_size(data_cfg)), str(path))
+    except checkpoint.CheckpointError as err:  # a file the user pointed at: exit 2
+        raise EvalUsageError(first_line(err)) from None
     num_classes = int(payload["arch"].get("num_classes", 0))
     check_available(data_cfg)
     data_classes, _ = describe(data_cfg)

@@ -27,7 +27,7 @@ from torchvision.models.swin_transformer import PatchMerging
 from torchvision.models.vision_transformer import VisionTransformer
 
 from .attention import ATTENTION_TYPES, convert, fix_heads
-from .checkpoint import CheckpointError, load_weights_file
+from .checkpoint import CheckpointError, load_weights_file, misfit, payload_parts
 from .checkpoint import load as load_checkpoint
 from .config import opt
 from .errors import did_you_mean, first_line
@@ -477,18 +477,32 @@ def format_complexity(c: dict[str, int]) -> str:
     return text
 def model_from_payload(ckpt: dict, source: str = "checkpoint") -> nn.Module:
     """Rebuild the (possibly pruned) network stored in a checkpoint dict."""
+    arch, sd = payload_parts(ckpt, source)
     try:
-        arch, sd = ckpt["arch"], ckpt["state_dict"]
-    except KeyError as err:
-        raise CheckpointError(f"{source}: checkpoint lacks {err.args[0]!r}") from None
-    model = build_model(arch)
-    shrink_to(model, sd)
+        model = build_model(arch)
+        shrink_to(model, sd)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: arch: cannot rebuild {arch['name'][:60]!r} "
+                              f"({first_line(err)[:160]})") from None
     try:
         model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
+    except RuntimeError:
         raise CheckpointError(f"{source}: weights do not fit the architecture "
-                              f"({first_line(err)})") from None
+                              f"{arch['name']!r}: {misfit(model.state_dict(), sd)}") from None
     return model
+
+
+def check_forward(model: nn.Module, input_size: tuple[int, ...], source: str) -> None:
+    """One image through the network on the CPU: a hand-made or damaged checkpoint whose
+    shapes load but do not chain (a conv of the wrong rank, widths that disagree) is a
+    CheckpointError naming the file, not a traceback in the middle of an evaluation."""
+    p = next(model.parameters(), None)
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros((1, *input_size), dtype=p.dtype if p is not None else None))
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{source}: the weights do not form a working network "
+                              f"({first_line(err)[:160]})") from None
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:

@@ -9,7 +9,10 @@ only when the logits agree within the tolerance (verify.py) are the bytes writte
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_open, atomic_write_text
+from ..atomic import atomic_open
 from ..errors import PipelineError, first_line
 from .formats import (
     DEFAULT_OPSET,
@@ -146,12 +149,43 @@ def export_stage(stage_dir: str | Path, options: ExportOptions) -> ExportResult:
     failed = [c for c in checks if not c.passed]
     if failed:
         raise ExportError(f"verification failed, nothing written: {failed[0].line()}")
-    with atomic_open(out, "wb") as f:
-        f.write(data)
     sidecar = sidecar_path(out) if fmt.sidecar else None
-    if sidecar is not None:
-        atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+    _write(out, data, sidecar, meta)
     return ExportResult(out, sidecar, meta, checks, notes)
+
+
+# a place the user named that cannot take the file: a usage error (exit 2), not a failure
+_USAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                 errno.ENAMETOOLONG, errno.ENOENT}
+
+
+def _write(out: Path, data: bytes, sidecar: Path | None, meta: dict) -> None:
+    """Write the file (and its sidecar) atomically; a failure names the file asked for
+    (not the temporary one), the reason and, on a full disk, the space it needs. A
+    sidecar that cannot be written takes a file this export created with it."""
+    created = not out.exists()
+    for path, body in ((out, data), (sidecar, (json.dumps(meta, indent=2) + "\n").encode())):
+        if path is None:
+            continue
+        try:
+            with atomic_open(path, "wb") as f:
+                f.write(body)
+        except OSError as err:
+            if path != out and created:
+                with contextlib.suppress(OSError):
+                    out.unlink()
+            why = err.strerror or first_line(err)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                why += f"; it needs {len(body):,} bytes, {_free(path.parent)} free"
+            cls = ExportUsageError if err.errno in _USAGE_ERRNOS else ExportError
+            raise cls(f"{path}: cannot write the export ({why})") from None
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free:,} bytes"
+    except OSError:
+        return "unknown bytes"
 
 
 def _verify(source: ExportSource, options: ExportOptions, model: nn.Module, run: Runner,

@@ -15,7 +15,7 @@ from .. import checkpoint
 from ..config import Loader
 from ..data import DataConfig, build_data, check_available, input_size, normalization
 from ..errors import PipelineError, UsageError, did_you_mean, first_line
-from ..models import model_from_payload
+from ..models import check_forward, model_from_payload
 from ..provenance import file_sha256, read_provenance
 from ..rundir import CONFIG_FILE, MODEL_FILE, read_config, read_summary, stage_specs
 
@@ -87,6 +87,10 @@ def load_source(stage_dir: str | Path, data_root: str | None = None) -> ExportSo
     data = Loader(str(config_path)).load(DataConfig, plain.get("data") or {}, "data")
     if data_root is not None:
         data = dataclasses.replace(data, root=str(data_root))
+    try:
+        check_forward(model, tuple(input_size(data)), str(model_path))
+    except checkpoint.CheckpointError as err:
+        raise ExportUsageError(first_line(err)) from None
     mean, std = normalization(data)
     return ExportSource(model=model.eval(), arch=dict(payload["arch"]), stage_dir=stage_dir,
                         data=data, seed=int(plain.get("seed") or 0),

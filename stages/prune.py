@@ -47,7 +47,7 @@ from pipeline.trainer import evaluate_splits
 
 from .base import Preflight, Stage, StageBase, StageContext
 from .registry import register
-from .sensitivity import check_layer_ratios_from, with_suggested
+from .sensitivity import check_layer_ratios_from, read_suggested, with_suggested
 
 log = logging.getLogger("pipeline")
 
@@ -130,6 +130,8 @@ class Prune(Stage):
         params (exact unless global_ranking, whose split across groups depends on the
         weights; the criterion itself does not change the widths, so the cheap L1 one
         stands in for the others)."""
+        if spec.layer_ratios_from:  # a malformed suggested.yaml already there fails now
+            read_suggested(pf.run.run_dir / spec.layer_ratios_from)
         model = pf.input_model(spec, copied=True)
         use, where = spec, f"stages.{name}"
         up = pf.run.stages.get(spec.from_)

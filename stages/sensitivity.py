@@ -37,9 +37,8 @@ import torch
 import yaml
 
 from pipeline import distributed as D
-from pipeline import yamlload
 from pipeline.atomic import atomic_copy, atomic_open, atomic_write_text
-from pipeline.config import MAX_BATCH, Invalid, Loader, opt
+from pipeline.config import MAX_BATCH, ConfigError, Invalid, Loader, opt, parse_yaml, read_text
 from pipeline.data import build_data
 from pipeline.models import count_macs
 from pipeline.precision import AUTO, Decision, decide_inference
@@ -345,13 +344,41 @@ def suggested_yaml(s: dict, spec: Config, base: dict) -> str:
     return head + yaml.safe_dump(body, sort_keys=False)
 
 
+@dataclass
+class Suggested:
+    """suggested.yaml as a prune stage's `layer_ratios_from` reads it (strictly: the file
+    may have been edited by hand)."""
+
+    policy: Literal["block_internal", "all"] | None = opt(None, "the sweep's policy")
+    layer_ratios: dict[str, float] = opt({}, "ratio per swept group, each in (0, 1)")
+    skip: list[int | str] = opt([], "groups left unpruned (names, globs or layer numbers)")
+    tolerance: float | None = opt(None, "the top-1 drop allowed per layer", min=0, max=100)
+    predicted_mac_reduction: float | None = opt(None, "the sweep's prediction", min=0, max=1)
+    target_macs_reduction: float | None = opt(None, "the sweep's target", gt=0, lt=1)
+    reached: bool | None = opt(None, "whether the target was reached")
+
+    def validate(self) -> None:
+        for group, ratio in self.layer_ratios.items():
+            if not 0 < ratio < 1:
+                raise Invalid(f"layer_ratios.{group}", f"expected a number in (0, 1), got "
+                              f"{ratio:g}")
+        for item in self.skip:
+            if isinstance(item, int) and item < 1:
+                raise Invalid("skip", f"layer numbers start at 1, got {item}")
+
+
 def read_suggested(stage_dir: Path) -> dict:
-    """A completed sensitivity stage's suggested.yaml ({} when absent)."""
+    """A completed sensitivity stage's suggested.yaml ({} when absent); a malformed one
+    (bad YAML, not a mapping, a ratio that is not a number in (0, 1), a `skip` that is not
+    a list) is a ConfigError naming the file and the key."""
     path = Path(stage_dir) / SUGGESTED_FILE
     if not path.is_file():
         return {}
-    data = yamlload.load(path.read_text())
-    return data if isinstance(data, dict) else {}
+    data = parse_yaml(read_text(path, SUGGESTED_FILE), path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: (top level): expected a mapping with layer_ratios and "
+                          f"skip, got {type(data).__name__}")
+    return dataclasses.asdict(Loader(str(path)).load(Suggested, data, ""))
 
 
 # --------------------------------------------------------------------------- the figure
@@ -417,10 +444,10 @@ def with_suggested(spec, ctx: StageContext):
         raise PruningError(f"stage '{ctx.name}': layer_ratios_from {src!r} has no "
                            f"{SUGGESTED_FILE} ({ctx.run_dir / src}): run `python -m pipeline "
                            f"run {ctx.source} --stage {src}` first")
-    ratios = {str(k): float(v) for k, v in (s.get("layer_ratios") or {}).items()}
+    ratios = dict(s["layer_ratios"])
     if not ratios:
         raise PruningError(f"stage '{ctx.name}': {ctx.run_dir / src / SUGGESTED_FILE} prunes "
                            "no layer (every layer exceeds the tolerance)")
     # only the swept groups with a suggested ratio are pruned (the others keep their width)
     return dataclasses.replace(spec, layer_ratios=ratios, include=list(ratios),
-                               skip=list(spec.skip) + list(s.get("skip") or []))
+                               skip=list(spec.skip) + list(s["skip"]))

@@ -80,11 +80,12 @@ def expand(paths: list[str]) -> list[Path]:
 def read_metrics(stage_dir: Path) -> list[dict[str, float]]:
     """The rows of a stage's metrics.csv as numbers (empty when absent)."""
     try:
-        text = (stage_dir / "metrics.csv").read_text()
-    except OSError:
+        text = (stage_dir / "metrics.csv").read_text(encoding="utf-8")
+        records = list(csv.DictReader(io.StringIO(text)))
+    except (OSError, ValueError, csv.Error):  # ValueError: not UTF-8; csv.Error: NUL bytes
         return []
     rows = []
-    for r in csv.DictReader(io.StringIO(text)):
+    for r in records:
         row = {}
         for k, v in r.items():
             try:

@@ -51,8 +51,14 @@ def data_shape(cfg: RunConfig, source: str, need_data: bool) -> tuple[int, tuple
 
 
 def check_writable(cfg: RunConfig, source: str, pf: Preflight) -> None:
-    """out_dir (or its nearest existing parent) must be a writable folder."""
+    """out_dir (or its nearest existing parent) must be a writable folder on a file system
+    that stores files: not read-only, not a virtual one such as /proc or /sys (where even
+    root's writes fail), and no name in the path longer than the file system allows."""
     path = cfg.run_dir
+    too_long = [p for p in path.parts if len(os.fsencode(p)) > 255]
+    if too_long or len(os.fsencode(str(path))) > 4095:
+        pf.fail("out_dir", f"the run directory's path {show_value(str(path), 80)} is too long "
+                "(names up to 255 bytes, paths up to 4095)")
     if path.is_symlink():
         pf.fail("name", f"the run directory {path} is a symbolic link (to "
                 f"{show_value(os.readlink(path))}); the pipeline does not write through links")
@@ -62,6 +68,16 @@ def check_writable(cfg: RunConfig, source: str, pf: Preflight) -> None:
         pf.fail("out_dir", f"{path} is not a folder")
     if not os.access(path, os.W_OK | os.X_OK):
         pf.fail("out_dir", f"{path} is not writable (run directory {cfg.run_dir})")
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return
+    if fs.f_flag & os.ST_RDONLY:
+        pf.fail("out_dir", f"{path} is on a read-only file system (run directory "
+                f"{cfg.run_dir})")
+    if fs.f_blocks == 0 and fs.f_files == 0:
+        pf.fail("out_dir", f"{path} is on a virtual file system that stores no files (run "
+                f"directory {cfg.run_dir})")
 
 
 def preflight(cfg: RunConfig, source: str, need_data: bool = True) -> dict[str, dict]:

@@ -112,9 +112,10 @@ class OnnxFormat:
         # it writes the same folded graph as the dynamo exporter, 5-10x faster, and needs
         # no onnxscript; the dynamo exporter would add a dependency and its
         # torch.export-level failure modes without giving these models anything.
+        opset = DEFAULT_OPSET if opset is None else opset
         with quiet(), torch.no_grad():
             torch.onnx.export(model, (example,), buf, dynamo=False, export_params=True,
-                              opset_version=DEFAULT_OPSET if opset is None else opset, do_constant_folding=True,
+                              opset_version=opset, do_constant_folding=True,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes=axes)
         proto = onnx.load_from_string(buf.getvalue())

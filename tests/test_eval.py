@@ -71,7 +71,7 @@ def test_eval_errors_are_one_line_exit_2(run_dir, cli, tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
     code, _, err = cli("eval", run_dir / "pretrain", "--checkpoint", bad)
-    assert code == 2 and "broken.pt: unreadable checkpoint" in err
+    assert code == 2 and "broken.pt: not a torch checkpoint" in err
     assert len(err.strip().splitlines()) == 1
     code, _, err = cli("eval", run_dir / "prune", "--checkpoint", tmp_path / "none.pt")
     assert code == 2 and "checkpoint not found" in err

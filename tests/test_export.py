@@ -312,7 +312,7 @@ def test_missing_or_corrupt_model_exit_2(stages, cli):
     assert "no model.pt (the stage has not completed)" in error_line(
         cli, empty, "--format", "exported")
     (empty / "model.pt").write_bytes(b"not a checkpoint")
-    assert "unreadable checkpoint" in error_line(cli, empty, "--format", "exported")
+    assert "model.pt: not a torch checkpoint" in error_line(cli, empty, "--format", "exported")
     for p in empty.iterdir():
         p.unlink()
     empty.rmdir()

@@ -46,6 +46,7 @@ class InMemory:
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.batches = batches
+        self.memory_format = torch.contiguous_format  # the batches are made in the right one
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import report, runner
@@ -26,6 +27,7 @@ from .preflight import preflight
 from .provenance import command_line
 from .runconfig import load_config
 from .safefs import refuse_link
+from .trainer import HookBase
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     progress = {"on": True, "off": False}.get(args.progress or "", None)
     summaries = runner.run(args.config, args.overrides, stage=args.stage,
-                           restart=args.restart, show_progress=progress)
+                           restart=args.restart, show_progress=progress,
+                           hooks=getattr(args, "hooks", ()))
     if int(os.environ.get("RANK", 0)) == 0:
         if args.format == "json":
             print(json.dumps(summaries, indent=2, default=str))
@@ -268,8 +271,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export, "eval": cmd_eval}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Sequence[HookBase] = ()) -> int:
+    """The CLI; `hooks` (trainer callbacks) go to every training stage of `run`."""
     args = build_parser().parse_args(argv)
+    args.hooks = tuple(hooks)
     try:
         return COMMANDS[args.command](args)
     except Preempted as err:  # checkpointed; the same command resumes

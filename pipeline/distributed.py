@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,10 @@ class DistributedConfig:
     timeout_minutes: float = opt(
         60, "how long a rank waits in a collective before the job fails (torchrun; long "
         "enough for rank 0 to decode and cache an ImageNet-size folder)", gt=0)
+    backend: Literal["auto", "nccl", "gloo"] = opt(
+        "auto", "process-group backend: auto = nccl on CUDA, gloo on the CPU; gloo on CUDA "
+        "lets several processes share one GPU (local rank k on GPU k mod count: checks on a "
+        "1-GPU machine; slower collectives than nccl)")
 
 
 class RankFailure(PipelineError):
@@ -100,12 +104,14 @@ def check_device(name: Any, where: str) -> torch.device | None:
     return torch.device("cuda", int(index)) if index else torch.device("cuda")
 
 
-def resolve_device(name: str, info: DistInfo, source: str = "config") -> torch.device:
+def resolve_device(name: str, info: DistInfo, source: str = "config",
+                   backend: str = "auto") -> torch.device:
     """`auto` -> this process's CUDA device when CUDA is present, else the CPU; `cuda` ->
     cuda:LOCAL_RANK. Under torchrun each local rank needs a GPU of its own (NCCL refuses
     two ranks on one device): more local ranks than visible GPUs, or one explicit `cuda:N`
-    for every rank, is a config error. `source` is a config file (its `device` key is
-    meant) or a flag such as `--device`."""
+    for every rank, is a config error; with the gloo `backend` ranks share the GPUs
+    (cuda:LOCAL_RANK mod count). `source` is a config file (its `device` key is meant) or
+    a flag such as `--device`."""
     where = source if source.startswith("--") else f"{source}: device"
     checked = check_device(name, where)
     if checked is None and not torch.cuda.is_available():
@@ -118,6 +124,8 @@ def resolve_device(name: str, info: DistInfo, source: str = "config") -> torch.d
                           "processes on one GPU; under torchrun use device: cuda (or auto): "
                           "local rank k takes cuda:k (choose GPUs with CUDA_VISIBLE_DEVICES)")
     count = torch.cuda.device_count()
+    if info.enabled and backend == "gloo" and dev.index is None:
+        return torch.device("cuda", info.local_rank % max(count, 1))
     if info.enabled and info.local_world_size > count:
         raise ConfigError(f"{where}: {name}: torchrun starts {info.local_world_size} "
                           f"processes on this node but {count} GPU(s) are visible; NCCL needs "
@@ -133,17 +141,20 @@ def joined() -> bool:
     return _joined
 
 
-def init(info: DistInfo, device: torch.device, timeout_minutes: float = 60) -> None:
-    """Make `device` current (CUDA) and join the process group torchrun set up: nccl on
-    CUDA, gloo on the CPU, collectives failing after `timeout_minutes`."""
+def init(info: DistInfo, device: torch.device, timeout_minutes: float = 60,
+         backend: str = "auto") -> None:
+    """Make `device` current (CUDA) and join the process group torchrun set up: `backend`,
+    by default nccl on CUDA and gloo on the CPU, collectives failing after
+    `timeout_minutes`."""
     if device.type == "cuda":
         torch.cuda.set_device(device)  # also in a single process: cuda:N, not cuda:0
     if not info.enabled or dist.is_initialized():
         return
     global _joined
     _joined = True
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(minutes=timeout_minutes))
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
 def shutdown() -> None:
@@ -198,6 +209,19 @@ def decide(question: Callable[[], Any]):
     if not dist.is_initialized():
         return question()
     return broadcast_object(question() if dist.get_rank() == 0 else None)
+
+
+def read_on_rank0(read: Callable[[], Any]):
+    """Rank 0's result of `read()` (a file of the shared filesystem, e.g. a checkpoint a
+    resume continues from) on every rank: another node's stale view can neither miss it
+    nor see an older one; a failure on rank 0 fails every rank (`together`)."""
+    if not dist.is_initialized():
+        return read()
+    value = None
+    with together():
+        if dist.get_rank() == 0:
+            value = read()
+    return broadcast_object(value)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from .data.folders import split_folders
 from .errors import UsageError, did_you_mean, first_line
 from .models import check_forward, count_macs, count_params, model_from_payload
 from .precision import AUTO, eval_precision
+from .rng import configure_kernels
 from .rundir import CONFIG_FILE, MODEL_FILE, read_config, stage_specs
 from .trainer import evaluate
 
@@ -111,7 +112,8 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
     if precision not in (*PRECISIONS, AUTO) or (precision == AUTO and options.precision):
         raise EvalUsageError(f"--precision {precision}: expected one of {list(PRECISIONS)}")
     info = D.env_info()
-    device = D.resolve_device(options.device, info, "--device")
+    backend = str((plain.get("distributed") or {}).get("backend", "auto"))
+    device = D.resolve_device(options.device, info, "--device", backend)
     precision = eval_precision(precision, device)  # the run's auto: no training to probe
     if precision == "fp16" and device.type != "cuda":
         raise EvalUsageError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
@@ -127,7 +129,9 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
         raise EvalUsageError(f"{data_cfg.root}: {data_classes} classes, the model of {path} "
                              f"has {num_classes}; point --data-root at data with the run's "
                              "classes")
-    D.init(info, device, float((plain.get("distributed") or {}).get("timeout_minutes", 60)))
+    D.init(info, device, float((plain.get("distributed") or {}).get("timeout_minutes", 60)),
+           backend)
+    configure_kernels(device, bool(plain.get("deterministic")))  # cuDNN autotuning on CUDA
     try:
         batch = max(options.batch_size, 2 * info.world_size)
         data = build_data(dataclasses.replace(data_cfg, persistent_workers=False), batch, batch,

@@ -1,8 +1,9 @@
 """`precision: auto`: the precision (and, on the CPU, the memory format) a training stage
 computes fastest in on the machine it runs on, decided once at the stage's start.
 
-On CUDA the rule is fixed: bf16 autocast where the GPU supports it
-(`torch.cuda.is_bf16_supported()`, Ampere and newer), else fp16 autocast with a GradScaler.
+On CUDA the rule is fixed: bf16 autocast where the GPU computes it natively (compute
+capability 8.0 and newer: Ampere, Hopper; not the emulated bf16 of a V100 or T4), else fp16
+autocast with a GradScaler.
 On the CPU no rule holds: bf16 is ~1.9x faster than fp32 on a CPU with AMX (Intel Sapphire
 Rapids and newer) and 3-10x slower on one without (bf16 emulated through fp32 convolutions),
 and channels_last wins or loses by model and batch. So `probe` times a few training steps
@@ -96,9 +97,18 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 natively: compute capability 8.0 or newer (Ampere,
+    Hopper, ...), or ROCm. `torch.cuda.is_bf16_supported()` also says True on a V100 or
+    T4, where bf16 runs emulated (slow, some kernels missing)."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def cuda_rule(device: torch.device, channels_last: bool) -> Decision:
     """bf16 where the GPU computes it natively, else fp16 (the trainer adds a GradScaler)."""
-    bf16 = torch.cuda.is_bf16_supported()
+    bf16 = native_bf16(device)
     return Decision("bf16" if bf16 else "fp16", channels_last, "cuda rule", str(device))
 
 
@@ -277,4 +287,5 @@ def decide_inference(model: nn.Module, x: torch.Tensor | None,
 
 __all__ = ["AUTO", "CANDIDATES", "Decision", "autocast", "candidate_name", "cpu_has_bf16",
            "cuda_rule", "decide", "decide_inference", "eval_precision", "machine_clock",
+           "native_bf16",
            "measure", "probe", "time_forward", "time_step"]

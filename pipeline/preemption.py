@@ -1,9 +1,11 @@
 """Preemption: SIGTERM (a cluster taking the job back) and SIGUSR1 (SLURM's warning before
-the end of a job, `--signal=USR1@120`) stop a run cleanly at the next step boundary.
+the end of a job, `--signal=USR1@120`) stop a run cleanly at a step boundary.
 
 The signal handler only records the request, so a second signal while a checkpoint is
-being written changes nothing; the trainer asks `requested()` after every optimizer step
-(under torchrun the request is all-reduced, so every rank stops at the same step),
+being written changes nothing. A single process checks it after every optimizer step;
+under torchrun the request rides on the all-reduce of each log interval (`log_interval`
+steps: no extra collective or host sync per step), so every rank stops at the same step,
+at most log_interval - 1 steps after the signal. The trainer then
 checkpoints that step atomically and raises `Preempted`. The CLI exits 143 (128 +
 SIGTERM) after SIGTERM and 0 after SIGUSR1; the same command resumes bitwise where the
 run stopped.
@@ -61,21 +63,32 @@ def pending() -> int | None:
     return term if term in _requested else _requested[0]
 
 
+def as_flags(signum: int | None) -> tuple[float, float]:
+    """(SIGTERM, SIGUSR1) as 0/1 flags, to be summed over ranks (`from_flags` reads them)."""
+    if signum is None:
+        return 0.0, 0.0
+    return (1.0, 0.0) if signum == getattr(signal, "SIGTERM", None) else (0.0, 1.0)
+
+
+def from_flags(term: float, usr1: float) -> int | None:
+    """The job's request from flags summed over ranks: SIGTERM wins over SIGUSR1."""
+    if term > 0:
+        return int(signal.SIGTERM)
+    if usr1 > 0:
+        return int(signal.SIGUSR1)
+    return None
+
+
 def requested(device: torch.device | None = None) -> int | None:
     """The stop request of the whole job: under torchrun a collective (every rank calls it
-    at the same step), so all ranks agree; SIGTERM wins over SIGUSR1."""
+    at the same point), so all ranks agree; SIGTERM wins over SIGUSR1. The trainer does not
+    call it per step: it folds the flags into its log-interval sync."""
     mine = pending()
     if not tdist.is_initialized():
         return mine
-    flags = torch.zeros(2, dtype=torch.int32, device=device)
-    if mine is not None:
-        flags[0 if mine == signal.SIGTERM else 1] = 1
+    flags = torch.tensor(as_flags(mine), dtype=torch.float32, device=device)
     D.all_reduce_sum(flags)
-    if int(flags[0]):
-        return int(signal.SIGTERM)
-    if int(flags[1]):
-        return int(signal.SIGUSR1)
-    return None
+    return from_flags(*flags.tolist())
 
 
 def name(signum: int) -> str:
@@ -98,5 +111,5 @@ def handle_signals() -> Iterator[None]:
         clear()
 
 
-__all__ = ["Preempted", "SIGNALS", "clear", "handle_signals", "name", "pending", "request",
-           "requested"]
+__all__ = ["Preempted", "SIGNALS", "as_flags", "clear", "from_flags", "handle_signals",
+           "name", "pending", "request", "requested"]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from stages import Preflight, stage_of
 
@@ -80,16 +81,54 @@ def check_writable(cfg: RunConfig, source: str, pf: Preflight) -> None:
                 f"directory {cfg.run_dir})")
 
 
-def preflight(cfg: RunConfig, source: str, need_data: bool = True) -> dict[str, dict]:
-    """Run every check; returns per stage what the plan adds to its entry."""
+def nondeterministic_on_cuda(model: nn.Module) -> list[str]:
+    """The layers of `model` whose CUDA backward has no deterministic kernel, so that
+    `deterministic: true` fails at the first training step: adaptive average or max
+    pooling to an output larger than 1x1 (torchvision's VGG and AlexNet: `avgpool`, to 7x7
+    and 6x6; a 1x1 output, as in the ResNets, is a mean and deterministic)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size,) * 2
+            if any(s != 1 for s in size):
+                out.append(f"{name} ({type(m).__name__}{tuple(size)})")
+    return out
+
+
+def check_deterministic(cfg: RunConfig, source: str, pf: Preflight,
+                        device: torch.device | None) -> None:
+    """`deterministic: true` with a layer that has no deterministic CUDA backward: an error
+    on CUDA, a plan note when the device is not known yet (dry run), nothing on the CPU."""
+    if not cfg.deterministic or (device is not None and device.type != "cuda") or (
+            device is None and cfg.device == "cpu"):
+        return
+    for name, model in pf.models.items():
+        bad = nondeterministic_on_cuda(model)
+        if not bad:
+            continue
+        problem = (f"{cfg.model.arch}'s {bad[0]} has no deterministic CUDA backward (stage "
+                   f"{name!r} would fail at its first step); set deterministic: false, or "
+                   "run on the CPU")
+        if device is None:
+            pf.notes.append(f"deterministic: on CUDA, {problem}")
+            return
+        pf.fail("deterministic", problem)
+
+
+def preflight(cfg: RunConfig, source: str, need_data: bool = True,
+              device: torch.device | None = None) -> dict[str, dict]:
+    """Run every check; returns per stage what the plan adds to its entry. `device`: the
+    device the run will use (None in a dry run)."""
     t0 = time.perf_counter()
     classes, size, how = data_shape(cfg, source, need_data)
     try:  # data.val_split against the training set's size
         train_size(cfg.data)
     except DataError as err:
         raise DataError(f"{source}: {err}") from None
+    cuda = (device.type == "cuda" if device is not None else cfg.device.startswith("cuda")
+            or (cfg.device == "auto" and torch.cuda.is_available()))
     pf = Preflight(run=cfg, source=source, num_classes=classes, input_size=size,
-                   need_files=need_data)
+                   need_files=need_data, cuda=cuda)
     if how == "assumed":
         pf.notes.append(f"data root {cfg.data.root} absent: {classes} classes assumed")
     check_writable(cfg, source, pf)
@@ -107,9 +146,11 @@ def preflight(cfg: RunConfig, source: str, need_data: bool = True) -> dict[str, 
             entries[name] = entry
     finally:
         quiet.setLevel(level)
+    check_deterministic(cfg, source, pf, device)
     entries["_data"] = {"num_classes": classes, "num_classes_source": how, "notes": pf.notes,
                         "preflight_seconds": round(time.perf_counter() - t0, 3)}
     return entries
 
 
-__all__ = ["KNOWN_CLASSES", "data_shape", "preflight"]
+__all__ = ["KNOWN_CLASSES", "check_deterministic", "data_shape", "nondeterministic_on_cuda",
+           "preflight"]

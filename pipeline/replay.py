@@ -75,10 +75,13 @@ class PrefixReplay:
     """Replays the dense model's input to one submodule (see the module docstring).
 
     `loader` yields the evaluation batches (the same ones, in the same order, each time it
-    is iterated); `budget_bytes` caps the recorded activations of one submodule."""
+    is iterated); `budget_bytes` caps the recorded activations of one submodule. `local`:
+    the loader is this process's whole split and it evaluates alone (a sweep whose groups
+    are shared out among the ranks): no collective."""
 
     def __init__(self, dense: nn.Module, loader, device: torch.device, precision: str,
-                 budget_bytes: float, prepare: Callable[[nn.Module], nn.Module] = lambda m: m):
+                 budget_bytes: float, prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
+                 local: bool = False):
         self.dense, self.loader, self.device = dense, loader, device
         self.precision, self.budget = precision, budget_bytes
         self.prepare = prepare  # moves a model to the device / memory format evaluated in
@@ -86,6 +89,7 @@ class PrefixReplay:
         self.inputs: list[torch.Tensor] = []
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # stand-in, labels
         self.refused: set[str] = set()
+        self.local = local  # this process evaluates alone: no rank to agree with
 
     # ----------------------------------------------------------------- recording
 
@@ -179,7 +183,8 @@ class PrefixReplay:
         it = iter(self.inputs)
         handle = target.register_forward_pre_hook(lambda _m, _a: (next(it),))
         try:
-            return evaluate(model, self.batches, self.device, self.precision)
+            return evaluate(model, self.batches, self.device, self.precision,
+                            reduce=not self.local)
         finally:
             handle.remove()
 
@@ -190,7 +195,9 @@ class PrefixReplay:
             if name in self.refused:
                 continue
             ok = torch.tensor([1.0 if self._record(name) else 0.0], device=self.device)
-            if D.all_reduce_min(ok).item() == 1.0:
+            if not self.local:
+                D.all_reduce_min(ok)
+            if ok.item() == 1.0:
                 log.info("sensitivity: replaying the dense activations into %s", name)
                 return True
             self.refused.add(name)

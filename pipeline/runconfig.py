@@ -41,7 +41,8 @@ class RunConfig:
         False, "deterministic CUDA kernels (cudnn.deterministic, "
         "torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG) and no cuDNN autotuning: "
         "bitwise-reproducible GPU runs and resumes, typically 10-30% slower; the CPU is "
-        "deterministic without it")
+        "deterministic without it. Not on CUDA with torchvision's VGG or AlexNet (adaptive "
+        "pooling to 7x7 / 6x6 has no deterministic backward: a preflight error)")
 
     @property
     def run_dir(self) -> Path:

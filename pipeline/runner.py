@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -37,6 +38,7 @@ from .runconfig import RunConfig, load_config
 from .rundir import CONFIG_FILE, is_complete, read_summary, write_json
 from .runlock import RunLock, RunLocked
 from .safefs import ensure_dir, open_append, refuse_link, remove_tree, replace
+from .trainer import HookBase
 
 log = logging.getLogger("pipeline")
 
@@ -107,18 +109,20 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 
 def run(config_path: str, overrides: list[str], stage: str | None = None,
-        restart: bool = False, show_progress: bool | None = None) -> list[dict]:
-    """Run (or resume) the pipeline; returns the summaries of the stages it ran or skipped."""
+        restart: bool = False, show_progress: bool | None = None,
+        hooks: Sequence[HookBase] = ()) -> list[dict]:
+    """Run (or resume) the pipeline; returns the summaries of the stages it ran or skipped.
+    `hooks` go to the trainer of every training stage (fault injection, profiling)."""
     cfg, _ = load_config(config_path, overrides)
     check_stage(cfg, stage, config_path)
     info = D.env_info()
-    device = D.resolve_device(cfg.device, info, config_path)
+    device = D.resolve_device(cfg.device, info, config_path, cfg.distributed.backend)
     _check_precision(cfg, device, config_path)
-    checked = preflight(cfg, config_path)  # every check, before any stage runs
+    checked = preflight(cfg, config_path, device=device)  # every check, before any stage
     num_classes, input_size = describe(cfg.data)
     log.debug("preflight: %s", checked["_data"])
     run_dir = cfg.run_dir
-    D.init(info, device, cfg.distributed.timeout_minutes)
+    D.init(info, device, cfg.distributed.timeout_minutes, cfg.distributed.backend)
     configure_kernels(device, cfg.deterministic)
     lock = RunLock(run_dir)
     try:
@@ -158,7 +162,7 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
                         "same command to go on", signum)
                 summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
                                             restart, ledger, show_progress, num_classes,
-                                            input_size))
+                                            input_size, hooks=tuple(hooks)))
         return summaries
     finally:
         lock.release()
@@ -190,9 +194,10 @@ def _write_config(cfg: RunConfig, path: Path) -> None:
 
 def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: str,
                restart: bool, ledger: RestartLedger | None, show_progress,
-               num_classes: int, input_size) -> dict:
+               num_classes: int, input_size, hooks: tuple = ()) -> dict:
     """Run, resume or skip stage `name`; with `restart`, run it afresh unless this restart
-    already did (skip) or started it (resume), as rank 0's `ledger` says."""
+    already did (skip) or started it (resume), as rank 0's `ledger` says. `hooks` go to
+    the stage's trainers."""
     spec = cfg.stages[name]
     stage_dir = run_dir / name
     digest = stage_hash(cfg, name)
@@ -247,7 +252,8 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
         log.info("stage %s: resuming its stopped --restart in %s", name, work_dir)
     ctx = StageContext(run=cfg, name=name, run_dir=run_dir, stage_dir=work_dir, device=device,
                        dist=info, source=source, show_progress=show_progress,
-                       extra={"num_classes": num_classes, "input_size": input_size})
+                       extra={"num_classes": num_classes, "input_size": input_size},
+                       hooks=hooks)
     log.info("stage %s [%s]%s: starting", name, spec.type,
              f" from {spec.from_}" if spec.from_ else "")
     t0 = time.time()

@@ -21,9 +21,16 @@ validation split), train_log.csv (one row per log interval, rank 0, from sums ov
 ranks: step, lr, mean loss and accuracy over the interval, images, images/s) and, with
 `logging.tensorboard`, tb/.
 
-Extension points: `epoch_end_hooks` (per trainer, e.g. soft filter pruning) and the
-process-wide `add_step_hook` / `add_checkpoint_hook`, for code that does not build the
-trainer itself (profilers, extra logging, stopping a run at an exact step).
+Extension point: hooks (`HookBase`, after detectron2's), passed to the trainer that runs
+them: before/after the whole training, before/after each optimizer step, after each epoch's
+training steps (before its evaluation; e.g. soft filter pruning) and after each checkpoint
+written. Code that does not build the trainer itself (a fault injector, a profiler, a
+benchmark) passes them down from the runner (`pipeline.runner.run(..., hooks=...)`), which
+hands them to every training stage.
+
+The loader interface the trainer expects is `TrainLoader`: `len()`, `set_epoch(epoch)`,
+`iterate(start)` (the epoch's batches from batch `start` on) and `memory_format` (the
+trainer sets it to the model's).
 """
 
 from __future__ import annotations
@@ -33,11 +40,11 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -74,31 +81,89 @@ Precision = Literal["fp32", "bf16", "fp16", "auto"]
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "top1", "top5", "seconds"]
 VAL_FIELDS = ["val_loss", "val_top1", "val_top5"]  # with data.val_split
 TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "acc", "images", "images_per_s"]
+BN_MIN_BATCH = 32  # fewer images per process without sync_bn: a warning
 DECISION_KEY = "precision_decision"  # what `precision: auto` chose, kept across a resume
 TRAINER_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "best_top1", "best_epoch",
                 "epoch_acc", "rng", "steps_per_epoch")
 
-Hook = Callable[["Trainer"], None]
-_step_hooks: list[Hook] = []
-_checkpoint_hooks: list[Hook] = []
 
 
-def add_step_hook(hook: Hook) -> Callable[[], None]:
-    """Run `hook(trainer)` after every optimizer step of every Trainer in this process
-    (`trainer.global_step` already counts the step; no checkpoint of it is written yet).
-    It runs on every rank, so it must not diverge between them. Returns its remover."""
-    return _add(_step_hooks, hook)
+@runtime_checkable
+class TrainLoader(Protocol):
+    """The training loader the trainer drives (`pipeline.data`'s loaders are ones): a
+    fixed number of batches per epoch, an epoch-dependent order, and a restart inside an
+    epoch at batch `start` (what exact resume needs)."""
+
+    memory_format: torch.memory_format  # batch layout; the trainer sets the model's
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def add_checkpoint_hook(hook: Hook) -> Callable[[], None]:
-    """Run `hook(trainer)` after every checkpoint a Trainer in this process writes
-    (`trainer.saved_step` is the step it holds), on every rank. Returns its remover."""
-    return _add(_checkpoint_hooks, hook)
+class HookBase:
+    """A callback of one Trainer (detectron2's `HookBase`): override what you need. Every
+    method runs on every rank, so none may diverge between them; `trainer.global_step`
+    counts the steps done, `trainer.saved_step` is the step of the newest checkpoint."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        """Once, after a resume (if any) and before the first step."""
+
+    def before_step(self, trainer: Trainer) -> None:
+        """Before every optimizer step (`trainer.global_step` is the step about to run)."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """After every optimizer step, before any checkpoint of it."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        """After an epoch's training steps, before its evaluation and checkpoint (changes
+        to the weights here are evaluated and saved; they must be deterministic)."""
+
+    def after_checkpoint(self, trainer: Trainer) -> None:
+        """After every checkpoint written (`trainer.saved_step` is the step it holds)."""
+
+    def after_train(self, trainer: Trainer) -> None:
+        """Once, after the last epoch (not when training stops on an error or a signal)."""
 
 
-def _add(hooks: list[Hook], hook: Hook) -> Callable[[], None]:
-    hooks.append(hook)
-    return lambda: hooks.remove(hook)
+class CallbackHook(HookBase):
+    """A hook from plain functions `fn(trainer)`, one per event (unset: nothing)."""
+
+    def __init__(self, *, before_train: Callable[[Trainer], None] | None = None,
+                 before_step: Callable[[Trainer], None] | None = None,
+                 after_step: Callable[[Trainer], None] | None = None,
+                 after_epoch: Callable[[Trainer], None] | None = None,
+                 after_checkpoint: Callable[[Trainer], None] | None = None,
+                 after_train: Callable[[Trainer], None] | None = None):
+        self._fns = {"before_train": before_train, "before_step": before_step,
+                     "after_step": after_step,
+                     "after_epoch": after_epoch, "after_checkpoint": after_checkpoint,
+                     "after_train": after_train}
+
+    def _call(self, event: str, trainer: Trainer) -> None:
+        fn = self._fns[event]
+        if fn is not None:
+            fn(trainer)
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._call("before_train", trainer)
+
+    def before_step(self, trainer: Trainer) -> None:
+        self._call("before_step", trainer)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self._call("after_step", trainer)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self._call("after_epoch", trainer)
+
+    def after_checkpoint(self, trainer: Trainer) -> None:
+        self._call("after_checkpoint", trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._call("after_train", trainer)
 
 
 class TrainingError(PipelineError):
@@ -141,8 +206,9 @@ class TrainConfig:
     sync_bn: bool = opt(False, "SyncBatchNorm under DDP (CUDA only; ignored with a warning "
                         "on the CPU)")
     checkpoint_every_steps: int | None = opt(None, "also save last.pt every N steps", min=1)
-    log_interval: int = opt(50, "steps between progress updates, train_log.csv rows and "
-                            "non-finite checks (the only host syncs inside an epoch)", min=1)
+    log_interval: int = opt(50, "steps between progress updates, train_log.csv rows, "
+                            "non-finite checks and, under torchrun, the check for a stop "
+                            "signal (the only host syncs inside an epoch)", min=1)
     on_nonfinite: Literal["stop", "skip_step"] = opt(
         "stop", "a non-finite loss: stop (at the next log interval, naming the last good "
         "checkpoint) or skip_step (drop that step's update and count it; for fp16 runs where "
@@ -193,9 +259,11 @@ def first_batch(loader) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str,
+             reduce: bool = True) -> dict:
     """Top-1/top-5/loss over the whole test set, summed across ranks (each sample once:
-    the loaders split every batch without padding)."""
+    the loaders split every batch without padding); `reduce=False`: over what this
+    process's `loader` yields alone (no collective)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     with eval_mode(model):
         for x, y in loader:
@@ -209,7 +277,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
             sums[1] += hit[:, :1].sum()
             sums[2] += hit.sum()
             sums[3] += y.numel()
-    D.all_reduce_sum(sums)
+    if reduce:
+        D.all_reduce_sum(sums)
     loss, c1, c5, n = sums.tolist()
     images, n = int(n), max(n, 1)
     return {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n,
@@ -228,22 +297,42 @@ def evaluate_splits(model: nn.Module, data, device: torch.device, precision: str
     return out
 
 
+def optimizer_for(module: nn.Module, cfg: OptimizerConfig, base_lr: float,
+                  device: torch.device) -> torch.optim.Optimizer:
+    """The training optimizer of `module`: fused kernels on CUDA (one launch per step, and
+    GradScaler.step without a host sync: for a non-fused optimizer it reads the inf check
+    with .item())."""
+    return build_optimizer(module, cfg, base_lr, fused=device.type == "cuda")
+
+
+def compiled(net: nn.Module, module: nn.Module, stage: str, is_main: bool = True) -> nn.Module:
+    """`net` (`module`, maybe under DDP) under torch.compile with static shapes (the last
+    partial batch compiles once more instead of switching every later step to a
+    dynamic-shape graph); uncompiled, with a warning, when `module` has SyncBatchNorm
+    (torch.compile of a DDP model with it fails or computes wrong gradients,
+    pytorch#107372)."""
+    if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+        if is_main:
+            log.warning("stages.%s.compile: torch.compile does not support SyncBatchNorm "
+                        "under DDP (pytorch#107372); training uncompiled", stage)
+        return net
+    return torch.compile(net, dynamic=False)
+
+
 class Trainer:
     """Trains `model` under `cfg`, writing checkpoints and metrics into `out_dir`.
 
     `model` is the plain (possibly pruned) network; the trainer wraps it in DDP and
     torch.compile itself and always saves the plain module. `run` holds what the run's
     stages share; `arch` (with its `num_classes`) and `meta` go into every checkpoint;
-    `teacher` is the frozen model to distill from (with `cfg.distill`);
-    `epoch_end_hooks` are callables hook(trainer) run after each epoch's training steps,
-    before evaluation and checkpointing (e.g. soft filter pruning; they must be
-    deterministic across ranks).
+    `teacher` is the frozen model to distill from (with `cfg.distill`); `hooks` are
+    `HookBase` callbacks, run in their order; `data.train` is a `TrainLoader`.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, data, out_dir: Path, *,
                  run: RunSettings, arch: dict, base_lr: float,
                  teacher: nn.Module | None = None, meta: dict | None = None,
-                 epoch_end_hooks: list[Hook] | None = None, schedule=None):
+                 hooks: Sequence[HookBase] = (), schedule=None):
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.device, self.dist, self.seed = run.device, run.dist, run.seed
         self.arch, self.base_lr, self.num_classes = arch, base_lr, arch["num_classes"]
@@ -252,7 +341,7 @@ class Trainer:
         self.teacher = teacher
         self.show_progress = run.show_progress
         self.tensorboard = run.tensorboard and self.dist.is_main
-        self.epoch_end_hooks = list(epoch_end_hooks or [])
+        self.hooks: list[HookBase] = list(hooks)
         self._check_batch_size()
         self.checkpoints = CheckpointSaver(self.out_dir, self.dist, stage=self.stage,
                                            required=TRAINER_KEYS)
@@ -262,9 +351,10 @@ class Trainer:
             if hasattr(loader, "memory_format"):
                 loader.memory_format = (torch.channels_last if self.channels_last
                                         else torch.contiguous_format)
+        self._warn_small_bn_batch(model)
         self.model = self._placed(model)
         self.module = self.model  # the unwrapped module, what gets saved
-        self.optimizer = self._build_optimizer(self.module, cfg.optimizer, base_lr)
+        self.optimizer = optimizer_for(self.module, cfg.optimizer, base_lr, self.device)
         self.ema = ModelEMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda") if (
             self.precision == "fp16" and self.device.type == "cuda") else None
@@ -291,6 +381,7 @@ class Trainer:
         self.acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.saved_step: int | None = None  # global step of the newest checkpoint on disk
+        self._synced_stop: int | None = None  # the job's stop signal at the last sync
         self._saved_world: int | None = None  # processes that wrote the resumed checkpoint
         self.skipped_steps = self.skipped_in_a_row = 0  # on_nonfinite: skip_step
         self.val = getattr(data, "val", None)  # the validation split: best epoch by it
@@ -307,10 +398,21 @@ class Trainer:
             raise ConfigError(f"stages.{self.stage}.batch_size: {batch} is the global "
                               f"batch; {world} processes need at least {2 * world}")
 
-    def _build_optimizer(self, module: nn.Module, cfg, base_lr: float):
-        # fused kernels on CUDA: one launch per step, and GradScaler.step without a host
-        # sync (for a non-fused optimizer it reads the inf check with .item())
-        return build_optimizer(module, cfg, base_lr, fused=self.device.type == "cuda")
+    def _warn_small_bn_batch(self, model: nn.Module) -> None:
+        """Under DDP without SyncBatchNorm each process normalizes over its own share of
+        the batch: below BN_MIN_BATCH images the statistics get noisy (Wu & He 2018,
+        "Group Normalization", Fig. 1: ResNet-50 loses accuracy below 32 per GPU)."""
+        per_rank = self.cfg.batch_size // max(self.dist.world_size, 1)
+        synced = self.cfg.sync_bn and self.device.type == "cuda"
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if self.dist.enabled and has_bn and not synced and per_rank < BN_MIN_BATCH \
+                and self.dist.is_main:
+            log.warning("stages.%s.batch_size: BatchNorm normalizes over %d images per "
+                        "process (global batch %d over %d processes), below %d: its "
+                        "statistics are noisy; set sync_bn: true (CUDA) or a larger batch",
+                        self.stage, per_rank, self.cfg.batch_size, self.dist.world_size,
+                        BN_MIN_BATCH)
+
 
     def _decide_precision(self, model: nn.Module, configured: str) -> Decision:
         """The stage's precision and memory format: as configured, or for `auto` the choice
@@ -352,17 +454,7 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.compile:
-            if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
-                # torch.compile of a DDP model with SyncBatchNorm fails or computes wrong
-                # gradients (pytorch#107372)
-                if self.dist.is_main:
-                    log.warning("stages.%s.compile: torch.compile does not support "
-                                "SyncBatchNorm under DDP (pytorch#107372); training uncompiled",
-                                self.stage)
-                return net
-            # static shapes: the last partial batch compiles once more instead of switching
-            # every later step to a dynamic-shape graph
-            net = torch.compile(net, dynamic=False)
+            net = compiled(net, module, self.stage, self.dist.is_main)
         return net
 
     # ------------------------------------------------------------------ checkpoints
@@ -389,8 +481,8 @@ class Trainer:
         checkpoint hooks."""
         self.checkpoints.save(self.state(), best=best)
         self.saved_step = self.global_step
-        for hook in _checkpoint_hooks:
-            hook(self)
+        for hook in self.hooks:
+            hook.after_checkpoint(self)
 
     def try_resume(self) -> bool:
         """Restore the newest good checkpoint of this stage; False: start afresh."""
@@ -520,19 +612,17 @@ class Trainer:
         if self.scaler:
             self.scaler.scale(loss).backward()
             if self.cfg.grad_clip or self.sparse_scales:
-                self.scaler.unscale_(self.optimizer)
-            if self.sparse_scales:
-                add_l1_subgradient(self.sparse_scales, self.l1_bn)
-            if self.cfg.grad_clip:
-                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+                self.scaler.unscale_(self.optimizer)  # the penalty and the clip see true grads
+        else:
+            loss.backward()
+        if self.sparse_scales:
+            add_l1_subgradient(self.sparse_scales, self.l1_bn)
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            if self.sparse_scales:
-                add_l1_subgradient(self.sparse_scales, self.l1_bn)
-            if self.cfg.grad_clip:
-                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
         if self.ema:
             self.ema.update(self.module)
@@ -581,16 +671,29 @@ class Trainer:
         return D.all_reduce_sum(self.acc.clone())
 
     def _sync(self) -> list[float]:
-        """The one host sync of a log interval: epoch sums over ranks, and stop on the
-        first non-finite loss any rank saw."""
-        t = torch.cat([self.acc, torch.where(self.bad_step < 0, math.inf,
-                                             self.bad_step.double()).view(1)])
-        D.all_reduce_sum(t[:3])
-        D.all_reduce_min(t[3:])
-        *sums, bad = t.tolist()
+        """The one host sync of a log interval: epoch sums over ranks, the job's stop
+        request (any rank's signal, see `_stop_request`), and stop on the first non-finite
+        loss any rank saw."""
+        flags = torch.tensor(preemption.as_flags(preemption.pending()), dtype=torch.float64,
+                             device=self.device)
+        t = torch.cat([self.acc, flags, torch.where(self.bad_step < 0, math.inf,
+                                                    self.bad_step.double()).view(1)])
+        D.all_reduce_sum(t[:5])
+        D.all_reduce_min(t[5:])
+        *sums, term, usr1, bad = t.tolist()
+        self._synced_stop = preemption.from_flags(term, usr1)
         if math.isfinite(bad):
             self._fail_non_finite(int(bad))
         return sums
+
+    def _stop_request(self) -> int | None:
+        """The signal to stop on, or None. One process: its own, checked every step (no
+        cost). Several: the job's, as all-reduced at the last log interval (`_sync`, the
+        one collective there is anyway): every rank stops at the same step, at most
+        log_interval - 1 steps after the signal, without a collective per step."""
+        if not self.dist.enabled:
+            return preemption.pending()
+        return self._synced_stop
 
     def _fail_non_finite(self, bad: int) -> None:
         epoch, k = divmod(bad, self.steps_per_epoch)
@@ -602,7 +705,7 @@ class Trainer:
     def _stop_if_requested(self, saved: bool = False) -> None:
         """At a step boundary: on SIGTERM/SIGUSR1 (any rank's: all ranks stop at the same
         step) checkpoint this step atomically and raise Preempted."""
-        signum = preemption.requested(self.device)
+        signum = self._stop_request()
         if signum is None:
             return
         if not saved:
@@ -644,6 +747,8 @@ class Trainer:
         progress = _Progress(self.dist.is_main and self._progress_enabled())
         self._tb = self._open_tb(resumed)
         last_metrics, images, seconds = {}, 0.0, 0.0
+        for hook in self.hooks:
+            hook.before_train(self)
         try:
             while self.epoch < self.cfg.epochs:
                 last_metrics, n, t = self._epoch(progress)
@@ -656,6 +761,8 @@ class Trainer:
                 self._tb.close()
         if not last_metrics:  # resumed after the final epoch: evaluate for the summary
             last_metrics = self._evaluate()
+        for hook in self.hooks:
+            hook.after_train(self)
         val = {} if self.val is None else {k: last_metrics[k] for k in VAL_FIELDS}
         return {"top1": last_metrics["top1"], "top5": last_metrics["top5"],
                 "test_loss": last_metrics["test_loss"], **val, "best_top1": self.best_top1,
@@ -680,9 +787,11 @@ class Trainer:
         progress.start(self.epoch, cfg.epochs, spe, start)
         every = cfg.checkpoint_every_steps
         for x, y in self.data.train.iterate(start):
+            for hook in self.hooks:
+                hook.before_step(self)
             self.train_step(x, y)
-            for hook in _step_hooks:
-                hook(self)
+            for hook in self.hooks:
+                hook.after_step(self)
             if self.step_in_epoch >= spe:
                 break
             if self.step_in_epoch % cfg.log_interval == 0:
@@ -698,8 +807,8 @@ class Trainer:
         sums = self._log_interval(progress)
         progress.close()
         train_seconds = time.perf_counter() - t0
-        for hook in self.epoch_end_hooks:
-            hook(self)
+        for hook in self.hooks:
+            hook.after_epoch(self)
         # each rank updated its BatchNorm statistics (and the EMA copied them) with its own
         # last batch: evaluate and save rank 0's everywhere, the model that model.pt holds
         self.sync_buffers()

@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, Loader, opt
 from pipeline.distributed import DistInfo
 from pipeline.errors import UsageError
 from pipeline.models import model_from_payload
+from pipeline.pruning.spec import effective_round_to
 from pipeline.rundir import MODEL_FILE
 
 log = logging.getLogger("pipeline")
@@ -49,6 +50,8 @@ class StageContext:
     source: str
     show_progress: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # trainer callbacks (`pipeline.trainer.HookBase`) for every training of the stage
+    hooks: tuple = ()
 
     def input_path(self, name: str) -> Path:
         return self.run_dir / name / MODEL_FILE
@@ -86,6 +89,7 @@ class Preflight:
     models: dict[str, nn.Module] = field(default_factory=dict)
     need_files: bool = True  # False (--dry-run): files not there yet are assumed to come
     notes: list[str] = field(default_factory=list)  # what was assumed, for the plan
+    cuda: bool = False  # the run computes on CUDA (as far as known before it starts)
 
     def fail(self, key: str, message: str) -> NoReturn:
         raise ConfigError(f"{self.source}: {key}: {message}")
@@ -104,6 +108,13 @@ class Preflight:
         if m is None:
             return name
         return f"{'ResNet' if m[1] == 'resnet' else 'VGG'}-{m[2]}{m[3] or ''}"
+
+
+def tensor_core_round_to(round_to: int | None, run: Any, cuda: bool) -> int | None:
+    """A pruning spec's effective `round_to` in this run: unset, 8 on CUDA when the run or
+    any of its stages computes in half precision (`pipeline.pruning.spec`)."""
+    precisions = [run.precision, *(getattr(s, "precision", None) for s in run.stages.values())]
+    return effective_round_to(round_to, cuda, precisions)
 
 
 class Stage(abc.ABC):

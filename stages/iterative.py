@@ -18,13 +18,17 @@ validation top-1 falls more than that many points below the input's.
 Files: round_N/ (the round's pruned.pt, its trainer checkpoints and model.pt, round.json),
 rounds.csv (one row per round: widths, MACs, validation and test top-1) and model.pt, the
 last round's. Exact resume: a completed round is never redone, an interrupted round
-restarts from its pruned.pt and its trainer's last checkpoint (the step).
+restarts from its pruned.pt and its trainer's last checkpoint (the step). Under torchrun
+rank 0 reads state.json and decides whether a round resumes, and every rank continues each
+round from the weights the round's model.pt holds (the EMA with `ema_decay`), so every
+rank selects the same filters in the next round.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -35,6 +39,7 @@ from typing import Literal
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline import distributed as D
 from pipeline.atomic import atomic_copy, atomic_open, atomic_write_text
 from pipeline.config import MAX_EPOCHS, Invalid, Loader, opt
 from pipeline.data import build_data
@@ -53,7 +58,7 @@ from pipeline.schedules import Schedule, ScheduleConfig
 from pipeline.trainer import TrainConfig, evaluate_splits
 
 from . import training
-from .base import Stage, StageBase, StageContext
+from .base import Stage, StageBase, StageContext, tensor_core_round_to
 from .finetune import finetune_default_problem, lowest_lr_of
 from .registry import register, upstream_training_stage
 
@@ -89,7 +94,8 @@ class Config(StageBase, TrainConfig):
     include: list[int | str] = opt([], "only prune these layers (names, globs, numbers)")
     skip: list[int | str] = opt([], "never prune these layers (names, globs, numbers)")
     skip_downsample: bool = opt(False, "never prune groups with a downsample projection")
-    round_to: int | None = opt(None, "the prune stage's round_to", min=1)
+    round_to: int | None = opt(None, "the prune stage's round_to (unset: 8 on CUDA in "
+                               "fp16/bf16, else none; 0: none)", min=0)
     round_mode: Literal["down", "nearest"] = opt("down", "the prune stage's round_mode")
     target_step: float = opt(0.02, "target_macs_reduction: ratio added per search step",
                              gt=0, lt=1)
@@ -254,11 +260,18 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
     example = torch.zeros((1, *size))
     seed = ctx.run.seed if spec.seed is None else spec.seed
     pspec = prune_spec(spec)
+    if (aligned := pspec.round_to is None and tensor_core_round_to(
+            None, ctx.run, ctx.device.type == "cuda")):
+        pspec = dataclasses.replace(pspec, round_to=aligned)
+        log.info("iterative: kept filters rounded down to a multiple of %d (default on CUDA "
+                 "with fp16/bf16; set round_to to override)", aligned)
     by_macs = spec.target_macs_reduction is not None
     plan = amounts(spec.schedule, spec.rounds, spec.final, spec.initial_ratio)
     lr = stage.base_lr(spec, ctx.run, ctx.name)
     state_path = ctx.stage_dir / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    # rank 0 reads what a resume depends on; every rank takes its view
+    state = D.decide(lambda: json.loads(state_path.read_text()) if state_path.is_file()
+                     else None)
     if state is None:
         batch = training.eval_batch(spec)
         data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
@@ -285,15 +298,15 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
             stopped = r["round"]
     if rows:
         last = rows[-1]["round"]
-        model = model_from_payload(ckpt.load(ctx.stage_dir / f"round_{last}" / MODEL_FILE))
+        model = _load_model(ctx.stage_dir / f"round_{last}" / MODEL_FILE)
         log.info("iterative: %d of %d round(s) done; resuming", last, spec.rounds)
     t = len(rows)
     while t < spec.rounds and stopped is None:
         t += 1
         rdir = ctx.stage_dir / f"round_{t}"
         pruned_path = rdir / "pruned.pt"
-        if pruned_path.is_file():  # interrupted while finetuning: the same pruned network
-            saved = ckpt.load(pruned_path)
+        if D.decide(pruned_path.is_file):  # interrupted while finetuning: the same network
+            saved = D.read_on_rank0(functools.partial(ckpt.load, pruned_path))
             model = model_from_payload(saved)
             dense = saved["meta"]["dense"]
         else:
@@ -306,11 +319,13 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
         round_spec = dataclasses.replace(spec, epochs=spec.finetune_epochs)
         rctx = dataclasses.replace(ctx, stage_dir=rdir, name=f"{ctx.name}/round_{t}")
         if spec.finetune_epochs:
-            res = training.train(rctx, round_spec, model, arch, lr,
-                                 meta={"round": t}, schedule=lambda spe: stage_const(lr, spe,
-                                                                                    spec))
-            model = model_from_payload(ckpt.load(rdir / MODEL_FILE)) if ctx.dist.is_main \
-                else model.cpu()
+            _fresh_compile(spec, t)
+            res, final = training.train_model(
+                rctx, round_spec, model, arch, lr, meta={"round": t},
+                schedule=lambda spe: stage_const(lr, spe, spec))
+            # every rank goes on from the weights model.pt holds (the EMA with ema_decay),
+            # rebuilt as a load would: the next round selects the same filters everywhere
+            model = model_from_payload(ckpt.model_payload(final.cpu(), arch, {}))
         else:
             batch = training.eval_batch(spec)
             data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device,
@@ -354,6 +369,21 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
             "policy": spec.policy, "target_macs_reduction": spec.target_macs_reduction,
             "pruning_schedule": spec.schedule, "lr": lr,
             "stage_seconds": time.perf_counter() - t0}
+
+
+def _load_model(path) -> torch.nn.Module:
+    """A model file as rank 0 reads it, on every rank."""
+    return model_from_payload(D.read_on_rank0(lambda: ckpt.load(path)), str(path))
+
+
+def _fresh_compile(spec: Config, t: int) -> None:
+    """Each round trains new widths: under torch.compile, start from empty dynamo caches
+    instead of piling recompilations up until dynamo's limit silently runs later rounds
+    eager."""
+    if spec.compile and t > 1:
+        torch._dynamo.reset()
+        log.info("iterative round %d: new widths, torch.compile caches reset (compiled "
+                 "afresh)", t)
 
 
 def stage_const(lr: float, spe: int, spec: Config) -> Schedule:

@@ -41,7 +41,7 @@ from pipeline.pruning import (
 )
 from pipeline.rundir import MODEL_FILE
 from pipeline.safefs import ensure_dir
-from pipeline.trainer import TrainConfig, evaluate_splits
+from pipeline.trainer import CallbackHook, TrainConfig, evaluate_splits
 
 from . import training
 from .base import Preflight, StageBase, StageContext
@@ -169,7 +169,7 @@ def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:
     hooks = _snapshot_hooks(ctx, spec, model, arch)
     soft = spec.prune_during_training
     if soft is None:
-        return training.train(ctx, spec, model, arch, lr, epoch_end_hooks=hooks)
+        return training.train(ctx, spec, model, arch, lr, hooks=hooks)
     meta: dict = {}
     example = torch.zeros((1, *ctx.input_size))
     pruner = SoftPruner(model, soft, example, seed=ctx.run.seed,
@@ -187,7 +187,7 @@ def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:
                  sum(len(e["removed"]) for e in record), len(record))
 
     result = training.train(ctx, spec, model, arch, lr, meta=meta,
-                            epoch_end_hooks=[soft_prune, *hooks])
+                            hooks=[CallbackHook(after_epoch=soft_prune), *hooks])
     if "soft_pruning" not in meta:  # resumed after the last epoch: read the zeros back
         _record_from_zeros(ctx, soft)
     record = _stored_record(ctx)
@@ -221,7 +221,7 @@ def _snapshot_hooks(ctx: StageContext, spec: Config, model: torch.nn.Module,
             ckpt.save_model(path, trainer.final_model(), arch, {"stage": ctx.name,
                                                                 "epoch": done})
 
-    return [keep]
+    return [CallbackHook(after_epoch=keep)]
 
 
 def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict) -> dict:

@@ -28,6 +28,7 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as D
 from pipeline.atomic import atomic_write_text
+from pipeline.attention import remove_heads
 from pipeline.config import MAX_BATCH, Loader, opt
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
@@ -41,11 +42,11 @@ from pipeline.pruning import (
     prune_model,
     remove_filters,
 )
-from pipeline.pruning.surgery import output_shape
+from pipeline.pruning.surgery import PruneReport, output_shape
 from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate_splits
 
-from .base import Preflight, Stage, StageBase, StageContext
+from .base import Preflight, Stage, StageBase, StageContext, tensor_core_round_to
 from .registry import register
 from .sensitivity import check_layer_ratios_from, read_suggested, with_suggested
 
@@ -112,6 +113,12 @@ class Prune(Stage):
         if entry.get("layer_ratios_from"):
             what = f"per-layer ratios from stage '{entry['layer_ratios_from']}' (suggested.yaml)"
         lines = [f"    {entry['method']} {what}, policy {entry['policy']}"]
+        tc = entry.get("tensor_core_rounding")
+        if tc:
+            widths = ", ".join(f"{g} {a} -> {b}" for g, (a, b) in tc["changed"].items())
+            lines.append(f"    kept filters rounded down to a multiple of {tc['round_to']} "
+                         f"(default on CUDA with fp16/bf16); widths changed: "
+                         f"{widths or 'none'}")
         p = entry.get("predicted")
         if p:
             lines.append(
@@ -140,7 +147,12 @@ class Prune(Stage):
             use, where = soft, f"stages.{spec.from_}.prune_during_training"
         if not use.global_ranking and not use.fpgm.is_mix:
             use = dataclasses.replace(use, method="l1")
+        aligned = use is not soft and use.round_to is None and tensor_core_round_to(
+            None, pf.run, pf.cuda)
+        if aligned:
+            use = dataclasses.replace(use, round_to=aligned)
         size = pf.input_size
+        unaligned = copy.deepcopy(model) if aligned else None
         # the widths do not depend on the image size: a one-shot pruning traces the model
         # on small images; the MAC target measures at the real size; MACs are counted on a
         # copy on the meta device (shapes only, no arithmetic)
@@ -154,7 +166,9 @@ class Prune(Stage):
             pf.fail(f"{where}.{err.key}" if err.key else where, f"{err.problem} (on "
                     f"{pf.arch_label}; see --dry-run)")
         macs, params = _meta_macs(model, size), count_params(model)
-        return model, {"predicted": {
+        extra = {} if unaligned is None else {"tensor_core_rounding": _rounding_note(
+            unaligned, dataclasses.replace(use, round_to=0), report, size, pf, aligned)}
+        return model, {**extra, "predicted": {
             "macs_before": before_macs, "macs": macs, "mac_reduction": 1 - macs / before_macs,
             "params_before": before_params, "params": params,
             "param_reduction": 1 - params / before_params,
@@ -165,6 +179,19 @@ class Prune(Stage):
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(spec, ctx)
+
+
+def _rounding_note(model: torch.nn.Module, unrounded: PruneSpec, report, size, pf: Preflight,
+                   round_to: int) -> dict:
+    """What the default tensor-core rounding changes: the widths without it and with it,
+    for the groups where they differ."""
+    plain = _prune_small(model, unrounded, size, pf.run.seed)
+    before = {e["name"]: e["after"] for e in plain.layers}
+    changed = {e["name"]: [before.get(e["name"]), e["after"]] for e in report.layers
+               if before.get(e["name"]) != e["after"]}
+    return {"round_to": round_to, "why": "CUDA with fp16/bf16: tensor cores want channel "
+            "counts in multiples of 8 (set round_to to override, 0 for none)",
+            "changed": changed}
 
 
 def _head_counts(report) -> dict:
@@ -237,12 +264,41 @@ def _check_soft(spec: Config, name: str, run, loader: Loader) -> None:
 
 
 def _training_batches(spec: Config, ctx: StageContext):
-    """The run's training batches for gradient-based criteria: the same batches on every
-    rank (one unsplit loader, epoch 0), so every rank selects the same filters."""
+    """The run's training batches for gradient-based criteria (one unsplit loader, epoch
+    0; rank 0 takes the gradients and selects)."""
     data = build_data(ctx.run.data, spec.batch_size, spec.eval_batch_size, ctx.run.seed,
                       ctx.device)
     data.train.set_epoch(0)
     return data.train
+
+
+def _select_on_rank0(ctx: StageContext, spec: Config, pspec: PruneSpec,
+                     model: torch.nn.Module, example: torch.Tensor, seed: int):
+    """Prune `model` in place as `pspec` says: rank 0 selects (a gradient-based criterion
+    such as taylor can score differently on another rank: cuDNN autotuning picks other
+    kernels) and every other rank removes exactly rank 0's filters and heads."""
+    report = None
+    gradients = CRITERIA[spec.method].needs_gradients
+    train = _training_batches(spec, ctx) if gradients else None  # built by every rank
+    with D.together():  # a failure on rank 0 stops every rank
+        if ctx.dist.is_main:
+            if gradients:
+                model.to(ctx.device)
+                report = prune_model(model, pspec, example.to(ctx.device), seed=seed,
+                                     batches=lambda: train.iterate(0))
+                model.cpu()
+            else:
+                report = prune_model(model, pspec, example, seed=seed)
+    chosen = D.broadcast_object(
+        (report.layers, report.heads, report.steps) if report is not None else None)
+    if report is None:
+        layers, heads, steps = chosen
+        mods = dict(model.named_modules())
+        for entry in heads:  # heads first, as rank 0 pruned them
+            remove_heads(mods[entry["name"]], list(entry["removed"]))
+        report = remove_filters(model, layers, example) if layers else PruneReport()
+        report.heads, report.steps = heads, steps
+    return report
 
 
 def _run(spec: Config, ctx: StageContext) -> dict:
@@ -259,7 +315,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         raise PruningError(f"stage '{ctx.name}': use_soft_mask is set but the input model "
                            f"({ctx.input_path(spec.from_)}) carries no soft-pruning record")
     t1 = time.perf_counter()
-    # identical on every rank: deterministic criteria on identical weights
+    aligned = None
+    # the soft record is in the model file every rank loaded; a selection is rank 0's
     if soft and spec.use_soft_mask is not False:
         report = remove_filters(model, soft["record"], example)
         how = soft.get("spec", {})
@@ -267,14 +324,13 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         method, ratio, policy = how.get("method"), how.get("ratio"), how.get("policy")
     else:
         pspec = with_suggested(spec, ctx)
-        if CRITERIA[spec.method].needs_gradients:
-            model.to(ctx.device)
-            train = _training_batches(spec, ctx)
-            report = prune_model(model, pspec, example.to(ctx.device), seed=seed,
-                                 batches=lambda: train.iterate(0))
-            model.cpu()
-        else:
-            report = prune_model(model, pspec, example, seed=seed)
+        aligned = pspec.round_to is None and tensor_core_round_to(
+            None, ctx.run, ctx.device.type == "cuda")
+        if aligned:
+            pspec = dataclasses.replace(pspec, round_to=aligned)
+            log.info("prune: kept filters rounded down to a multiple of %d (default on CUDA "
+                     "with fp16/bf16; set round_to to override)", aligned)
+        report = _select_on_rank0(ctx, spec, pspec, model, example, seed)
         selection = "criterion"
         method, ratio, policy = spec.method, spec.ratio, spec.policy
     prune_seconds = time.perf_counter() - t1
@@ -288,6 +344,8 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         "mac_ratio": before_macs["total"] / max(after_macs["total"], 1),
         "method": method, "ratio": ratio, "policy": policy, "selection": selection,
         "target_macs_reduction": spec.target_macs_reduction, "steps": report.steps,
+        **({"round_to": aligned, "round_to_source": "tensor cores (CUDA, fp16/bf16)"}
+           if aligned else {}),
         "pruned_layers": len(report.layers), "epochs": 0, "heads": spec.heads,
         **_head_counts(report),
     }

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline import distributed as D
 from pipeline.attention import remove_heads
 from pipeline.config import MAX_EPOCHS, Loader, opt
 from pipeline.data.sizes import steps_per_epoch
@@ -214,12 +215,12 @@ def rewound_weights(ctx: StageContext, up: str, epoch: int, pruned: torch.nn.Mod
     """The upstream snapshot after `epoch`, with the attention heads and the filters the
     prune stage removed removed (its `heads` and `layers` records, dense numbering)."""
     path = snapshot_path(ctx.run_dir / up, epoch)
-    if not path.is_file():
+    if not D.decide(path.is_file):  # rank 0's view, on every rank
         raise StageInputError(
             f"stage '{ctx.name}' rewinds to the weights of '{up}' after epoch {epoch} "
             f"({path}), which were not kept: re-run that stage (`python -m pipeline run "
             f"{ctx.source} --restart --stage {up}`), which keeps them now")
-    snap_payload = ckpt.load(path)
+    snap_payload = D.read_on_rank0(lambda: ckpt.load(path))
     model = model_from_payload(snap_payload, str(path))
     record = (payload.get("meta") or {}).get("layers")
     if record is None:

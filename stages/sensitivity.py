@@ -19,6 +19,11 @@ there is none, with a warning). Files:
 A prune stage takes the result with `layer_ratios_from: <this stage>`. The sweep is
 resumable per group: sensitivity.csv is rewritten after each group, and a restarted stage
 skips the groups whose rows are all there. The stage hands its input model on unchanged.
+
+Under torchrun the groups are shared out among the ranks (rank r sweeps every world-th
+group), each rank pruning and evaluating its groups on the whole split, and the rows are
+gathered after each round of groups; rank 0 alone reads the files a resume depends on
+(sensitivity.csv, precision.json) and its view is broadcast.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from pipeline.replay import PrefixReplay
 from pipeline.rundir import MODEL_FILE
 from pipeline.trainer import evaluate
 
-from .base import Stage, StageBase, StageContext
+from .base import Stage, StageBase, StageContext, tensor_core_round_to
 from .registry import register, stage_of
 
 log = logging.getLogger("pipeline")
@@ -74,7 +79,8 @@ class Config(StageBase):
     include: list[int | str] = opt([], "only sweep these layers (names, globs, numbers)")
     skip: list[int | str] = opt([], "never sweep these layers (names, globs, numbers)")
     skip_downsample: bool = opt(False, "leave out groups with a downsample/shortcut projection")
-    round_to: int | None = opt(None, "the prune stage's round_to", min=1)
+    round_to: int | None = opt(None, "the prune stage's round_to (unset: 8 on CUDA in "
+                               "fp16/bf16, else none; 0: none)", min=0)
     round_mode: Literal["down", "nearest"] = opt("down", "the prune stage's round_mode")
     tolerance: float = opt(1.0, "suggested.yaml: the top-1 drop (points) a layer may cost at "
                            "its suggested ratio", min=0, max=100)
@@ -98,12 +104,15 @@ class Config(StageBase):
         self.ratios = sorted(set(float(r) for r in self.ratios))
 
 
-def prune_spec(spec: Config, ratio: float, group: str | None = None) -> PruneSpec:
-    """The prune spec that removes `ratio` of group `group` alone (all swept groups: None)."""
+def prune_spec(spec: Config, ratio: float, group: str | None = None,
+               round_to: int | None = None) -> PruneSpec:
+    """The prune spec that removes `ratio` of group `group` alone (all swept groups: None),
+    `round_to` the spec's effective one (default: as set)."""
     return PruneSpec(method=spec.method, ratio=ratio, fpgm=FPGMConfig(), policy=spec.policy,
                      include=[group] if group else list(spec.include),
                      skip=[] if group else list(spec.skip),
-                     skip_downsample=spec.skip_downsample, round_to=spec.round_to,
+                     skip_downsample=spec.skip_downsample,
+                     round_to=spec.round_to if round_to is None else round_to,
                      round_mode=spec.round_mode, seed=spec.seed)
 
 
@@ -143,9 +152,11 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     size = ctx.input_size
     example = torch.zeros((1, *size))
     seed = ctx.run.seed if spec.seed is None else spec.seed
+    round_to = tensor_core_round_to(spec.round_to, ctx.run, ctx.device.type == "cuda") or 0
+    # the groups are shared out among the ranks, each evaluating on the whole split alone
     data = build_data(ctx.run.data, spec.eval_batch_size, spec.eval_batch_size, ctx.run.seed,
-                      ctx.device, ctx.dist.rank, ctx.dist.world_size, spec.channels_last)
-    if data.val is None:
+                      ctx.device, channels_last=spec.channels_last)
+    if data.val is None and ctx.dist.is_main:
         log.warning("sensitivity: no data.val_split; evaluating on the test set")
     loader = data.select
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
@@ -155,51 +166,19 @@ def _run(spec: Config, ctx: StageContext) -> dict:
 
     decision = _precision(ctx, model, loader, prepare)
     precision = decision.precision if decision else ctx.run.precision
-
-    def score(m: torch.nn.Module) -> dict:
-        return evaluate(prepare(copy.deepcopy(m)), loader, ctx.device, precision)
-
-    replay = PrefixReplay(model, loader, ctx.device, precision,
-                          spec.replay_memory_gb * 2**30, prepare) \
-        if spec.replay_memory_gb > 0 else None
-    replayed = 0
-    base = score(model)
+    sweep = _Sweep(spec, model, example, seed, round_to, loader, ctx.device, precision,
+                   prepare)
+    base = sweep.score(model)
     dense_macs = count_macs(model, size)["total"]
-    groups = candidate_groups(model, build_graph(model, example), prune_spec(spec, 0.5))
+    groups = candidate_groups(model, build_graph(model, example),
+                              prune_spec(spec, 0.5, round_to=round_to))
     if not groups:
         raise PruningError(f"stage '{ctx.name}': no channel group passes policy "
                            f"{spec.policy!r} and the include/skip lists")
-    path = ctx.stage_dir / CSV_FILE
-    rows = read_rows(path)
-    done = {g for g in {r["group"] for r in rows}
-            if {r["ratio"] for r in rows if r["group"] == g} == set(spec.ratios)}
     names = [g.name for g in groups]
-    rows = [r for r in rows if r["group"] in done and r["group"] in names]
-    if done:
-        log.info("sensitivity: %d of %d group(s) already swept; resuming", len(done), len(groups))
-    for g in groups:
-        if g.name in done:
-            continue
-        new = []
-        for ratio in spec.ratios:
-            pruned = copy.deepcopy(model)
-            report = prune_model(pruned, prune_spec(spec, ratio, g.name), example, seed=seed)
-            (layer,) = [x for x in report.layers if x["name"] == g.name] or [None]
-            after = layer["after"] if layer else g.channels
-            macs = count_macs(pruned, size)["total"]
-            m = replay.evaluate(pruned) if replay is not None else None
-            replayed += m is not None
-            m = m or score(pruned)
-            new.append({"group": g.name, "layer_number": g.number, "convs": " ".join(g.convs),
-                        "ratio": ratio, "width_before": g.channels, "width_after": after,
-                        "macs": macs, "top1": m["top1"],
-                        "top5": m["top5"], "loss": m["test_loss"]})
-        rows += new
-        if ctx.dist.is_main:
-            write_rows(path, sorted(rows, key=lambda r: (names.index(r["group"]), r["ratio"])))
-        worst = min(r["top1"] for r in new)
-        log.info("sensitivity: %s (layer %s): top-1 %.2f at %g .. %.2f at %g", g.name, g.number,
-                 new[0]["top1"], spec.ratios[0], worst, spec.ratios[-1])
+    rows = _resumed_rows(ctx, spec, names, len(groups))
+    done = {r["group"] for r in rows}
+    per_rank = _sweep_shared(ctx, sweep, [g for g in groups if g.name not in done], rows, names)
     rows = sorted(rows, key=lambda r: (names.index(r["group"]), r["ratio"]))
     suggested = suggest(rows, base["top1"], dense_macs, spec.tolerance, spec.target_macs_reduction)
     if ctx.dist.is_main:
@@ -210,37 +189,115 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     return {"top1": None, "top5": None, "base_top1": base["top1"], "base_top5": base["top5"],
             "split": loader_split(data), "split_images": loader.n, "macs": dense_macs,
             "groups": len(groups), "ratios": spec.ratios, "epochs": 0,
-            "suggested": suggested, "replayed": replayed, "precision": precision,
+            "suggested": suggested, "replayed": sum(r for _, r in per_rank),
+            "pairs_per_rank": [n for n, _ in per_rank], "precision": precision,
             "precision_decision": decision.as_dict() if decision else None,
             "stage_seconds": time.perf_counter() - t0}
+
+
+class _Sweep:
+    """One rank's evaluations: a group pruned alone at every ratio, scored on the whole
+    split without a collective (by replay where it can)."""
+
+    def __init__(self, spec: Config, model: torch.nn.Module, example: torch.Tensor, seed: int,
+                 round_to: int, loader, device: torch.device, precision: str, prepare):
+        self.spec, self.model, self.example, self.seed = spec, model, example, seed
+        self.round_to, self.loader, self.device = round_to, loader, device
+        self.precision, self.prepare, self.replayed = precision, prepare, 0
+        self.replay = PrefixReplay(model, loader, device, precision,
+                                   spec.replay_memory_gb * 2**30, prepare, local=True) \
+            if spec.replay_memory_gb > 0 else None
+
+    def score(self, m: torch.nn.Module) -> dict:
+        return evaluate(self.prepare(copy.deepcopy(m)), self.loader, self.device,
+                        self.precision, reduce=False)
+
+    def group_rows(self, g) -> list[dict]:
+        size = tuple(self.example.shape[1:])
+        new = []
+        for ratio in self.spec.ratios:
+            pruned = copy.deepcopy(self.model)
+            report = prune_model(pruned, prune_spec(self.spec, ratio, g.name, self.round_to),
+                                 self.example, seed=self.seed)
+            (layer,) = [x for x in report.layers if x["name"] == g.name] or [None]
+            after = layer["after"] if layer else g.channels
+            m = self.replay.evaluate(pruned) if self.replay is not None else None
+            self.replayed += m is not None
+            m = m or self.score(pruned)
+            new.append({"group": g.name, "layer_number": g.number, "convs": " ".join(g.convs),
+                        "ratio": ratio, "width_before": g.channels, "width_after": after,
+                        "macs": count_macs(pruned, size)["total"], "top1": m["top1"],
+                        "top5": m["top5"], "loss": m["test_loss"]})
+        return new
+
+
+def _resumed_rows(ctx: StageContext, spec: Config, names: list[str], total: int) -> list[dict]:
+    """The rows of the groups an interrupted sweep completed, as rank 0 reads them (a stale
+    view on another node must not make the ranks sweep different groups)."""
+    rows = D.decide(lambda: read_rows(ctx.stage_dir / CSV_FILE))
+    done = {g for g in {r["group"] for r in rows}
+            if {r["ratio"] for r in rows if r["group"] == g} == set(spec.ratios)}
+    rows = [r for r in rows if r["group"] in done and r["group"] in names]
+    if done:
+        log.info("sensitivity: %d of %d group(s) already swept; resuming", len(done), total)
+    return rows
+
+
+def _sweep_shared(ctx: StageContext, sweep: _Sweep, todo: list, rows: list[dict],
+                  names: list[str]) -> list[tuple[int, int]]:
+    """Sweep the groups `todo`, rank r taking the r-th of every `world` in a row, gathering
+    each such chunk's rows on every rank (appended to `rows`; rank 0 rewrites the CSV after
+    each: a restart skips what is there). Returns per rank (pairs swept, replayed)."""
+    world, rank = ctx.dist.world_size, ctx.dist.rank
+    swept = 0
+    for k in range(0, len(todo), world):
+        chunk = todo[k:k + world]
+        mine = sweep.group_rows(chunk[rank]) if rank < len(chunk) else []
+        swept += len(mine)
+        for g, new in zip(chunk, D.all_gather_object(mine), strict=False):
+            rows += new
+            worst = min(r["top1"] for r in new)
+            log.info("sensitivity: %s (layer %s): top-1 %.2f at %g .. %.2f at %g", g.name,
+                     g.number, new[0]["top1"], new[0]["ratio"], worst, new[-1]["ratio"])
+        if ctx.dist.is_main:
+            write_rows(ctx.stage_dir / CSV_FILE,
+                       sorted(rows, key=lambda r: (names.index(r["group"]), r["ratio"])))
+    return D.all_gather_object((swept, sweep.replayed))
 
 
 def _precision(ctx: StageContext, model: torch.nn.Module, loader,
                prepare) -> Decision | None:
     """The sweep's precision under a run-level `precision: auto` (None: the run's own): the
     faster of fp32 and bf16 forward passes on the first evaluation batch
-    (`decide_inference`), decided once by rank 0, kept in the stage folder so that a resumed
-    sweep evaluates its remaining groups in the same precision."""
+    (`decide_inference`), kept in the stage folder so that a resumed sweep evaluates its
+    remaining groups in the same precision. Rank 0 alone reads or writes that file and
+    decides; every rank takes its decision (a broadcast every rank always joins)."""
     if ctx.run.precision != AUTO:
         return None
-    path = ctx.stage_dir / DECISION_FILE
-    if path.is_file():
-        try:
-            decision = Decision.from_dict(json.loads(path.read_text()))
-            log.info("stage %s: precision %s (decided when the sweep started)", ctx.name,
-                     decision.label)
-            return decision
-        except (ValueError, TypeError, KeyError):
-            pass  # unreadable: decide afresh
     decision = None
     if ctx.dist.is_main:
-        x = next(iter(loader), (None,))[0]
-        decision = decide_inference(prepare(copy.deepcopy(model)), x, ctx.device)
-        log.info("stage %s: %s", ctx.name, decision.describe())
-        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(decision.as_dict()))
-        record_stage_precision(ctx.run_dir, ctx.name, decision.as_dict())
+        path = ctx.stage_dir / DECISION_FILE
+        decision = _stored_decision(path, ctx.name)
+        if decision is None:
+            x = next(iter(loader), (None,))[0]
+            decision = decide_inference(prepare(copy.deepcopy(model)), x, ctx.device)
+            log.info("stage %s: %s", ctx.name, decision.describe())
+            ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(decision.as_dict()))
+            record_stage_precision(ctx.run_dir, ctx.name, decision.as_dict())
     return Decision.from_dict(D.broadcast_object(decision.as_dict() if decision else None))
+
+
+def _stored_decision(path: Path, stage: str) -> Decision | None:
+    """The decision a sweep that started before took (None: none, or unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        decision = Decision.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError):
+        return None  # unreadable: decide afresh
+    log.info("stage %s: precision %s (decided when the sweep started)", stage, decision.label)
+    return decision
 
 
 def loader_split(data) -> str:
@@ -439,7 +496,7 @@ def with_suggested(spec, ctx: StageContext):
     src = getattr(spec, "layer_ratios_from", None)
     if src is None:
         return spec
-    s = read_suggested(ctx.run_dir / src)
+    s = D.decide(lambda: read_suggested(ctx.run_dir / src))  # rank 0's reading, everywhere
     if not s:
         raise PruningError(f"stage '{ctx.name}': layer_ratios_from {src!r} has no "
                            f"{SUGGESTED_FILE} ({ctx.run_dir / src}): run `python -m pipeline "

@@ -5,6 +5,7 @@ summary)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch.nn as nn
@@ -20,7 +21,7 @@ from pipeline.provenance import record_stage_precision
 from pipeline.recipes import FrozenTeacher
 from pipeline.rundir import MODEL_FILE
 from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
-from pipeline.trainer import RunSettings, TrainConfig, Trainer
+from pipeline.trainer import HookBase, RunSettings, TrainConfig, Trainer
 
 from .base import Preflight, Stage, StageContext
 
@@ -99,8 +100,17 @@ def eval_batch(spec: TrainConfig) -> int:
 
 def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, base_lr: float,
           teacher: nn.Module | None = None, meta: dict | None = None,
-          epoch_end_hooks: list | None = None, schedule=None) -> dict:
-    """Train `model` under `spec` in ctx.stage_dir; write model.pt; return the summary."""
+          hooks: Sequence[HookBase] = (), schedule=None) -> dict:
+    """Train `model` under `spec` in ctx.stage_dir; write model.pt; return the summary.
+    The trainer runs the stage's `hooks` after the run's (`ctx.hooks`)."""
+    return train_model(ctx, spec, model, arch, base_lr, teacher, meta, hooks, schedule)[0]
+
+
+def train_model(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict,
+                base_lr: float, teacher: nn.Module | None = None, meta: dict | None = None,
+                hooks: Sequence[HookBase] = (), schedule=None) -> tuple[dict, nn.Module]:
+    """`train`, also returning the trained model as model.pt holds it (the EMA when kept),
+    the same on every rank: what a stage that goes on from it uses without a file read."""
     t0 = time.perf_counter()
     if teacher is None and getattr(spec, "distill", None) is not None:
         teacher, _ = ctx.load_input(spec.distill.from_)  # pretrain/scratch distill too
@@ -114,7 +124,7 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
                       tensorboard=ctx.run.logging.tensorboard)
     trainer = Trainer(model, spec, data, ctx.stage_dir, run=run, arch=arch, base_lr=base_lr,
                       teacher=teacher, meta={"stage": ctx.name, **(meta or {})},
-                      epoch_end_hooks=epoch_end_hooks,
+                      hooks=[*ctx.hooks, *hooks],
                       schedule=None if schedule is None else schedule(trainer_steps(data)))
     decision = trainer.decision
     if ctx.dist.is_main and (spec.precision or ctx.run.precision) == AUTO:
@@ -130,7 +140,7 @@ def train(ctx: StageContext, spec: TrainConfig, model: nn.Module, arch: dict, ba
             "conv_macs": macs["conv"], "lr": base_lr, "batch_size": spec.batch_size,
             "steps_per_epoch": trainer.steps_per_epoch, "train_seconds": time.perf_counter() - t0,
             "precision": decision.precision, "channels_last": decision.channels_last,
-            "precision_decision": decision.as_dict()}
+            "precision_decision": decision.as_dict()}, final
 
 
 def trainer_steps(data) -> int:

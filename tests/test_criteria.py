@@ -23,7 +23,7 @@ from pipeline.pruning.soft import SoftPruneSpec
 from pipeline.pruning.spec import checked
 from pipeline.pruning.surgery import build_graph, root_handler
 from pipeline.recipes import OptimizerConfig, SparsityConfig
-from pipeline.trainer import add_step_hook
+from pipeline.trainer import CallbackHook
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXAMPLE = torch.zeros(1, 3, 8, 8)
@@ -309,12 +309,8 @@ def test_l1_bn_training_resumes_exactly(tmp_path):
         if tr.global_step == 3:
             raise Stop
 
-    remove = add_step_hook(stop)
-    try:
-        with pytest.raises(Stop):
-            make_trainer(tmp_path / "cut", **over).fit()
-    finally:
-        remove()
+    with pytest.raises(Stop):
+        make_trainer(tmp_path / "cut", hooks=[CallbackHook(after_step=stop)], **over).fit()
     again = make_trainer(tmp_path / "cut", **over)
     again.fit()
     assert again.global_step == whole.global_step == 6

@@ -1,10 +1,13 @@
-"""The CUDA/NCCL code paths, checked on the CPU with `torch.cuda` mocked: one GPU per
-rank, the collective timeout, set_device, determinism and cuDNN autotuning, per-rank CUDA
-RNG states and seeds, no per-step host syncs (pinned copies, fused optimizers, masks kept
-on the weight's device), torch.compile options."""
+"""The CUDA/NCCL code paths, checked on the CPU with `torch.cuda` mocked at the device
+level (availability, count, properties): one GPU per rank, the collective timeout,
+set_device, determinism and cuDNN autotuning (in `run` and `eval`), bf16 only where the GPU
+computes it natively, per-rank CUDA RNG states and seeds, no per-step host syncs (pinned
+copies, fused optimizers, masks kept on the weight's device), torch.compile options,
+tensor-core widths, layers without a deterministic CUDA backward."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import timedelta
@@ -19,9 +22,12 @@ from conftest import TINY
 from pipeline import distributed as D
 from pipeline import rng
 from pipeline.config import ConfigError
+from pipeline.models import build_model
 from pipeline.recipes import OptimizerConfig, build_optimizer, to_device
 from pipeline.runconfig import parse
-from pipeline.trainer import Trainer
+from pipeline.trainer import Trainer, compiled, optimizer_for
+
+ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
 
 TORCHRUN_2 = D.DistInfo(rank=1, world_size=2, local_rank=1, local_world_size=2)
 
@@ -31,7 +37,7 @@ def cuda_with(gpus: int):
                                device_count=mock.Mock(return_value=gpus))
 
 
-# ----------------------------------------------------------------- item 1: a GPU per rank
+# ---------------------------------------------------------------------- a GPU per rank
 
 def test_two_ranks_on_one_gpu_is_a_config_error():
     with cuda_with(1), pytest.raises(ConfigError) as err:
@@ -58,6 +64,24 @@ def test_each_local_rank_takes_its_own_gpu():
     assert D.resolve_device("cpu", TORCHRUN_2) == torch.device("cpu")
 
 
+def test_gloo_lets_ranks_share_a_gpu():
+    """`distributed.backend: gloo`: 2 local ranks on 1 GPU (a check of the CUDA model under
+    several processes on a 1-GPU machine); the process group is gloo on the CUDA device."""
+    with cuda_with(1):
+        assert D.resolve_device("auto", TORCHRUN_2, backend="gloo") == torch.device("cuda", 0)
+        assert D.resolve_device("cuda", D.DistInfo(0, 2, 0, 2), backend="gloo") == \
+            torch.device("cuda", 0)
+    with mock.patch.object(D.dist, "is_initialized", return_value=False), \
+            mock.patch.object(D.dist, "init_process_group") as init, \
+            mock.patch.object(torch.cuda, "set_device"):
+        D.init(TORCHRUN_2, torch.device("cuda", 0), timeout_minutes=5, backend="gloo")
+    init.assert_called_once_with("gloo", timeout=timedelta(minutes=5))
+    cfg = parse({**TINY, "distributed": {"backend": "gloo"}}, "t.yaml")
+    assert cfg.distributed.backend == "gloo"
+    with pytest.raises(ConfigError, match="distributed.backend"):
+        parse({**TINY, "distributed": {"backend": "mpi"}}, "t.yaml")
+
+
 def test_env_info_reads_local_world_size(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -66,7 +90,7 @@ def test_env_info_reads_local_world_size(monkeypatch):
     assert D.env_info() == D.DistInfo(3, 4, 1, 2)
 
 
-# ------------------------------------------------- item 2 and 10: timeout and set_device
+# ---------------------------------------------------------- timeout and set_device
 
 def test_init_passes_the_timeout_and_sets_the_device():
     with mock.patch.object(D.dist, "is_initialized", return_value=False), \
@@ -94,7 +118,7 @@ def test_timeout_and_deterministic_config_keys():
         parse({**TINY, "distributed": {"timeout_minutes": 0}}, "t.yaml")
 
 
-# -------------------------------------------------------- items 6 and 7: kernel settings
+# ------------------------------------------------------------------- kernel settings
 
 @pytest.fixture
 def kernel_settings():
@@ -127,7 +151,7 @@ def test_deterministic_switch(kernel_settings, monkeypatch):
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
-# ------------------------------------------------ item 8 and 10: per-rank CUDA RNG states
+# ----------------------------------------------------------- per-rank CUDA RNG states
 
 def test_rng_state_leaves_cuda_alone_on_the_cpu():
     with mock.patch.object(torch.cuda, "is_available", return_value=True), \
@@ -163,7 +187,7 @@ def test_cuda_seed_is_offset_by_rank():
     seed.assert_called_once_with(10)
 
 
-# ------------------------------------------------------------ item 5: no per-step syncs
+# ------------------------------------------------------------------- no per-step syncs
 
 def test_cuda_copies_go_through_pinned_memory():
     t = mock.Mock()
@@ -185,38 +209,39 @@ def test_fused_optimizer_on_cuda(name):
     assert not plain.defaults.get("fused")
 
 
-def test_trainer_asks_for_fused_optimizer_on_cuda():
-    with mock.patch("pipeline.trainer.build_optimizer", side_effect=RuntimeError("stop")) as b:
-        fake = SimpleNamespace(device=torch.device("cuda", 0))
-        with pytest.raises(RuntimeError):
-            Trainer._build_optimizer(fake, nn.Linear(2, 2), OptimizerConfig(), 0.1)
-    assert b.call_args.kwargs["fused"] is True
+def test_training_optimizer_is_fused_on_cuda_only():
+    model = nn.Linear(4, 2)
+    assert optimizer_for(model, OptimizerConfig(), 0.1, torch.device("cuda", 0)).defaults[
+        "fused"] is True
+    assert not optimizer_for(model, OptimizerConfig(), 0.1, torch.device("cpu")).defaults.get(
+        "fused")
 
 
-def test_soft_pruning_masks_move_once_to_the_weight_device():
-    from pipeline.pruning.soft import SoftPruner
+def test_soft_pruning_masks_stay_with_the_gradients(tmp_path):
+    """With mask_gradients the zeroed filters get no gradient, and each mask is kept on
+    its weight's device and dtype after the first backward (no copy per step)."""
+    from pipeline.pruning.soft import SoftPruner, SoftPruneSpec
 
-    pruner = SoftPruner.__new__(SoftPruner)
-    pruner.masks = {"conv": torch.ones(4)}
-    hook = pruner._grad_hook("conv")
-    grad = torch.ones(4, 3, 3, 3, device="meta")
-    hook(grad)
-    assert pruner.masks["conv"].device.type == "meta"  # kept where the gradients are
-    moved = pruner.masks["conv"]
-    hook(grad)
-    assert pruner.masks["conv"] is moved  # no copy in the next backward
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet8", "num_classes": 4, "shortcut": "A"})
+    spec = SoftPruneSpec(method="l1", ratio=0.5)
+    spec.validate()
+    pruner = SoftPruner(model, spec, torch.zeros(1, 3, 16, 16), mask_gradients=True)
+    record = pruner.step()
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    name = record[0]["convs"][0]
+    conv = model.get_submodule(name)
+    assert conv.weight.grad[record[0]["removed"]].abs().sum() == 0
+    masks = [m for m in pruner.masks.values() if m.dim()]
+    assert masks and all(m.device == conv.weight.device and m.dtype == conv.weight.dtype
+                         for m in masks)
 
 
-# ------------------------------------------------------- item 10: torch.compile options
-
-def _fake_trainer():
-    return SimpleNamespace(dist=D.DistInfo(), cfg=SimpleNamespace(compile=True),
-                           stage="pretrain")
-
+# ---------------------------------------------------------------- torch.compile options
 
 def test_compile_is_static_shape():
     with mock.patch.object(torch, "compile", side_effect=lambda m, **kw: ("compiled", kw)):
-        net = Trainer._wrapped(_fake_trainer(), nn.Sequential(nn.BatchNorm2d(3)))
+        net = compiled(nn.Sequential(nn.BatchNorm2d(3)), nn.Sequential(), "pretrain")
     assert net == ("compiled", {"dynamic": False})
 
 
@@ -224,17 +249,174 @@ def test_compile_with_sync_bn_warns_and_runs_uncompiled(caplog):
     module = nn.Sequential(nn.SyncBatchNorm(3))
     with mock.patch.object(torch, "compile") as compile_, \
             caplog.at_level(logging.WARNING, logger="pipeline"):
-        net = Trainer._wrapped(_fake_trainer(), module)
+        net = compiled(module, module, "pretrain")
     compile_.assert_not_called()
     assert net is module
     assert "107372" in caplog.text and "uncompiled" in caplog.text
 
 
-# --------------------------------------------- item 10: a resume across world sizes
+# ---------------------------------------------------------- a resume across world sizes
 
-def test_resume_names_a_changed_world_size():
-    fake = SimpleNamespace(steps_per_epoch=4, dist=TORCHRUN_2)
-    why = Trainer._incompatibility(fake, {"steps_per_epoch": 3, "world_size": 3})
-    assert "written by 3 processes, this run has 2" in why
-    why = Trainer._incompatibility(fake, {"steps_per_epoch": 3, "world_size": 2})
-    assert "data or batch size changed" in why
+def test_resume_names_a_changed_world_size(tmp_path):
+    """A checkpoint written by another number of processes, with other steps per epoch: the
+    resume refuses it and says why."""
+    from fakes import FakeLoader, random_batches
+
+    from pipeline import checkpoint as ckpt
+    from pipeline.trainer import RunSettings, TrainConfig
+
+    def trainer(steps: int) -> Trainer:
+        torch.manual_seed(0)
+        data = SimpleNamespace(train=FakeLoader(random_batches(steps)),
+                               test=FakeLoader(random_batches(1)))
+        return Trainer(build_model(ARCH), TrainConfig(epochs=1, batch_size=16, lr=0.05),
+                       data, tmp_path, run=RunSettings(show_progress=False), arch=ARCH,
+                       base_lr=0.05, meta={"stage": "pretrain"})
+
+    trainer(3).fit()
+    last = ckpt.load(tmp_path / "last.pt")
+    ckpt.atomic_save({**last, "world_size": 3}, tmp_path / "last.pt")
+    with pytest.raises(ckpt.CheckpointError, match="written by 3 processes, this run has 1"):
+        trainer(4).try_resume()
+    ckpt.atomic_save({**last, "world_size": 1}, tmp_path / "last.pt")
+    with pytest.raises(ckpt.CheckpointError, match="data or batch size changed"):
+        trainer(4).try_resume()
+
+
+# ------------------------------------------------------- bf16: native on the GPU only
+
+def gpu(major: int, minor: int = 0):
+    """A CUDA device of compute capability major.minor (its properties mocked), on which
+    `torch.cuda.is_bf16_supported()` says True whatever the capability (emulation)."""
+    props = SimpleNamespace(major=major, minor=minor, name=f"sm_{major}{minor}")
+    return mock.patch.multiple(torch.cuda, is_available=mock.Mock(return_value=True),
+                               device_count=mock.Mock(return_value=1),
+                               current_device=mock.Mock(return_value=0),
+                               get_device_properties=mock.Mock(return_value=props),
+                               is_bf16_supported=mock.Mock(return_value=True))
+
+
+@pytest.mark.parametrize("major, minor, want", [(7, 0, "fp16"), (7, 5, "fp16"),
+                                                (8, 0, "bf16"), (9, 0, "bf16")],
+                         ids=["V100", "T4", "A100", "H100"])
+def test_auto_takes_bf16_only_where_the_gpu_computes_it_natively(major, minor, want):
+    from pipeline.precision import decide, eval_precision
+
+    cuda = torch.device("cuda", 0)
+    with gpu(major, minor), mock.patch.object(torch.version, "hip", None):
+        assert eval_precision("auto", cuda) == want  # `eval` and evaluation-only stages
+        assert decide(nn.Linear(2, 2), None, cuda, False).precision == want  # training
+
+
+# -------------------------------------------------------- eval turns cuDNN autotuning on
+
+def test_eval_sets_the_kernels_before_evaluating(tmp_path, kernel_settings):
+    """`pipeline eval` on a GPU: cuDNN autotuning on (or the deterministic kernels with the
+    run's `deterministic: true`) by the time the data is built and evaluated."""
+    import yaml
+
+    from pipeline import checkpoint as ckpt
+    from pipeline import evaluate as E
+
+    stage = tmp_path / "run" / "pretrain"
+    stage.mkdir(parents=True)
+    ckpt.save_model(stage / "model.pt", build_model(ARCH), ARCH, {"stage": "pretrain"})
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def at_build(*a, **k):
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+        raise Reached
+
+    for deterministic in (False, True):
+        cfg = {**TINY, "deterministic": deterministic}
+        (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = False
+        with gpu(8), mock.patch.object(torch.cuda, "set_device"), \
+                mock.patch.object(E, "build_data", at_build), pytest.raises(Reached):
+            E.evaluate_stage(stage, E.EvalOptions(device="cuda"))
+    assert seen == [(True, False), (False, True)]
+
+
+# ------------------------------------------------- tensor-core widths in half precision
+
+def _plan(cli, config) -> dict:
+    code, out, err = cli("run", config, "--dry-run", "--format", "json")
+    assert code == 0, err
+    return {s["name"]: s for s in json.loads(out)["stages"]}
+
+
+def test_round_to_defaults_to_8_on_cuda_in_half_precision(cli, tiny_config):
+    """On CUDA with bf16 the prune stage keeps multiples of 8 (resnet8 at ratio 0.4:
+    16/32/64 keep 8/16/32 instead of 10/20/39) and the plan names the widths it changed;
+    round_to set (0: none) wins; fp32 or the CPU keep the plain rule."""
+    half = {"precision": "bf16"}
+    with gpu(9):
+        prune = _plan(cli, tiny_config(half))["prune"]
+        note = prune["tensor_core_rounding"]
+        assert note["round_to"] == 8
+        assert sorted(note["changed"].values()) == [[10, 8], [20, 16], [39, 32]]
+        assert set(note["changed"]) == set(prune["predicted"]["widths"])
+        assert sorted(prune["predicted"]["widths"].values()) == [8, 16, 32]
+        code, out, _ = cli("run", tiny_config(half), "--dry-run")
+        assert "rounded down to a multiple of 8 (default on CUDA with fp16/bf16)" in out
+        for over in ({"stages": {"prune": {"round_to": 0}}}, {"precision": "fp32"}):
+            prune = _plan(cli, tiny_config({**half, **over}))["prune"]
+            assert "tensor_core_rounding" not in prune
+            assert sorted(prune["predicted"]["widths"].values()) == [10, 20, 39]
+        prune = _plan(cli, tiny_config({**half, "stages": {"prune": {"round_to": 4}}}))[
+            "prune"]
+        assert "tensor_core_rounding" not in prune
+        assert sorted(prune["predicted"]["widths"].values()) == [8, 16, 36]
+    prune = _plan(cli, tiny_config(half))["prune"]  # no GPU
+    assert "tensor_core_rounding" not in prune
+
+
+# ------------------------------------- deterministic kernels and adaptive pooling on CUDA
+
+def test_deterministic_with_alexnet_on_cuda_is_caught_before_training(cli, tiny_config):
+    over = {"deterministic": True, "model": {"arch": "alexnet"},
+            "data": {"synthetic": {"image_size": 64}},
+            "stages": {"pretrain": {"epochs": 1}}}
+    config = tiny_config({**over, "stages": {"pretrain": {"epochs": 1}}})
+    with gpu(8):
+        code, _, err = cli("run", config, "--stage", "pretrain")
+        assert code == 2
+        assert "deterministic: alexnet's avgpool (AdaptiveAvgPool2d(6, 6)) has no " \
+               "deterministic CUDA backward" in err
+        code, out, _ = cli("run", config, "--dry-run")  # the device is not known yet: a note
+        assert code == 0 and "has no deterministic CUDA backward" in out
+    # a ResNet's 1x1 pooling is a mean: deterministic
+    from pipeline.preflight import nondeterministic_on_cuda
+    assert nondeterministic_on_cuda(build_model(ARCH)) == []
+    assert nondeterministic_on_cuda(build_model({"name": "vgg11", "num_classes": 4})) == []
+    import torchvision
+    assert nondeterministic_on_cuda(torchvision.models.vgg11()) == [
+        "avgpool (AdaptiveAvgPool2d(7, 7))"]
+
+
+# ------------------------------------------------ torch.compile in the iterative stage
+
+def test_iterative_rounds_recompile_from_empty_caches(cli, tiny_config):
+    """Each round trains new widths: from round 2 on, dynamo's caches are reset before the
+    round compiles, and the log says so."""
+    config = tiny_config({"stages": {
+        "pretrain": {"epochs": 1},
+        "prune": None, "finetune": None,
+        "iter": {"type": "iterative", "from": "pretrain", "rounds": 3, "finetune_epochs": 1,
+                 "lr": 0.01, "compile": True}}})
+    import yaml
+    cfg = yaml.safe_load(config.read_text())
+    cfg["stages"] = {k: v for k, v in cfg["stages"].items() if v is not None}
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    compiles = []
+    compile_ = mock.Mock(side_effect=lambda m, **kw: compiles.append(m) or m)
+    with mock.patch.object(torch, "compile", compile_), \
+            mock.patch.object(torch._dynamo, "reset") as reset:
+        code, _, err = cli("run", config, "--progress", "off")
+    assert code == 0, err
+    assert len(compiles) == 3 and reset.call_count == 2  # one per round, reset before 2, 3
+    assert "iterative round 2: new widths, torch.compile caches reset" in err
+    assert "iterative round 3: new widths, torch.compile caches reset" in err

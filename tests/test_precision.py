@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fakes import FakeLoader, random_batches
 
 from pipeline import checkpoint as ckpt
 from pipeline import precision as P
@@ -45,31 +46,11 @@ BF16_CL_WINS = {"fp32": 0.40, "fp32 channels_last": 0.35, "bf16": 0.30,
 FP32_WINS = {"fp32": 0.10, "fp32 channels_last": 0.35, "bf16": 0.90, "bf16 channels_last": 0.8}
 
 
-class Batches:
-    def __init__(self, n_batches: int, batch: int = 16, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n_batches, batch, 3, 16, 16, generator=g)
-        self.y = torch.randint(4, (n_batches, batch), generator=g)
-        self.memory_format = torch.contiguous_format
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def iterate(self, start: int = 0):
-        for b in range(start, len(self)):
-            yield self.x[b].contiguous(memory_format=self.memory_format), self.y[b]
-
-    def __iter__(self):
-        return self.iterate(0)
-
-
 def make_trainer(out_dir, epochs: int = 1, precision: str = "auto") -> Trainer:
     cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, log_interval=100)
     torch.manual_seed(0)
-    data = SimpleNamespace(train=Batches(3), test=Batches(1, seed=1))
+    data = SimpleNamespace(train=FakeLoader(random_batches(3)),
+                           test=FakeLoader(random_batches(1, seed=1)))
     run = RunSettings(precision=precision, show_progress=False)
     return Trainer(build_model(ARCH), cfg, data, out_dir, run=run, arch=ARCH, base_lr=0.05,
                    meta={"stage": "pretrain"})
@@ -164,9 +145,14 @@ def test_a_loaded_machine_is_probed_by_cpu_time(monkeypatch):
     assert P.Decision.from_dict(d.as_dict()) == d  # what a checkpoint stores comes back
 
 
-@pytest.mark.parametrize("bf16_ok, expected", [(True, "bf16"), (False, "fp16")])
-def test_cuda_rule(monkeypatch, bf16_ok, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+@pytest.mark.parametrize("major, expected", [(8, "bf16"), (7, "fp16")])
+def test_cuda_rule(monkeypatch, major, expected):
+    """bf16 from compute capability 8.0 (the device's properties, mocked), fp16 before."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a, **k: SimpleNamespace(major=major, minor=0))
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(P, "measure", lambda *a, **k: pytest.fail("no probe on CUDA"))
     d = P.decide(build_model(ARCH), None, torch.device("cuda:0"), channels_last=True)
     assert (d.precision, d.channels_last, d.how, d.device) == (expected, True, "cuda rule",

@@ -80,8 +80,10 @@ def test_handler_only_records(one_thread):  # noqa: F811
 
 @pytest.mark.slow
 def test_torchrun_every_rank_stops_at_the_same_step(tmp_path):
-    """Only rank 1 gets SIGTERM, after step 3: the all-reduced stop request makes both
-    ranks stop after that same step; rank 0 writes the step-3 checkpoint."""
+    """Only rank 1 gets SIGTERM, after step 3: the stop request rides on the all-reduce of
+    the next log interval (every 2 steps; no collective per step), so both ranks stop after
+    step 4; rank 0 writes the step-4 checkpoint. Between log intervals the trainer makes no
+    collective of its own (counted: one all_reduce pair per interval and epoch end)."""
     import os
     import subprocess
     import sys
@@ -92,11 +94,15 @@ def test_torchrun_every_rank_stops_at_the_same_step(tmp_path):
 
     cfg = deep_update(TINY, {"out_dir": str(tmp_path / "runs"),
                              "data": {"synthetic": {"train_size": 160}},
-                             "stages": {"pretrain": {"epochs": 2}}})
+                             "stages": {"pretrain": {"epochs": 2, "log_interval": 2}}})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    counter = tmp_path / "count"
+    counter.mkdir()
+    (counter / "sitecustomize.py").write_text(COUNT_ALL_REDUCE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", COUNT_OUT=str(counter))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(counter), str(ROOT),
+                                                      env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--standalone", str(ROOT / "tests" / "fault_run.py"), "pretrain:term_rank1:3", "run",
@@ -104,14 +110,39 @@ def test_torchrun_every_rank_stops_at_the_same_step(tmp_path):
         timeout=240)
     assert done.returncode != 0
     stage = tmp_path / "runs" / "tiny" / "pretrain"
-    assert ckpt.load(stage / "last.pt")["global_step"] == 3
+    assert ckpt.load(stage / "last.pt")["global_step"] == 4
     # both ranks report the same step (rank 1's log line, rank 0's error line)
-    assert done.stderr.count("stopped on SIGTERM at step 3 of 10") >= 2, done.stderr
+    assert done.stderr.count("stopped on SIGTERM at step 4 of 10") >= 2, done.stderr
     # (torchrun prints its own traceback for a worker that exits non-zero; none of ours)
     assert str(ROOT / "pipeline") not in done.stderr
+    # the trainer's all_reduces in steps 1-4: 2 per log interval (sums and flags, then the
+    # first non-finite step) at steps 2 and 4, 1 for the checkpoint's epoch sums and 2 more
+    # in the stop's own sync; none per step
+    counts = [int((counter / f"rank{r}.txt").read_text()) for r in (0, 1)]
+    assert counts[0] == counts[1] <= 8, counts
     # one process resumes the stage to the end
     code, err = run_in_process(path, "--stage", "pretrain")
-    assert code == 0 and "resumed from" in err and "step 3" in err
+    assert code == 0 and "resumed from" in err and "step 4" in err
+
+
+# counts the Python-level all_reduce calls of a torchrun child, written at exit
+COUNT_ALL_REDUCE = '''
+import os
+if os.environ.get("RANK") is not None and os.environ.get("COUNT_OUT"):
+    import atexit
+    import torch.distributed as dist
+    _calls = [0]
+    _real = dist.all_reduce
+    def _counted(*a, **k):
+        _calls[0] += 1
+        return _real(*a, **k)
+    dist.all_reduce = _counted
+    def _dump():
+        with open(os.path.join(os.environ["COUNT_OUT"], "rank%s.txt" % os.environ["RANK"]),
+                  "w") as f:
+            f.write(str(_calls[0]))
+    atexit.register(_dump)
+'''
 
 
 def test_signal_at_the_last_step_stops_before_the_next_stage(reference, tmp_path):  # noqa: F811
@@ -131,3 +162,51 @@ def test_signal_at_the_last_step_stops_before_the_next_stage(reference, tmp_path
     assert code == 0, err
     assert_bitwise_equal(weights(run_dir / "finetune" / "model.pt"),
                          weights(ref_dir / "finetune" / "model.pt"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_job_with_dataloader_workers(tmp_path, one_thread):  # noqa: F811
+    """SLURM sends SIGTERM to every process of the job step: on the folder path with 2
+    DataLoader workers, the signal to the whole process group after step 3 (mid-epoch)
+    leaves the workers running; the main process checkpoints step 3 and exits 143, and
+    the resumed run ends bitwise as the uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from test_multirank import _image_folder
+
+    from conftest import ROOT, TINY, deep_update
+
+    data = _image_folder(tmp_path / "data")  # 32 training images: 4 steps of 8 per epoch
+
+    def config(name: str) -> object:
+        cfg = deep_update(TINY, {
+            "out_dir": str(tmp_path / name), "device": "cpu",
+            "data": {"dataset": "imagefolder", "root": str(data), "image_size": 16,
+                     "loader": "dataloader", "num_workers": 2},
+            "stages": {"pretrain": {"epochs": 2, "batch_size": 8, "log_interval": 2}}})
+        cfg["stages"] = {"pretrain": cfg["stages"]["pretrain"]}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    code, err = run_in_process(config("whole"))
+    assert code == 0, err
+    cut = config("cut")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    stopped = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fault_run.py"), "pretrain:termpg:3", "run",
+         str(cut), "--progress", "off"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300, start_new_session=True)  # its own process group, workers included
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "DataLoader worker" not in stopped.stderr and "Traceback" not in stopped.stderr
+    assert "stopped on SIGTERM at step 3 of 8" in stopped.stderr
+    stage = tmp_path / "cut" / "tiny" / "pretrain"
+    assert ckpt.load(stage / "last.pt")["global_step"] == 3
+    code, err = run_in_process(cut)
+    assert code == 0 and "resumed from" in err, err
+    assert_bitwise_equal(weights(stage / "model.pt"),
+                         weights(tmp_path / "whole" / "tiny" / "pretrain" / "model.pt"))

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fakes import FakeLoader
 
 from pipeline.config import ConfigError, Loader
 from pipeline.models import build_model, residual_last_bns
@@ -32,23 +33,6 @@ from pipeline.trainer import RunSettings, TrainConfig, Trainer
 # ----------------------------------------------------------------------------- helpers
 
 
-class OneBatch:
-    """A loader of one fixed batch per epoch (the trainer's loader interface)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return 1
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def iterate(self, start: int = 0):
-        if start == 0:
-            yield self.x, self.y
-
-
 def batch(n: int = 8, classes: int = 4, size: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g), torch.randint(classes, (n,), generator=g)
@@ -64,7 +48,7 @@ def trainer_for(model: nn.Module, tmp_path, teacher: nn.Module | None = None,
                 **train_kw) -> Trainer:
     x, y = batch()
     cfg = TrainConfig(epochs=1, batch_size=len(y), **train_kw)
-    data = SimpleNamespace(train=OneBatch(x, y), test=[(x, y)])
+    data = SimpleNamespace(train=FakeLoader([(x, y)]), test=[(x, y)])
     return Trainer(model, cfg, data, tmp_path, run=RunSettings(show_progress=False),
                    arch={"name": "stub", "num_classes": 4}, base_lr=0.1, teacher=teacher)
 
@@ -180,7 +164,7 @@ def test_mixup_alpha_zero_is_plain_training(tmp_path):
     model = small_net()
     ref = copy.deepcopy(model)
     t = trainer_for(model, tmp_path, mixup=0.0, cutmix=0.0)
-    x, y = t.data.train.x, t.data.train.y
+    x, y = t.data.train.batches[0]
     t.train_step(x, y)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     F.cross_entropy(ref(x), y).backward()
@@ -237,7 +221,7 @@ def test_label_smoothing_matches_torch():
 
 def test_trainer_loss_uses_label_smoothing(tmp_path):
     t = trainer_for(small_net(), tmp_path, label_smoothing=0.1)
-    x, y = t.data.train.x, t.data.train.y
+    x, y = t.data.train.batches[0]
     logits, loss = t._loss(x, y, step=0)
     assert torch.allclose(loss, F.cross_entropy(t.module(x), y, label_smoothing=0.1))
 
@@ -274,7 +258,7 @@ def test_distillation_mixes_kd_with_the_label_loss(tmp_path, alpha):
     t = trainer_for(student, tmp_path, teacher=FrozenTeacher(teacher),
                     distill=DistillConfig(from_="pretrain", temperature=2.0, alpha=alpha))
     t.teacher.train()  # whatever calls .train() on it, it runs in eval mode
-    x, y = t.data.train.x, t.data.train.y
+    x, y = t.data.train.batches[0]
     logits, loss = t._loss(x, y, step=0)
     plain = F.cross_entropy(student(x), y)
     if alpha == 0:

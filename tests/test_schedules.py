@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+from fakes import FakeLoader
 from torch.optim import lr_scheduler as tls
 
 from pipeline.config import ConfigError, Loader
@@ -27,22 +28,10 @@ def sched_cfg(**kw) -> ScheduleConfig:
     return Loader("test.yaml").load(ScheduleConfig, kw, "schedule")
 
 
-class StubLoader:
-    """`steps` batches of 2 random 1-feature samples; the trainer's loader interface."""
-
-    def __init__(self, steps: int):
-        self.steps, self.epoch = steps, 0
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def iterate(self, start: int = 0):
-        for b in range(start, self.steps):
-            g = torch.Generator().manual_seed(self.epoch * 1000 + b)
-            yield torch.randn(2, 1, generator=g), torch.randint(2, (2,), generator=g)
+def stub_batch(epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch b of `epoch`: 2 random 1-feature samples."""
+    g = torch.Generator().manual_seed(epoch * 1000 + b)
+    return torch.randn(2, 1, generator=g), torch.randint(2, (2,), generator=g)
 
 
 def one_param_trainer(tmp_path, schedule: ScheduleConfig, base_lr: float, epochs: int,
@@ -52,7 +41,7 @@ def one_param_trainer(tmp_path, schedule: ScheduleConfig, base_lr: float, epochs
     torch.manual_seed(0)
     model = nn.Linear(1, 2, bias=False)
     cfg = TrainConfig(epochs=epochs, batch_size=2, schedule=schedule, **train_kw)
-    data = SimpleNamespace(train=StubLoader(steps_per_epoch), test=[])
+    data = SimpleNamespace(train=FakeLoader(make=stub_batch, steps=steps_per_epoch), test=[])
     return Trainer(model, cfg, data, tmp_path, run=RunSettings(show_progress=False),
                    arch={"name": "stub", "num_classes": 2}, base_lr=base_lr)
 

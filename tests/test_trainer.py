@@ -13,18 +13,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+from fakes import FakeLoader, random_batches
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from pipeline.distributed import DistInfo
 from pipeline.models import build_model, load_model
 from pipeline.trainer import (
+    CallbackHook,
+    HookBase,
     RunSettings,
     TrainConfig,
     Trainer,
     TrainingError,
-    add_checkpoint_hook,
-    add_step_hook,
     autocast_context,
     evaluate,
 )
@@ -35,38 +36,17 @@ ARCH = {"name": "resnet8", "num_classes": 4, "shortcut": "A"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Batches:
-    """The loader protocol (len, set_epoch, iterate(start)) over fixed in-memory batches."""
-
-    def __init__(self, n_batches: int, batch: int = 16, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n_batches, batch, 3, 16, 16, generator=g)
-        self.y = torch.randint(4, (n_batches, batch), generator=g)
-        self.x += self.y.view(n_batches, batch, 1, 1, 1).float()  # learnable
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def iterate(self, start: int = 0):
-        for b in range(start, len(self)):
-            yield self.x[b], self.y[b]
-
-    def __iter__(self):
-        return self.iterate(0)
-
-
 def make_trainer(out_dir: Path, steps: int = 4, model: nn.Module | None = None,
-                 precision: str = "fp32", dist: DistInfo = DistInfo(), **over) -> Trainer:
+                 precision: str = "fp32", dist: DistInfo = DistInfo(), hooks=(),
+                 **over) -> Trainer:
     cfg = TrainConfig(**{"epochs": 1, "batch_size": 16, "lr": 0.05, "log_interval": 100,
                          **over})
     torch.manual_seed(0)
-    data = SimpleNamespace(train=Batches(steps), test=Batches(2, seed=1))
+    data = SimpleNamespace(train=FakeLoader(random_batches(steps, learnable=True)),
+                           test=FakeLoader(random_batches(2, seed=1, learnable=True)))
     run = RunSettings(dist=dist, precision=precision, show_progress=False)
     return Trainer(model or build_model(ARCH), cfg, data, out_dir, run=run, arch=ARCH,
-                   base_lr=0.05, meta={"stage": "pretrain"})
+                   base_lr=0.05, meta={"stage": "pretrain"}, hooks=hooks)
 
 
 def count_host_syncs(monkeypatch) -> list[str]:
@@ -107,7 +87,7 @@ def step_losses(out_dir: Path) -> list[float]:
 def test_bf16_on_cpu_trains_and_reloads(tmp_path):
     trainer = make_trainer(tmp_path, steps=4, precision="bf16", epochs=2, log_interval=1)
     with autocast_context(torch.device("cpu"), "bf16"):
-        assert trainer.net(trainer.data.test.x[0]).dtype == torch.bfloat16
+        assert trainer.net(trainer.data.test.batches[0][0]).dtype == torch.bfloat16
     result = trainer.fit()
     # against fp32 from the same seed, weights and batches: the first epoch's 4 step losses
     # agree within 1% relative. bf16 keeps 8 significant bits (0.2% rounding per value);
@@ -195,15 +175,12 @@ class NanCalls(nn.Module):
 
 
 def test_skip_step_drops_the_update_and_counts_it(tmp_path):
-    trainer = make_trainer(tmp_path, steps=6, model=NanCalls(lambda k: k in (3, 5)),
-                           on_nonfinite="skip_step", log_interval=2)
     seen = []
-    remove = add_step_hook(lambda t: seen.append(
+    hook = CallbackHook(after_step=lambda t: seen.append(
         [p.detach().clone() for p in t.module.parameters()]))
-    try:
-        result = trainer.fit()
-    finally:
-        remove()
+    trainer = make_trainer(tmp_path, steps=6, model=NanCalls(lambda k: k in (3, 5)),
+                           on_nonfinite="skip_step", log_interval=2, hooks=[hook])
+    result = trainer.fit()
     assert result["skipped_steps"] == 2 and trainer.skipped_in_a_row == 0
     # step 2 (the 3rd forward) changed nothing; step 1 and step 3 did
     assert all(torch.equal(a, b) for a, b in zip(seen[1], seen[2], strict=True))
@@ -295,7 +272,7 @@ def test_channels_last_progress_and_missing_tensorboard(tmp_path, capsys, caplog
         assert any("tensorboard" in r.getMessage() for r in caplog.records)
     ckpt.save_model(tmp_path / "model.pt", trainer.module, ARCH)
     plain = load_model(tmp_path / "model.pt").eval()
-    x = trainer.data.test.x[0]
+    x = trainer.data.test.batches[0][0]
     assert torch.allclose(plain(x), trainer.module.eval()(x), atol=1e-5)
     log_rows = (tmp_path / "train_log.csv").read_text().splitlines()
     assert log_rows[0] == "step,epoch,lr,loss,acc,images,images_per_s"
@@ -343,24 +320,71 @@ def test_eval_every_skips_test_passes_but_always_evaluates_the_last_epoch(tmp_pa
     assert ["top1" in r for r in report.read_metrics(tmp_path)] == [False, True, False, True, True]
 
 
-def test_step_and_checkpoint_hooks_see_every_step_and_checkpoint(tmp_path):
-    """The process-wide hooks: after each optimizer step, and after each checkpoint (here
-    every 2 steps and at the 2 epoch ends); best.pt and last.pt share the best epoch's file."""
-    steps, saved = [], []
-    removers = [add_step_hook(lambda t: steps.append((t.global_step, t.saved_step))),
-                add_checkpoint_hook(lambda t: saved.append(t.saved_step))]
-    try:
-        make_trainer(tmp_path, steps=3, epochs=2, checkpoint_every_steps=2).fit()
-    finally:
-        for remove in removers:
-            remove()
+def test_hooks_see_every_step_epoch_and_checkpoint_in_order(tmp_path):
+    """A trainer's hooks: before and after training, before and after each optimizer step,
+    after each epoch's steps and after each checkpoint (here every 2 steps and at the 2 epoch ends),
+    in that order; best.pt and last.pt share the best epoch's file."""
+    events, before, steps, saved = [], [], [], []
+
+    class Recorder(HookBase):
+        def before_train(self, t):
+            events.append(("before_train", t.global_step))
+
+        def before_step(self, t):
+            before.append(t.global_step)
+
+        def after_step(self, t):
+            steps.append((t.global_step, t.saved_step))
+
+        def after_epoch(self, t):
+            events.append(("after_epoch", t.global_step))
+
+        def after_checkpoint(self, t):
+            saved.append(t.saved_step)
+
+        def after_train(self, t):
+            events.append(("after_train", t.global_step))
+
+    make_trainer(tmp_path, steps=3, epochs=2, checkpoint_every_steps=2,
+                 hooks=[Recorder()]).fit()
     # step k's hook runs before any checkpoint of step k
     assert steps == [(1, None), (2, None), (3, 2), (4, 3), (5, 4), (6, 4)]
     assert saved == [2, 3, 4, 6]
+    assert before == [0, 1, 2, 3, 4, 5]
+    assert events == [("before_train", 0), ("after_epoch", 3), ("after_epoch", 6),
+                      ("after_train", 6)]
     make_trainer(tmp_path / "again", steps=3).fit()
-    assert len(steps) == 6  # removed: no longer called
+    assert len(steps) == 6  # a hook belongs to its trainer: no other trainer calls it
     last, prev, best = (tmp_path / n for n in ("last.pt", "last.prev.pt", "best.pt"))
     assert ckpt.load(prev)["global_step"] == 4 and ckpt.load(last)["global_step"] == 6
     best_epoch = ckpt.load(last)["best_epoch"]
     assert ckpt.load(best)["epoch"] == best_epoch + 1
     assert os.path.samefile(best, last) == (best_epoch == 1)
+
+
+def test_the_loaders_meet_the_trainer_loader_interface(tmp_path):
+    """The data package's training loaders (in-memory and DataLoader paths) and the test
+    fake are `TrainLoader`s; something without `iterate(start)` is not."""
+    import numpy as np
+    from fakes import FakeLoader
+    from PIL import Image
+
+    from pipeline.data import DataConfig, SyntheticConfig, build_data
+    from pipeline.trainer import TrainLoader
+
+    synthetic = DataConfig(dataset="synthetic", synthetic=SyntheticConfig(
+        num_classes=2, train_size=16, test_size=8, image_size=8))
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(4):
+            img = Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8))
+            img.save(tmp_path / "train" / c / f"{i}.png")
+            img.save(tmp_path / "val" / c / f"{i}.png")
+    folder = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8,
+                        loader="dataloader", num_workers=0)
+    for cfg in (synthetic, folder):
+        loader = build_data(cfg, 4, 4, 0, torch.device("cpu")).train
+        assert isinstance(loader, TrainLoader), type(loader)
+    assert isinstance(FakeLoader([]), TrainLoader)
+    assert not isinstance([(torch.zeros(1), torch.zeros(1))], TrainLoader)

@@ -6,6 +6,7 @@ and reported once with a count."""
 from __future__ import annotations
 
 import random
+import signal
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -78,6 +79,15 @@ class _AugmentedDataset(torch.utils.data.Dataset):
         return apply_views(img, self.views, rng), self.source.labels[i], None, None
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """A DataLoader worker leaves SIGTERM and SIGUSR1 to the main process: SLURM signals
+    every process of the job step, and a worker dying on it would make the main process
+    fail ("DataLoader worker exited unexpectedly") before it checkpoints and exits 143."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     good = [s for s in samples if s[0] is not None]
     bad = [(s[2], s[3]) for s in samples if s[0] is None]
@@ -145,7 +155,8 @@ class FolderLoader(Batching):
                 self.dataset, batch_sampler=_BatchPlan(self), num_workers=workers,
                 collate_fn=_collate, pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
                 persistent_workers=self.cfg.persistent_workers and workers > 0,
-                prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None)
+                prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+                worker_init_fn=ignore_stop_signals if workers > 0 else None)
         return self._loader
 
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -23,6 +23,19 @@ from .criteria import CRITERIA, PruningError
 
 Method = Literal[tuple(CRITERIA)]  # type: ignore[valid-type]  # the registry's names
 DEFAULT_RATIO = 0.4
+# tensor cores run fp16/bf16 convolutions and GEMMs at full speed on channel counts that are
+# multiples of 8 (NVIDIA's "Deep Learning Performance" guide, channels in multiples of 8)
+TENSOR_CORE_MULTIPLE = 8
+HALF = ("fp16", "bf16", "auto")  # auto on CUDA is bf16 or fp16
+
+
+def effective_round_to(round_to: int | None, cuda: bool, precisions) -> int | None:
+    """The rounding a spec's `round_to` means: as set (0: none); unset: TENSOR_CORE_MULTIPLE
+    on CUDA when any of `precisions` (the run's and its stages') is half, else none."""
+    if round_to is not None:
+        return round_to or None
+    half = any(p in HALF for p in precisions if p is not None)
+    return TENSOR_CORE_MULTIPLE if cuda and half else None
 
 
 @dataclass
@@ -66,7 +79,8 @@ class PruneSpec:
                                 "projection (FPGM on ImageNet)")
     round_to: int | None = opt(None, "torch-pruning's rounding instead of floor(ratio x "
                                "filters): keep int(filters x (1 - ratio)) rounded down to a "
-                               "multiple of this", min=1)
+                               "multiple of this; unset: 8 on CUDA when the run computes in "
+                               "fp16/bf16 (tensor cores), else none; 0: none", min=0)
     round_mode: Literal["down", "nearest"] = opt(
         "down", "how round_to rounds the kept filters: down (torch-pruning's rule) or to the "
         "nearest multiple (40% of 16/32/64 at round_to 8: keep 8/16/40 instead of 8/16/32)")

@@ -275,7 +275,9 @@ def test_inference_probe_picks_the_faster_forward_and_skips_bf16_without_kernels
     monkeypatch.setattr(P, "time_forward", lambda *a: pytest.fail("timed without bf16"))
     d = P.decide_inference(model, x, torch.device("cpu"))
     assert d.precision == "fp32" and "no bf16 kernels" in d.note and "no bf16" in d.describe()
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",  # a pre-Ampere GPU
+                        lambda *a, **k: SimpleNamespace(major=7, minor=5))
+    monkeypatch.setattr(torch.version, "hip", None)
     assert P.decide_inference(model, None, torch.device("cuda")).precision == "fp16"
 
 

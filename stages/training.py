@@ -20,7 +20,7 @@ from pipeline.precision import AUTO, eval_precision
 from pipeline.provenance import record_stage_precision
 from pipeline.recipes import FrozenTeacher
 from pipeline.rundir import MODEL_FILE
-from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
+from pipeline.schedules import LinearScaling, Schedule
 from pipeline.trainer import HookBase, RunSettings, TrainConfig, Trainer
 
 from .base import Preflight, Stage, StageContext
@@ -170,10 +170,9 @@ def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
         lr_source=stage.lr_source(spec, run, name),
         optimizer=optimizer,
         schedule={"type": c.type, "milestones": c.milestones,
-                  "milestone_steps": sched.milestone_steps() if c.type == "multistep" else [],
+                  "milestone_steps": sched.milestone_steps(),
                   "gamma": c.gamma, "step_size": c.step_size, "min_lr": c.min_lr,
-                  "decay_axis": ("after warmup" if c.type in AFTER_WARMUP
-                                 else "from the start of the run"),
+                  **sched.decay.plan(sched), "decay_axis": sched.decay_axis,
                   "warmup": {"type": w.type, "epochs": w.epochs, "steps": warm,
                              "start_lr": _fmt(sched.warmup_start()) if warm else None,
                              "target_lr": _fmt(sched.warmup_target()) if warm else None},

@@ -191,7 +191,8 @@ def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
                     "from": spec.distill.from_, "temperature": spec.distill.temperature,
                     "alpha": spec.distill.alpha},
                 "zero_init_residual": _zero_init(run, spec),
-                "l1_bn": spec.sparsity.l1_bn if spec.sparsity else 0.0},
+                "l1_bn": spec.sparsity.l1_bn if spec.sparsity else 0.0,
+                **({"tta": spec.tta} if spec.tta != "none" else {})},
     )
 
 
@@ -242,7 +243,8 @@ def _training_lines(s: dict) -> list[str]:
           (f"distill from {r['distill']['from']} (T {r['distill']['temperature']:g}, alpha "
            f"{r['distill']['alpha']:g})") if r["distill"] else "",
           "zero-init residual BN" if r["zero_init_residual"] else "",
-          f"L1 sparsity {r['l1_bn']:g} on BN scales" if r.get("l1_bn") else ""]
+          f"L1 sparsity {r['l1_bn']:g} on BN scales" if r.get("l1_bn") else "",
+          f"{r['tta']} TTA at evaluation (reported beside plain top-1)" if r.get("tta") else ""]
     lines.append(f"    recipe: {', '.join(x for x in on if x) or 'plain'}")
     lines += [f"    warning: {w}" for w in s["warnings"]]
     if s.get("note"):

@@ -175,7 +175,7 @@ def significance_note(rows: list[dict]) -> str:
     pairs = significant_pairs(rows)
     if pairs:
         lines += ["", "Top-1 differences beyond two standard errors (paired by seed):", ""]
-        lines += [f"- {p['run']}: {p['a']} − {p['b']} = {p['diff']:+.2f} (SE {p['se']:.2f}, "
+        lines += [f"- {p['run']}: {p['a']} - {p['b']} = {p['diff']:+.2f} (SE {p['se']:.2f}, "
                   f"n {p['n']})" for p in pairs]
     else:
         lines += ["", "No top-1 difference between two stages of a group exceeds two standard "

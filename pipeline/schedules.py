@@ -145,6 +145,9 @@ class LrSchedule(Protocol):
     @property
     def decays_to_zero(self) -> bool: ...
 
+    @property
+    def decay_axis(self) -> str: ...
+
     def lr(self, step: int) -> float: ...
 
     def lowest_lr(self) -> float: ...
@@ -158,6 +161,8 @@ class LrSchedule(Protocol):
     def describe(self) -> str: ...
 
     def warnings(self) -> list[str]: ...
+
+    def plan_keys(self) -> dict: ...
 
 
 class Decay:
@@ -463,6 +468,10 @@ class Schedule:
         """Where the decay's step axis starts, in words (the plan shows it)."""
         return "after warmup" if self.decay.after_warmup else "from the start of the run"
 
+    def plan_keys(self) -> dict:
+        """What the schedule type adds to the plan's schedule entry."""
+        return self.decay.plan(self)
+
     def epoch_changes(self) -> list[dict]:
         """[{epoch, lr}] at the start of every epoch where the lr differs from the last."""
         return _changes(self.lr(e * self.steps_per_epoch) for e in range(self.epochs))
@@ -548,6 +557,12 @@ class ReplaySchedule:
     @property
     def decays_to_zero(self) -> bool:
         return self.upstream.decays_to_zero
+
+    # the replayed positions count from the start of the upstream run
+    decay_axis = "from the start of the run"
+
+    def plan_keys(self) -> dict:
+        return {}
 
     def lr_by_epoch(self) -> list[float]:
         """The lr at the start of every epoch of the replay."""

@@ -172,7 +172,7 @@ def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
         schedule={"type": c.type, "milestones": c.milestones,
                   "milestone_steps": sched.milestone_steps(),
                   "gamma": c.gamma, "step_size": c.step_size, "min_lr": c.min_lr,
-                  **sched.decay.plan(sched), "decay_axis": sched.decay_axis,
+                  **sched.plan_keys(), "decay_axis": sched.decay_axis,
                   "warmup": {"type": w.type, "epochs": w.epochs, "steps": warm,
                              "start_lr": _fmt(sched.warmup_start()) if warm else None,
                              "target_lr": _fmt(sched.warmup_target()) if warm else None},

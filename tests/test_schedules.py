@@ -385,3 +385,16 @@ def test_a_new_schedule_type_is_one_registered_class(monkeypatch):
     assert [s.lr(i) for i in range(6)] == [0.4, 0.4, 0.2, 0.2, 0.1, 0.1]
     assert {"step": 2, "what": "first halving"} in s.key_steps()
     assert s.describe() == "halved every epoch" and s.warnings() == ["halving is steep"]
+
+
+def test_a_rewind_stage_plans_its_replayed_schedule(tiny_config, cli):
+    """The plan reads a ReplaySchedule through the same protocol as a Schedule."""
+    path = tiny_config({"stages": {"lr_rewind": {"type": "rewind", "from": "prune", "mode": "lr",
+                                                 "epochs": 1, "batch_size": 32}}})
+    code, out, err = cli("run", path, "--dry-run", "--format", "json")
+    assert code == 0, err
+    import json
+
+    entry = next(s for s in json.loads(out)["stages"] if s["name"] == "lr_rewind")
+    assert entry["schedule"]["decay_axis"] == "from the start of the run"
+    assert "replay of the upstream schedule" in entry["schedule"]["description"]

@@ -173,3 +173,25 @@ def test_aggregated_rows_mark_deltas_and_pairs_beyond_two_standard_errors():
     assert "| -2.93 ± 0.12 * |" in md
     assert "| +0.00 ± 0.00 |" in md  # the baseline: no change, no mark
     assert "g: ft_a - ft_b = +1.00 (SE 0.06, n 3)" in md
+
+
+def test_criteria_table_over_seeds_beats_random_only_beyond_two_standard_errors():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("criteria_bench",
+                                                  ROOT / "benchmarks" / "criteria.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    finetuned = {"random": [85.0, 85.4, 85.2], "fpgm": [86.0, 86.3, 86.1],  # +0.93 ± 0.06
+                 "l1": [85.9, 85.1, 85.4]}  # +0.27 ± 0.64: within two standard errors
+    rows = [{"method": m, "seed": s, "top1_pruned": 50.0 + s, "top1_finetuned": v,
+             "macs": 1, "params": 1} for m, vs in finetuned.items() for s, v in enumerate(vs)]
+    out = {r["method"]: r for r in bench.summarize(rows, ["fpgm", "l1", "random"])}
+    assert out["fpgm"]["beats_random"] is True and out["l1"]["beats_random"] is False
+    assert out["random"]["beats_random"] is None
+    assert out["fpgm"]["n"] == 3
+    assert out["fpgm"]["finetuned_mean"] == pytest.approx(statistics.mean(finetuned["fpgm"]))
+    assert out["l1"]["finetuned_std"] == pytest.approx(statistics.stdev(finetuned["l1"]))
+    assert out["fpgm"]["pruned_std"] == pytest.approx(1.0)  # 50, 51, 52

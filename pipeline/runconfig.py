@@ -157,6 +157,10 @@ def _check_seeds(cfg: RunConfig, loader: Loader) -> None:
         if repeated:
             loader.fail("seeds", f"seed(s) {repeated} given more than once: each seed is one "
                         "run directory")
+    for seed in cfg.seed_list():
+        problem = check_name(seed_run_name(cfg, seed))
+        if problem:
+            loader.fail("seeds", f"the run directory of seed {seed}: its name {problem}")
 
 
 def _check_links(cfg: RunConfig, loader: Loader) -> None:

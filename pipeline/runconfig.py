@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,11 @@ class RunConfig:
     name: str = opt(help="run name: the run directory is <out_dir>/<name>")
     out_dir: str = opt("checkpoints", "folder that holds run directories")
     seed: int = opt(0, "seed of weights init, data order and augmentation", min=0)
+    seeds: int | list[int] | None = opt(
+        None, "run the whole chain once per seed: N (seeds `seed`, seed+1, ..., seed+N-1) or "
+        "a list of seeds; the run with seed `seed` goes to <out_dir>/<name>, each other one "
+        "to <out_dir>/<name>.seed<S>; compare aggregates runs that differ only in seed into "
+        "mean ± std", min=0)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = opt(
         "fp32", "default mixed precision of every training stage (fp16 needs CUDA; auto: "
@@ -48,6 +54,30 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    def seed_list(self) -> list[int]:
+        """The seeds the chain runs under: `seeds` expanded, or just `seed`."""
+        if self.seeds is None:
+            return [self.seed]
+        if isinstance(self.seeds, int):
+            return list(range(self.seed, self.seed + self.seeds))
+        return list(self.seeds)
+
+    def seed_runs(self) -> list[RunConfig]:
+        """One single-seed config per seed (`seeds` cleared), each naming its own run
+        directory: `name` for the seed `seed`, `name.seed<S>` for the others."""
+        if self.seeds is None:
+            return [self]
+        return [dataclasses.replace(self, seed=s, seeds=None, name=seed_run_name(self, s))
+                for s in self.seed_list()]
+
+
+SEED_SUFFIX = ".seed"  # <name>.seed<S>: the run directory of seed S of a `seeds:` run
+
+
+def seed_run_name(cfg: RunConfig, seed: int) -> str:
+    """The run name of `seed` under `cfg.seeds`: the config's name for its own seed."""
+    return cfg.name if seed == cfg.seed else f"{cfg.name}{SEED_SUFFIX}{seed}"
+
 
 def parse(data: dict, source: str) -> RunConfig:
     """Plain YAML data -> validated RunConfig (raises ConfigError)."""
@@ -61,6 +91,7 @@ def parse(data: dict, source: str) -> RunConfig:
     problem = check_name(cfg.name)
     if problem:
         loader.fail("name", f"the run directory's name {problem}")
+    _check_seeds(cfg, loader)
     if raw_stages is None or raw_stages == {}:
         loader.fail("stages", "at least one stage is required")
     if not isinstance(raw_stages, dict):
@@ -115,6 +146,23 @@ def _check_stage_name(name: Any, earlier: dict[str, Any], loader: Loader) -> Non
         loader.fail(f"stages.{name}", f"stage name {name!r} {problem}; choose another name")
 
 
+def _check_seeds(cfg: RunConfig, loader: Loader) -> None:
+    if isinstance(cfg.seeds, int) and cfg.seeds < 1:
+        loader.fail("seeds", f"expected a number of seeds >= 1 or a list of seeds, got "
+                    f"{cfg.seeds}")
+    if isinstance(cfg.seeds, list):
+        if not cfg.seeds:
+            loader.fail("seeds", "expected at least one seed, got []")
+        repeated = sorted({x for x in cfg.seeds if cfg.seeds.count(x) > 1})
+        if repeated:
+            loader.fail("seeds", f"seed(s) {repeated} given more than once: each seed is one "
+                        "run directory")
+    for seed in cfg.seed_list():
+        problem = check_name(seed_run_name(cfg, seed))
+        if problem:
+            loader.fail("seeds", f"the run directory of seed {seed}: its name {problem}")
+
+
 def _check_links(cfg: RunConfig, loader: Loader) -> None:
     names = list(cfg.stages)
     for i, (name, spec) in enumerate(cfg.stages.items()):
@@ -144,4 +192,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     return parse(data, str(path)), data
 
 
-__all__ = ["RunConfig", "LoggingConfig", "load_config", "parse"]
+__all__ = ["RunConfig", "LoggingConfig", "SEED_SUFFIX", "load_config", "parse", "seed_run_name"]

@@ -230,7 +230,7 @@ def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict
     data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
                       ctx.dist.world_size, spec.channels_last)
     metrics = evaluate_splits(model.to(ctx.device), data, ctx.device,
-                              training.precision_of(spec, ctx))
+                              training.precision_of(spec, ctx), spec.tta)
     model.cpu()
     with D.together():  # rank 0 writes; a failure there stops every rank
         if ctx.dist.is_main:

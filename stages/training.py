@@ -20,7 +20,7 @@ from pipeline.precision import AUTO, eval_precision
 from pipeline.provenance import record_stage_precision
 from pipeline.recipes import FrozenTeacher
 from pipeline.rundir import MODEL_FILE
-from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
+from pipeline.schedules import LinearScaling, Schedule
 from pipeline.trainer import HookBase, RunSettings, TrainConfig, Trainer
 
 from .base import Preflight, Stage, StageContext
@@ -170,10 +170,9 @@ def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
         lr_source=stage.lr_source(spec, run, name),
         optimizer=optimizer,
         schedule={"type": c.type, "milestones": c.milestones,
-                  "milestone_steps": sched.milestone_steps() if c.type == "multistep" else [],
+                  "milestone_steps": sched.milestone_steps(),
                   "gamma": c.gamma, "step_size": c.step_size, "min_lr": c.min_lr,
-                  "decay_axis": ("after warmup" if c.type in AFTER_WARMUP
-                                 else "from the start of the run"),
+                  **sched.plan_keys(), "decay_axis": sched.decay_axis,
                   "warmup": {"type": w.type, "epochs": w.epochs, "steps": warm,
                              "start_lr": _fmt(sched.warmup_start()) if warm else None,
                              "target_lr": _fmt(sched.warmup_target()) if warm else None},
@@ -192,7 +191,8 @@ def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
                     "from": spec.distill.from_, "temperature": spec.distill.temperature,
                     "alpha": spec.distill.alpha},
                 "zero_init_residual": _zero_init(run, spec),
-                "l1_bn": spec.sparsity.l1_bn if spec.sparsity else 0.0},
+                "l1_bn": spec.sparsity.l1_bn if spec.sparsity else 0.0,
+                **({"tta": spec.tta} if spec.tta != "none" else {})},
     )
 
 
@@ -243,7 +243,8 @@ def _training_lines(s: dict) -> list[str]:
           (f"distill from {r['distill']['from']} (T {r['distill']['temperature']:g}, alpha "
            f"{r['distill']['alpha']:g})") if r["distill"] else "",
           "zero-init residual BN" if r["zero_init_residual"] else "",
-          f"L1 sparsity {r['l1_bn']:g} on BN scales" if r.get("l1_bn") else ""]
+          f"L1 sparsity {r['l1_bn']:g} on BN scales" if r.get("l1_bn") else "",
+          f"{r['tta']} TTA at evaluation (reported beside plain top-1)" if r.get("tta") else ""]
     lines.append(f"    recipe: {', '.join(x for x in on if x) or 'plain'}")
     lines += [f"    warning: {w}" for w in s["warnings"]]
     if s.get("note"):

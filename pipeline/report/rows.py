@@ -44,6 +44,7 @@ COLUMNS = ["run", "stage", "type", "status", "model", "method", "ratio", "top1",
 LATENCY_COLUMNS = ["latency_ms", "speedup"]
 VAL_COLUMNS = ["val_top1"]  # after top1, when a row has validation numbers (data.val_split)
 SPLIT_COLUMNS = ["best_split"]  # after epochs, likewise: the split that chose best.pt
+TTA_COLUMNS = ["top1_tta"]  # after top1 (and val_top1), when a stage evaluated with tta: flip
 PROVENANCE_COLUMNS = ["git_commit", "git_dirty", "python", "torch", "torchvision",
                       "torch_pruning", "device", "world_size", "seed", "config_hash", "command"]
 
@@ -242,7 +243,8 @@ def _add_results(row: dict, run_dir: Path, specs: dict[str, dict], name: str, s:
     row["status"] = "completed"
     top1, macs = s.get("top1"), s.get("macs")
     row.update(top1=top1, top5=s.get("top5"), val_top1=s.get("val_top1"),
-               best_split=s.get("best_split"), params=s.get("params"), macs=macs,
+               top1_tta=s.get("top1_tta"), best_split=s.get("best_split"),
+               params=s.get("params"), macs=macs,
                params_m=_m(s.get("params")), macs_m=_m(macs), epochs=s.get("epochs"),
                wall_seconds=s.get("wall_seconds"), finished=s.get("finished"),
                size_mb=_size_mb(stage_dir / MODEL_FILE),
@@ -314,6 +316,7 @@ def _add_latency(row: dict, run_dir: Path, stage_dir: Path, base: Baseline | Non
             row["speedup"] = ref / mine
 
 
-__all__ = ["COLUMNS", "LATENCY_COLUMNS", "VAL_COLUMNS", "SPLIT_COLUMNS", "PROVENANCE_COLUMNS",
+__all__ = ["COLUMNS", "LATENCY_COLUMNS", "VAL_COLUMNS", "SPLIT_COLUMNS", "TTA_COLUMNS",
+           "PROVENANCE_COLUMNS",
            "is_prune_stage", "is_training_stage", "expand", "read_metrics", "stage_state",
            "Baseline", "Options", "rows_for"]

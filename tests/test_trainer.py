@@ -227,7 +227,7 @@ def test_corrupt_last_falls_back_then_config_change_is_refused(tiny_config, cli,
     code, _, err = cli("run", cfg, "--stage", "pretrain", "--set", "stages.pretrain.epochs=3")
     assert code == 0, err
     assert "Traceback" not in err
-    (warning,) = [line for line in err.splitlines() if "last.pt" in line and "unreadable" in line]
+    (warning,) = [line for line in err.splitlines() if "last.pt" in line and "truncated" in line]
     assert "falling back" in warning
     assert "resumed from" in err and "last.prev.pt at epoch 1, step 3" in err
     epochs = [r.split(",")[0] for r in (stage / "metrics.csv").read_text().splitlines()[1:]]

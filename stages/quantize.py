@@ -54,6 +54,7 @@ from pipeline.quantize import (
     check_calibration,
     remove_fake_quant,
 )
+from pipeline.quantize import ort as ort_backend
 from pipeline.rundir import MODEL_FILE, read_summary
 from pipeline.trainer import TrainConfig
 
@@ -112,12 +113,18 @@ class Config(StageBase, TrainConfig):
         "histogram search for the least L2 error)")
     percentile: float = opt(99.999, "observer percentile: the percentile kept", gt=50,
                             lt=100)
+    reduce_range: bool | None = opt(
+        None, "onnxruntime: 7-bit weights ([-64, 64]), which x86 CPUs without VNNI need "
+        "(their u8s8 kernels add products in int16 and saturate on full-range weights); "
+        "null: decided on the machine that quantizes (7 bits there without VNNI)")
     calibration: CalibrationConfig = opt(CalibrationConfig, "calibration set")
     verify: VerifyConfig = opt(VerifyConfig, "the check against fp32 before anything is "
                                "written")
 
     def validate(self) -> None:
         _finite(self, ["percentile"])
+        if self.reduce_range and self.backend != "onnxruntime":
+            raise Invalid("reduce_range", "applies to backend onnxruntime only")
 
 
 TRAIN_KEYS = {yaml_key(f): f.name for f in dataclasses.fields(TrainConfig)}
@@ -189,6 +196,15 @@ class Quantize(TrainingStage):
         return _run(self, spec, ctx)
 
 
+def reduce_range_of(spec: Config) -> bool:
+    """The 7-bit weight decision: as configured, else (onnxruntime) on this CPU."""
+    if spec.backend != "onnxruntime":
+        return False
+    if spec.reduce_range is not None:
+        return spec.reduce_range
+    return not ort_backend.has_int8_dot()
+
+
 def _check_calibration_size(c: CalibrationConfig, data: DataConfig, key: str,
                             loader: Loader) -> None:
     """The split holds the images asked for (counted as the loaders count them)."""
@@ -236,14 +252,15 @@ def _qat(stage: Quantize, spec: Config, ctx: StageContext, model: nn.Module, pay
          batches: list[torch.Tensor]) -> tuple[nn.Module, dict]:
     """Train `model` fake-quantized (ranges started from the calibration set); model.pt
     gets the trained weights without the observers. Returns them and the training summary."""
-    names = attach_fake_quant(model)
+    wmax = 64 if reduce_range_of(spec) else 127
+    names = attach_fake_quant(model, wmax=wmax)
     calibrate_fake_quant(model, batches)
     log.info("stage %s: %d layers fake-quantized for QAT", ctx.name, len(names))
     lr = stage.base_lr(spec, ctx.run, ctx.name)
     result = training.train(ctx, spec, model, payload["arch"], lr, meta={"qat": True})
     path = ctx.stage_dir / MODEL_FILE
     plain = model_from_payload(payload, str(ctx.input_path(spec.from_)))
-    attach_fake_quant(plain)
+    attach_fake_quant(plain, wmax=wmax)
     plain.load_state_dict(ckpt.load(path)["state_dict"], strict=True)
     remove_fake_quant(plain)
     with D.together():
@@ -286,9 +303,10 @@ def _convert(spec: Config, ctx: StageContext, backend, fp32: nn.Module,
     work = ctx.stage_dir / ".quantize_tmp"
     work.mkdir(parents=True, exist_ok=True)
     meta = _metadata(spec, ctx, payload)
+    reduce = reduce_range_of(spec)
     try:
         data = backend.quantize(copy.deepcopy(fp32), batches, spec.observer, spec.percentile,
-                                meta, work)
+                                meta, work, reduce_range=reduce)
         fp32_bytes = _fp32_bytes(backend, fp32, batches, work)
         run = backend.runner(data)
     except PipelineError:
@@ -309,7 +327,7 @@ def _convert(spec: Config, ctx: StageContext, backend, fp32: nn.Module,
     return {"top1": test["top1"], "top5": test["top5"],
             **({"val_top1": val["top1"], "val_top5": val["top5"]} if val else {}),
             "precision": "int8", "method": spec.method, "backend": spec.backend,
-            "runtime": backend.runtime, "observer": spec.observer,
+            "runtime": backend.runtime, "observer": spec.observer, "reduce_range": reduce,
             "percentile": spec.percentile if spec.observer == "percentile" else None,
             "calibration": {**to_plain(spec.calibration), "images": sum(map(len, batches))},
             "artifact": out.name, "artifact_bytes": out.stat().st_size,
@@ -355,7 +373,8 @@ def _metadata(spec: Config, ctx: StageContext, payload: dict) -> dict:
             "source_sha256": file_sha256(ctx.input_path(spec.from_)),
             "model": payload["arch"].get("name"), "arch": payload["arch"],
             "precision": "int8", "method": spec.method, "backend": spec.backend,
-            "observer": spec.observer, "input_name": "input", "output_name": "logits",
+            "observer": spec.observer, "reduce_range": reduce_range_of(spec),
+            "input_name": "input", "output_name": "logits",
             "input_size": list(input_size(ctx.run.data)), "mean": list(mean), "std": list(std),
             "num_classes": int(payload["arch"]["num_classes"]), "torch": torch.__version__,
             "quantized": time.strftime("%Y-%m-%dT%H:%M:%S")}

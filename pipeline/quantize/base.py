@@ -48,9 +48,11 @@ class Backend(Protocol):
         """MissingBackendError when the backend's packages are missing."""
 
     def quantize(self, model: nn.Module, batches: list[torch.Tensor], observer: str,
-                 percentile: float, metadata: dict, work_dir: Path) -> bytes:
+                 percentile: float, metadata: dict, work_dir: Path,
+                 reduce_range: bool = False) -> bytes:
         """The int8 artifact of `model` (eval mode, CPU, fp32) calibrated on `batches`;
-        temporary files go under `work_dir` (removed by the caller)."""
+        temporary files go under `work_dir` (removed by the caller); `reduce_range`: 7-bit
+        weights (onnxruntime only)."""
 
     def fp32_artifact(self, model: nn.Module, example: torch.Tensor, work_dir: Path) -> bytes:
         """`model` in fp32 in the artifact's format (what the int8 file is compared with)."""

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 QMIN, QMAX = 0, 255  # activations: uint8, asymmetric
-WMAX = 127  # weights: int8 symmetric in [-127, 127]
+WMAX = 127  # weights: int8 symmetric in [-127, 127] (64 with a reduced range: 7 bits)
 EPS = 2.0 ** -12
 
 
@@ -32,12 +32,12 @@ def act_qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch
     return scale.reshape(1), zero.reshape(1)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """`w` rounded to int8 per output channel (dim 0), symmetric: scale max|w_c| / 127."""
-    scale = (w.detach().abs().flatten(1).amax(1) / WMAX).clamp(min=EPS).float()
+def fake_quant_weight(w: torch.Tensor, wmax: int = WMAX) -> torch.Tensor:
+    """`w` rounded to int8 per output channel (dim 0), symmetric: scale max|w_c| / wmax."""
+    scale = (w.detach().abs().flatten(1).amax(1) / wmax).clamp(min=EPS).float()
     zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -WMAX,
-                                                  WMAX).to(w.dtype)
+    return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -wmax,
+                                                  wmax).to(w.dtype)
 
 
 class ActFakeQuant(nn.Module):
@@ -77,33 +77,37 @@ class QATConv2d(nn.Conv2d):
     """A Conv2d computing on fake-quantized input and weight (its class while QAT runs)."""
 
     act_fq: ActFakeQuant
+    wmax: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_fq(x), fake_quant_weight(self.weight), self.bias)
+        w = fake_quant_weight(self.weight, self.wmax)
+        return self._conv_forward(self.act_fq(x), w, self.bias)
 
 
 class QATLinear(nn.Linear):
     """A Linear computing on fake-quantized input and weight (its class while QAT runs)."""
 
     act_fq: ActFakeQuant
+    wmax: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_fq(x), fake_quant_weight(self.weight), self.bias)
+        return F.linear(self.act_fq(x), fake_quant_weight(self.weight, self.wmax), self.bias)
 
 
 SWAPS = {nn.Conv2d: QATConv2d, nn.Linear: QATLinear}
 PLAIN = {v: k for k, v in SWAPS.items()}
 
 
-def attach_fake_quant(model: nn.Module, momentum: float = 0.01) -> list[str]:
+def attach_fake_quant(model: nn.Module, momentum: float = 0.01, wmax: int = WMAX) -> list[str]:
     """Make every Conv2d and Linear of `model` fake-quantized, in place (the parameters stay
-    the same objects); returns their names."""
+    the same objects; weights on the grid [-wmax, wmax]); returns their names."""
     names = []
     for name, m in model.named_modules():
         qat = SWAPS.get(type(m))
         if qat is not None:
             m.__class__ = qat
             m.act_fq = ActFakeQuant(momentum)
+            m.wmax = wmax
             names.append(name)
     return names
 
@@ -134,6 +138,7 @@ def remove_fake_quant(model: nn.Module) -> nn.Module:
         plain = PLAIN.get(type(m))
         if plain is not None:
             del m.act_fq
+            del m.wmax
             m.__class__ = plain
     return model
 

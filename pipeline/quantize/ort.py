@@ -23,6 +23,27 @@ from .base import INSTALL_HINT, MissingBackendError, Runner
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 OPSET = 17  # per-channel QDQ needs >= 13; 17 as pipeline export writes
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_int8_dot(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies uint8 x int8 without an int16 intermediate: an x86 CPU
+    with VNNI (or AMX), or a CPU that is not x86 (Arm's kernels do not saturate). Without
+    it onnxruntime's u8s8 kernels (AVX2 vpmaddubsw) add pairs of products in int16, which
+    saturates when weights use the full int8 range."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True  # not Linux: assume the vendor's int8 path
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if not flags or "sse2" not in flags:  # no x86 flags line: not an x86 CPU
+        return True
+    return any(f in flags for f in VNNI_FLAGS)
 
 
 def _packages():
@@ -82,7 +103,8 @@ class OrtBackend:
         _packages()
 
     def quantize(self, model: nn.Module, batches: list[torch.Tensor], observer: str,
-                 percentile: float, metadata: dict, work_dir: Path) -> bytes:
+                 percentile: float, metadata: dict, work_dir: Path,
+                 reduce_range: bool = False) -> bytes:
         onnx, _, q = _packages()
         fp32, int8 = work_dir / "fp32.onnx", work_dir / "int8.onnx"
         export_fp32(model.eval(), batches[0][:2], fp32)
@@ -94,7 +116,7 @@ class OrtBackend:
                               quant_format=q.QuantFormat.QDQ, per_channel=True,
                               activation_type=q.QuantType.QUInt8,
                               weight_type=q.QuantType.QInt8, calibrate_method=method,
-                              extra_options=extra)
+                              reduce_range=reduce_range, extra_options=extra)
         proto = onnx.load(str(int8))
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
@@ -134,4 +156,4 @@ class OrtBackend:
         return out
 
 
-__all__ = ["OrtBackend", "export_fp32", "INPUT_NAME", "OUTPUT_NAME"]
+__all__ = ["OrtBackend", "export_fp32", "has_int8_dot", "INPUT_NAME", "OUTPUT_NAME"]

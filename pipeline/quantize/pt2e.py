@@ -101,7 +101,8 @@ class Pt2eBackend:
         _packages()
 
     def quantize(self, model: nn.Module, batches: list[torch.Tensor], observer: str,
-                 percentile: float, metadata: dict, work_dir: Path) -> bytes:
+                 percentile: float, metadata: dict, work_dir: Path,
+                 reduce_range: bool = False) -> bytes:
         _, prepare_pt2e, convert_pt2e, x86 = _packages()
         example = (batches[0][:2].contiguous(),)
         with _quiet(), torch.no_grad():

@@ -10,6 +10,7 @@ training, and the check of an int8 model against its fp32 source.
     pt2e.py         torch.export + the x86 quantizer (torchao), saved as a .pt2 program
     fakequant.py    fake-quantized Conv/Linear for QAT, and their removal
     verify.py       top-1 agreement and accuracy of the int8 model against fp32
+    timing.py       the forward time of an artifact in its runtime
 """
 
 from .backends import BACKENDS, backend_of
@@ -23,9 +24,10 @@ from .base import (
 )
 from .calibration import CalibrationError, calibration_batches, check_calibration
 from .fakequant import attach_fake_quant, calibrate_fake_quant, remove_fake_quant
+from .timing import artifact_latency_ms
 from .verify import Agreement, accuracy, agreement
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "OBSERVERS", "Backend", "MissingBackendError",
            "QuantizeError", "Runner", "backend_of", "CalibrationError", "calibration_batches",
            "check_calibration", "attach_fake_quant", "calibrate_fake_quant",
-           "remove_fake_quant", "Agreement", "accuracy", "agreement"]
+           "remove_fake_quant", "Agreement", "accuracy", "agreement", "artifact_latency_ms"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch._inductor import config as inductor_config
 
 from .base import INSTALL_HINT, MissingBackendError, Runner
 
@@ -90,6 +91,28 @@ def quantization_config(observer: str, percentile: float):
     return type(config)(act, act, config.weight, config.bias, False)
 
 
+def _reference(module: nn.Module) -> Runner:
+    """The loaded program as it is: reference quantize -> fp32 op -> dequantize kernels."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), _quiet():
+            return module(x.float().contiguous())
+
+    return run
+
+
+def _compiled(module: nn.Module) -> Runner:
+    """The program compiled by inductor with freezing (weights as constants, which the x86
+    lowering needs to pick oneDNN's int8 convolutions); compiled on the first call, under
+    no_grad (inference_mode trips the lowering)."""
+    fn = torch.compile(module)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _quiet(), inductor_config.patch(freezing=True):
+            return fn(x.float().contiguous())
+
+    return run
+
+
 def _dynamic() -> tuple[dict, ...]:
     return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
@@ -132,13 +155,7 @@ class Pt2eBackend:
         src = io.BytesIO(data) if isinstance(data, bytes) else str(data)
         with _quiet():
             module = torch.export.load(src).module()
-        fn = torch.compile(module, options={"freezing": True}) if compiled else module
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), _quiet():
-                return fn(x.float().contiguous())
-
-        return run
+        return _compiled(module) if compiled else _reference(module)
 
     def read_metadata(self, path: Path) -> dict:
         extra = {META_FILE: ""}

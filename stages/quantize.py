@@ -144,6 +144,11 @@ class Quantize(TrainingStage):
             return spec.resolved_lr(0.0)
         return lowest_lr_of(run, upstream_training_stage(run, name))
 
+    def lr_source(self, spec: Config, run, name: str) -> str:
+        if spec.lr is None:
+            return f"lowest lr of '{upstream_training_stage(run, name)}'"
+        return super().lr_source(spec, run, name)
+
     def check(self, spec: Config, name: str, run, loader: Loader) -> None:
         key = f"stages.{name}"
         if spec.method == "ptq":

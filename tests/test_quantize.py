@@ -200,6 +200,12 @@ def test_quantize_needs_a_stage_with_a_model(tmp_path, cli):
     assert code == 2 and "stages.again.from: stage 'ptq' writes no model to quantize" in err
 
 
+def test_no_stage_takes_a_ptq_stage_as_input(tmp_path, cli):
+    cfg = _config(tmp_path, {"stages": {"ft": {"type": "finetune", "from": "ptq", "lr": 0.01}}})
+    code, _, err = cli("run", cfg, "--dry-run")
+    assert code == 2 and "stages.ft.from: stage 'ptq' writes no model.pt to take" in err
+
+
 # ---------------------------------------------------------------- whole runs
 
 

@@ -323,3 +323,26 @@ def test_killed_qat_resumes_bitwise(quantized, tmp_path):
     assert_bitwise_equal(ckpt.load(run_dir / "qat/last.pt")["state_dict"],
                          ckpt.load(ref_dir / "qat/last.pt")["state_dict"])
     assert _summary(run_dir, "qat")["top1"] == _summary(ref_dir, "qat")["top1"]
+
+
+@pytest.mark.slow
+def test_qat_and_ptq_under_torchrun(tmp_path):
+    """Two gloo processes: QAT trains under DDP, rank 0 converts and writes, both ranks end
+    with the same summary."""
+    from test_multirank import torchrun, write_config
+
+    config = write_config(tmp_path, deep_update(QUANT, {"stages": {
+        "prune": None, "finetune": None,
+        "qat": {"type": "quantize", "from": "pretrain", "method": "qat", "epochs": 1,
+                "batch_size": 32, "lr": 0.01, "calibration": CALIB, "verify": LOOSE}}}))
+    cfg = yaml.safe_load(config.read_text())
+    cfg["stages"] = {k: v for k, v in cfg["stages"].items() if v}
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done, _ = torchrun(tmp_path, "run", str(config), "--progress", "off", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    for stage in ("ptq", "qat"):
+        s = _summary(run_dir, stage)
+        assert s["status"] == "completed" and s["verification"]["passed"]
+        assert (run_dir / stage / s["artifact"]).stat().st_size == s["artifact_bytes"]
+    load_model(run_dir / "qat" / "model.pt")  # plain keys: loads strictly

@@ -346,3 +346,28 @@ def test_qat_and_ptq_under_torchrun(tmp_path):
         assert s["status"] == "completed" and s["verification"]["passed"]
         assert (run_dir / stage / s["artifact"]).stat().st_size == s["artifact_bytes"]
     load_model(run_dir / "qat" / "model.pt")  # plain keys: loads strictly
+
+
+def test_compare_rows_and_latency_plot_of_quantized_stages(quantized, tmp_path):
+    from pipeline.report import columns_for, plot_latency, rows_for, to_markdown
+
+    _, run_dir = quantized
+    rows = {r["stage"]: r for r in rows_for(run_dir)}
+    base = _summary(run_dir, "pretrain")["top1"]
+    for stage in ("ptq", "qat", "ptq_pt2e"):
+        r, s = rows[stage], _summary(run_dir, stage)
+        assert r["precision"] == "int8" and r["source"] == "pretrain"
+        assert r["size_mb"] == pytest.approx(s["artifact_bytes"] / 1e6)
+        assert r["delta_source"] == pytest.approx(s["top1"] - base)
+        assert r["delta_top1"] == pytest.approx(s["top1"] - base)  # pretrain is the baseline
+    assert rows["pretrain"]["precision"] == "fp32"
+    cols = columns_for(list(rows.values()))
+    assert cols.index("precision") == cols.index("model") + 1
+    assert cols.index("delta_source") == cols.index("delta_top1") + 1
+    table = to_markdown(list(rows.values()), cols)
+    assert "Δ top-1 vs input" in table and "model file (MB)" in table and "| int8 |" in table
+    timed = [{**r, "latency_ms": 10.0 + i} for i, r in enumerate(rows.values())]
+    plot = plot_latency(timed, tmp_path / "lat.png")
+    assert plot.path.is_file()
+    assert plot.series["tiny/ptq"] == [(11.0, rows["ptq"]["top1"])]
+    assert plot.series["tiny/ptq from"] == [(10.0, base), (11.0, rows["ptq"]["top1"])]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from .latency import latency_device_for
-from .plots import plot_curves, plot_pareto
+from .plots import plot_curves, plot_latency, plot_pareto
 from .rows import Options
 from .tables import columns_for, provenance_markdown, to_csv, to_json, to_markdown
 
@@ -56,6 +56,8 @@ def write_report(rows: list[dict], run_dirs: list[Path], out: Path, options: Opt
     pngs: list[Path] = []
     if plot:
         pngs.append(plot_pareto(rows, out / "accuracy_vs_macs.png").path)
+        if options.latency:
+            pngs.append(plot_latency(rows, out / "accuracy_vs_latency.png").path)
         for d in run_dirs:
             pngs.append(plot_curves(d, out / f"curves_{d.name}.png").path)
     written = []

@@ -143,6 +143,48 @@ def plot_pareto(rows: list[dict], path: Path) -> Plot:
     return _save(plt, fig, path)
 
 
+def plot_latency(rows: list[dict], path: Path) -> Plot:
+    """Top-1 against measured latency (`compare --latency`): every completed model with a
+    latency, fp32 models as dots (each run's baseline starred), quantized ones as diamonds
+    joined to the model they were made from. Series: "<run>/<stage>" per model,
+    "<run>/<stage> from" per quantized model's link."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    done = [r for r in rows if r.get("status") == "completed" and r.get("top1") is not None
+            and r.get("latency_ms")]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(dict.fromkeys(r["run"] for r in done)):
+        color = colors[i % len(colors)]
+        mine = {r["stage"]: r for r in done if r["run"] == run}
+        for r in mine.values():
+            gid, int8 = f"{run}/{r['stage']}", bool(r.get("artifact"))
+            base = r.get("baseline") == gid
+            ax.scatter(r["latency_ms"], r["top1"], color=color, zorder=3, gid=gid,
+                       marker="*" if base else ("D" if int8 else "o"), s=180 if base else 40,
+                       label=f"{run} ({r['stage']}, dense)" if base else None)
+            src = mine.get(r.get("source")) if int8 else None
+            if src is not None:
+                ax.plot([src["latency_ms"], r["latency_ms"]], [src["top1"], r["top1"]],
+                        color=color, ls=":", lw=1, gid=f"{gid} from")
+            ax.annotate(r["stage"], (r["latency_ms"], r["top1"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8, color=color)
+    if any(r.get("artifact") for r in done):
+        ax.scatter([], [], marker="D", color="gray", label="int8 (its own runtime)")
+    r0 = next((r for r in done if not r.get("artifact")), None)
+    what = (f"{r0.get('latency_backend') or 'torch'}, batch {r0.get('latency_batch')}"
+            if r0 else "its runtime")
+    ax.set_xlabel(f"latency per batch (ms; fp32: {what}; int8: its runtime)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Accuracy against latency")
+    ax.grid(alpha=0.3)
+    if done:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no latency measured (compare --latency)", ha="center",
+                transform=ax.transAxes)
+    return _save(plt, fig, path)
+
+
 def _series(x: list[float], rows: list[dict], key: str) -> tuple[list, list]:
     """(x, values) of the rows that hold `key` (epochs without a test pass are skipped)."""
     pts = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if key in r]
@@ -189,4 +231,4 @@ def plot_curves(run_dir: Path, path: Path) -> Plot:
     return _save(plt, fig, path)
 
 
-__all__ = ["Plot", "pareto_front", "plot_pareto", "plot_curves"]
+__all__ = ["Plot", "pareto_front", "plot_pareto", "plot_latency", "plot_curves"]

@@ -20,6 +20,7 @@ from .rows import (
     COLUMNS,
     LATENCY_COLUMNS,
     PROVENANCE_COLUMNS,
+    QUANT_COLUMNS,
     SPLIT_COLUMNS,
     TTA_COLUMNS,
     VAL_COLUMNS,
@@ -29,7 +30,7 @@ from .seeds import STD_COLUMNS, significance_note
 
 LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "val_top1": "val top-1 (%)",
           "top1_tta": "top-1 flip TTA (%)", "n": "n (seeds)",
-          "delta_top1": "Δ top-1",
+          "delta_top1": "Δ top-1", "delta_source": "Δ top-1 vs input",
           "params_m": "params (M)", "macs_m": "MACs (M)", "mac_reduction_pct": "MACs -%",
           "size_mb": "model.pt (MB)", "wall_seconds": "wall (s)", "speedup": "speedup",
           "torch_pruning": "torch-pruning", "config_hash": "config hash",
@@ -49,6 +50,9 @@ def columns_for(rows: list[dict], options: Options | None = None) -> list[str]:
     cols = list(COLUMNS)
     if options is not None and options.latency:
         cols[cols.index("size_mb"):cols.index("size_mb")] = LATENCY_COLUMNS
+    if any(r.get("artifact") for r in rows):  # a quantized stage: precision, vs its input
+        cols.insert(cols.index("model") + 1, QUANT_COLUMNS[0])
+        cols.insert(cols.index("delta_top1") + 1, QUANT_COLUMNS[1])
     if has_val(rows):
         cols[cols.index("top1") + 1:cols.index("top1") + 1] = VAL_COLUMNS
         cols[cols.index("epochs") + 1:cols.index("epochs") + 1] = SPLIT_COLUMNS
@@ -83,6 +87,8 @@ def _cell(col: str, r: dict) -> str:
 
 
 def _label(col: str, rows: list[dict], columns: list[str]) -> str:
+    if col == "size_mb" and "precision" in columns:  # int8 rows: the artifact's size
+        return "model file (MB)"
     if col in TEST_LABELS and "val_top1" in columns:
         return TEST_LABELS[col]
     if col == "latency_ms":
@@ -99,7 +105,7 @@ def _cell_for(col: str, v: Any) -> str:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if col == "delta_top1":
+    if col in ("delta_top1", "delta_source"):
         return f"{v:+.2f}"
     if col in ("params_m", "macs_m"):
         return f"{v:.3f}" if v < 100 else f"{v:.1f}"

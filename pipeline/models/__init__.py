@@ -26,12 +26,12 @@ import torchvision.models.resnet as tvr
 from torchvision.models.swin_transformer import PatchMerging
 from torchvision.models.vision_transformer import VisionTransformer
 
-from .attention import ATTENTION_TYPES, convert, fix_heads
-from .checkpoint import CheckpointError, load_weights_file, misfit, payload_parts
-from .checkpoint import load as load_checkpoint
-from .config import opt
-from .errors import did_you_mean, first_line
-from .modes import eval_mode
+from ..attention import ATTENTION_TYPES, convert, fix_heads
+from ..checkpoint import CheckpointError, load_weights_file, misfit, payload_parts
+from ..checkpoint import load as load_checkpoint
+from ..config import opt
+from ..errors import did_you_mean, first_line
+from ..modes import eval_mode
 
 CIFAR_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32,
                        "resnet44": 44, "resnet56": 56, "resnet110": 110, "resnet1202": 1202}

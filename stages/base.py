@@ -6,7 +6,6 @@ from __future__ import annotations
 import abc
 import copy
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -19,7 +18,7 @@ from pipeline import distributed as D
 from pipeline.config import ConfigError, Loader, opt
 from pipeline.distributed import DistInfo
 from pipeline.errors import UsageError
-from pipeline.models import model_from_payload
+from pipeline.models import arch_label, model_from_payload
 from pipeline.pruning.spec import effective_round_to
 from pipeline.rundir import MODEL_FILE
 
@@ -103,11 +102,7 @@ class Preflight:
     @property
     def arch_label(self) -> str:
         """The architecture as papers write it (resnet56 -> ResNet-56, vgg16 -> VGG-16)."""
-        name = self.run.model.arch
-        m = re.fullmatch(r"(resnet|vgg)(\d+)(_l1)?", name)
-        if m is None:
-            return name
-        return f"{'ResNet' if m[1] == 'resnet' else 'VGG'}-{m[2]}{m[3] or ''}"
+        return arch_label(self.run.model.arch)
 
 
 def tensor_core_round_to(round_to: int | None, run: Any, cuda: bool) -> int | None:

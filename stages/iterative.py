@@ -53,12 +53,13 @@ from pipeline.pruning.selection import select
 from pipeline.pruning.spec import FPGMConfig
 from pipeline.pruning.surgery import apply_selection, forward_check, output_shape
 from pipeline.rundir import MODEL_FILE
+from pipeline.runspec import RunConfig
 from pipeline.safefs import ensure_dir
 from pipeline.schedules import Schedule, ScheduleConfig
 from pipeline.trainer import TrainConfig, evaluate_splits
 
 from . import training
-from .base import Stage, StageBase, StageContext, tensor_core_round_to
+from .base import StageBase, StageContext, Trains, tensor_core_round_to
 from .finetune import finetune_default_problem, lowest_lr_of
 from .registry import register, upstream_training_stage
 
@@ -138,26 +139,25 @@ def prune_spec(spec: Config) -> PruneSpec:
 
 
 @register
-class Iterative(Stage):
+class Iterative(Trains):
     """Prune-then-finetune rounds on a linear or AGP schedule."""
 
     kind = "iterative"
     Config = Config
     needs_input = True
-    trains = True
     prunes = True
 
-    def base_lr(self, spec: Config, run, name: str) -> float:
+    def base_lr(self, spec: Config, name: str, run: RunConfig) -> float:
         if spec.lr is not None:
             return spec.resolved_lr(0.0)
         return lowest_lr_of(run, upstream_training_stage(run, name))
 
-    def schedule(self, spec: Config, run, name: str) -> Schedule:
+    def schedule(self, spec: Config, name: str, run: RunConfig) -> Schedule:
         """The lr of a round's finetune: constant."""
-        return Schedule(ScheduleConfig(type="constant"), self.base_lr(spec, run, name),
+        return Schedule(ScheduleConfig(type="constant"), self.base_lr(spec, name, run),
                         spec.finetune_epochs, steps_per_epoch(run.data, spec.batch_size))
 
-    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+    def check(self, spec: Config, name: str, run: RunConfig, loader: Loader) -> None:
         if spec.epochs is not None:
             loader.fail(f"stages.{name}.epochs", "an iterative stage trains finetune_epochs "
                         "per round: leave epochs unset")
@@ -165,8 +165,8 @@ class Iterative(Stage):
                 problem := finetune_default_problem(run, name)):
             loader.fail(f"stages.{name}.lr", problem)
 
-    def plan_entry(self, spec: Config, name: str, run) -> dict:
-        lr = self.base_lr(spec, run, name) if (spec.lr is not None or spec.finetune_epochs) \
+    def plan_entry(self, spec: Config, name: str, run: RunConfig) -> dict:
+        lr = self.base_lr(spec, name, run) if (spec.lr is not None or spec.finetune_epochs) \
             else None
         return dict(method=spec.method, policy=spec.policy, rounds=spec.rounds,
                     pruning_schedule=spec.schedule, ratio=spec.ratio,
@@ -267,7 +267,7 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
                  "with fp16/bf16; set round_to to override)", aligned)
     by_macs = spec.target_macs_reduction is not None
     plan = amounts(spec.schedule, spec.rounds, spec.final, spec.initial_ratio)
-    lr = stage.base_lr(spec, ctx.run, ctx.name)
+    lr = stage.base_lr(spec, ctx.name, ctx.run)
     state_path = ctx.stage_dir / "state.json"
     # rank 0 reads what a resume depends on; every rank takes its view
     state = D.decide(lambda: json.loads(state_path.read_text()) if state_path.is_file()

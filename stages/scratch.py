@@ -22,6 +22,7 @@ from typing import Literal
 from pipeline.config import opt
 from pipeline.models import build_model, count_macs, reinitialize, shrink_to, zero_init_last_bn
 from pipeline.rundir import read_summary
+from pipeline.runspec import RunConfig
 from pipeline.trainer import TrainConfig
 
 from . import training
@@ -85,7 +86,7 @@ class Scratch(TrainingStage):
     Config = Config
     needs_input = True
 
-    def plan_entry(self, spec: Config, name: str, run) -> dict:
+    def plan_entry(self, spec: Config, name: str, run: RunConfig) -> dict:
         entry = {**super().plan_entry(spec, name, run), "budget": spec.budget}
         if spec.budget == "B":
             entry["note"] = ("Scratch-B: epochs and milestones are multiplied by the MACs ratio "

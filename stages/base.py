@@ -33,8 +33,8 @@ class StageInputError(UsageError):
 
 @dataclass
 class StageBase:
-    type: str = opt(help="stage kind: pretrain | sensitivity | prune | finetune | scratch | "
-                    "rewind | iterative")
+    type: str = opt(help="stage kind: a name in the registry (`stages.REGISTRY`); an unknown "
+                    "one is an error that lists them")
     from_: str | None = opt(None, key="from", help="the earlier stage whose model is the input")
 
 

@@ -45,7 +45,7 @@ class Family(abc.ABC):
     projections: ClassVar[tuple[str, ...]] = ()
     residual_layers: ClassVar[tuple[type[nn.Module], ...]] = ()
     opaque_layers: ClassVar[tuple[type[nn.Module], ...]] = ()
-    torchvision: ClassVar[bool] = False  # builds torchvision models (CIFAR names shadow them)
+    from_torchvision: ClassVar[bool] = False  # builds torchvision models (CIFAR names shadow)
     catch_all: ClassVar[bool] = False  # torchvision: the family of names no other claims
 
     def names(self) -> list[str]:
@@ -111,7 +111,7 @@ class Family(abc.ABC):
 class TorchvisionFamily(Family):
     """Networks of torchvision, claimed by name prefix and built by `get_model`."""
 
-    torchvision = True
+    from_torchvision = True
     prefixes: ClassVar[tuple[str, ...]] = ()
 
     def claims(self, tv_name: str) -> bool:

@@ -43,7 +43,7 @@ def torchvision_names() -> list[str]:
 
 def cifar_names() -> list[str]:
     """The names of the networks defined here (the CIFAR ones), family by family."""
-    return [n for f in FAMILIES.values() if not f.torchvision for n in f.names()]
+    return [n for f in FAMILIES.values() if not f.from_torchvision for n in f.names()]
 
 
 def known_archs() -> list[str]:
@@ -63,12 +63,12 @@ def _torchvision_name(name: str) -> str | None:
 def resolve(name: str) -> tuple[Family, str] | None:
     """(family, the name the family builds) of an architecture name, or None."""
     for family in FAMILIES.values():
-        if not family.torchvision and name in family.names():
+        if not family.from_torchvision and name in family.names():
             return family, name
     tv_name = _torchvision_name(name)
     if tv_name is None:
         return None
-    tv = [f for f in FAMILIES.values() if f.torchvision]
+    tv = [f for f in FAMILIES.values() if f.from_torchvision]
     claimed = [f for f in tv if f.claims(tv_name)]
     if len(claimed) > 1:
         raise ValueError(f"{tv_name!r} is claimed by several families: "

@@ -139,15 +139,15 @@ class Quantize(TrainingStage):
     needs_input = True
     trains = False  # its output is an int8 artifact, never a schedule to continue
 
-    def base_lr(self, spec: Config, run, name: str) -> float:
+    def base_lr(self, spec: Config, name: str, run) -> float:
         if spec.lr is not None:
             return spec.resolved_lr(0.0)
         return lowest_lr_of(run, upstream_training_stage(run, name))
 
-    def lr_source(self, spec: Config, run, name: str) -> str:
+    def lr_source(self, spec: Config, name: str, run) -> str:
         if spec.lr is None:
             return f"lowest lr of '{upstream_training_stage(run, name)}'"
-        return super().lr_source(spec, run, name)
+        return super().lr_source(spec, name, run)
 
     def check(self, spec: Config, name: str, run, loader: Loader) -> None:
         key = f"stages.{name}"
@@ -261,7 +261,7 @@ def _qat(stage: Quantize, spec: Config, ctx: StageContext, model: nn.Module, pay
     names = attach_fake_quant(model, wmax=wmax)
     calibrate_fake_quant(model, batches)
     log.info("stage %s: %d layers fake-quantized for QAT", ctx.name, len(names))
-    lr = stage.base_lr(spec, ctx.run, ctx.name)
+    lr = stage.base_lr(spec, ctx.name, ctx.run)
     result = training.train(ctx, spec, model, payload["arch"], lr, meta={"qat": True})
     path = ctx.stage_dir / MODEL_FILE
     plain = model_from_payload(payload, str(ctx.input_path(spec.from_)))

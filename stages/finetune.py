@@ -46,10 +46,12 @@ def finetune_default_problem(run: RunConfig, name: str) -> str | None:
     if run.stages[up].epochs == 0:
         return (f"required: the upstream stage '{up}' trains no epochs (it passes "
                 "model.pretrained on), so it has no lowest lr to take")
-    sched = run.stages[up].schedule
-    if sched.decays_to_zero:
-        return (f"required: the upstream stage '{up}' decays to 0 ({sched.type}, min_lr 0), so "
-                "its lowest lr is no finetune lr; set this lr or the upstream min_lr")
+    spec = run.stages[up]
+    # the stage's own lr schedule: an iterative stage's `schedule` key is its pruning schedule
+    if stage_of(spec).schedule(spec, up, run).decays_to_zero:
+        return (f"required: the upstream stage '{up}' decays to 0 ({spec.schedule.type}, "
+                "min_lr 0), so its lowest lr is no finetune lr; set this lr or the upstream "
+                "min_lr")
     return None
 
 

@@ -109,3 +109,16 @@ def test_killed_iterative_run_resumes_exactly(tmp_path, tiny_config):
                          ckpt.load(ref / "it/model.pt")["state_dict"])
     strip = [{k: v for k, v in r.items()} for r in rounds(ref / "it/rounds.csv")]
     assert rounds(out / "it/rounds.csv") == strip
+
+
+def test_a_finetune_after_an_iterative_stage_takes_its_lr(tiny_config, cli):
+    """The iterative stage's `schedule` key names its pruning schedule; a finetune after it
+    defaults its lr from the stage's own (constant) lr schedule."""
+    stages = {**ITER["stages"],
+              "ft_it": {"type": "finetune", "from": "it", "epochs": 1, "batch_size": 32}}
+    code, out, err = cli("run", tiny_config({**ITER, "stages": stages}), "--dry-run",
+                         "--format", "json")
+    assert code == 0, err
+    plan = json.loads(out)
+    fine = next(s for s in plan["stages"] if s["name"] == "ft_it")
+    assert "lowest lr of 'it'" in json.dumps(fine)

@@ -97,7 +97,10 @@ class Preflight:
 
     def input_model(self, spec: Any, copied: bool = False) -> nn.Module:
         """The output model of the stage `spec` takes its input from (a copy with `copied`,
-        for a stage that changes it)."""
+        for a stage that changes it); ConfigError when that stage writes no model."""
+        if spec.from_ not in self.models:  # e.g. a PTQ stage: its output is an int8 file
+            name = next((n for n, s in self.run.stages.items() if s is spec), "?")
+            self.fail(f"stages.{name}.from", f"stage {spec.from_!r} writes no model.pt to take")
         model = self.models[spec.from_]
         return copy.deepcopy(model) if copied else model
 

@@ -47,8 +47,9 @@ def finetune_default_problem(run: RunConfig, name: str) -> str | None:
         return (f"required: the upstream stage '{up}' trains no epochs (it passes "
                 "model.pretrained on), so it has no lowest lr to take")
     spec = run.stages[up]
-    # the stage's own lr schedule: an iterative stage's `schedule` key is its pruning schedule
-    if stage_of(spec).schedule(spec, up, run).decays_to_zero:
+    # an iterative stage's `schedule` key names its pruning schedule (a string); its lr
+    # schedule is constant. Read from the config: building the schedule needs data sizes.
+    if getattr(spec.schedule, "decays_to_zero", False):
         return (f"required: the upstream stage '{up}' decays to 0 ({spec.schedule.type}, "
                 "min_lr 0), so its lowest lr is no finetune lr; set this lr or the upstream "
                 "min_lr")

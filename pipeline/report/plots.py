@@ -1,5 +1,6 @@
 """The plots of `compare --plot`: top-1 against MACs of every completed model (with the
-Pareto front), and the training curves of a run. Each returns a `Plot`: the PNG it wrote and
+Pareto front), the same against measured latency when there is one, and the training
+curves of a run. Each returns a `Plot`: the PNG it wrote and
 the points it drew, read back from the figure, by series."""
 
 from __future__ import annotations
@@ -58,16 +59,17 @@ def _save(plt: Any, fig: Any, path: Path) -> Plot:
     return Plot(path, series)
 
 
-def _label_offsets(points: list[dict], step: float = 9.0) -> dict[int, float]:
+def _label_offsets(points: list[dict], step: float = 9.0, x: str = "macs_m"
+                   ) -> dict[int, float]:
     """Vertical label offset (points) of each row's point: labels of points that nearly
     coincide (within 3% of the axes' spans; pruned models of one width share their MACs)
     are stacked instead of drawn over each other."""
     if not points:
         return {}
-    xs, ys = [r["macs_m"] for r in points], [r["top1"] for r in points]
+    xs, ys = [r[x] for r in points], [r["top1"] for r in points]
     dx, dy = 0.03 * (max(xs) - min(xs)) or 1e-9, 0.03 * (max(ys) - min(ys)) or 1e-9
     order = sorted(points, key=lambda r: -r["top1"])  # highest first, the next ones below
-    return {id(r): 4.0 - step * sum(abs(r["macs_m"] - p["macs_m"]) <= dx
+    return {id(r): 4.0 - step * sum(abs(r[x] - p[x]) <= dx
                                     and abs(r["top1"] - p["top1"]) <= dy for p in order[:i])
             for i, r in enumerate(order)}
 
@@ -81,8 +83,10 @@ def pareto_front(points: Points) -> Points:
     return front
 
 
-def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int, float]) -> None:
-    """One run's models: its baseline starred, the others joined to it."""
+def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int, float],
+              x: str = "macs_m") -> None:
+    """One run's models (x: the row key of the horizontal axis): its baseline starred, the
+    others joined to it."""
     base = next((r for r in mine if r.get("baseline") == f"{run}/{r['stage']}"), None)
     paths: dict[str, list[dict]] = {}
     for r in mine:
@@ -91,21 +95,21 @@ def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int
     for owner, steps in paths.items():  # rounds: a path from the star to the stage's model
         end = next((r for r in mine if r["stage"] == owner), None)
         pts = ([base] if base is not None else []) + steps + ([end] if end else [])
-        ax.plot([p["macs_m"] for p in pts], [p["top1"] for p in pts], color=color, lw=1,
+        ax.plot([p[x] for p in pts], [p["top1"] for p in pts], color=color, lw=1,
                 ls="-.", marker=".", alpha=0.7, gid=f"{run}/{owner} path")
     for r in mine:
         if r.get("path_of"):
             continue
         gid = f"{run}/{r['stage']}"
         if r is base:
-            ax.scatter(r["macs_m"], r["top1"], marker="*", s=180, color=color, zorder=3,
+            ax.scatter(r[x], r["top1"], marker="*", s=180, color=color, zorder=3,
                        label=f"{run} ({r['stage']}, dense)", gid=gid)
         else:
-            ax.scatter(r["macs_m"], r["top1"], s=40, color=color, zorder=3, gid=gid)
+            ax.scatter(r[x], r["top1"], s=40, color=color, zorder=3, gid=gid)
             if base is not None:
-                ax.plot([base["macs_m"], r["macs_m"]], [base["top1"], r["top1"]],
+                ax.plot([base[x], r[x]], [base["top1"], r["top1"]],
                         color=color, alpha=0.3, lw=1, gid=f"{gid} link")
-        ax.annotate(r["stage"], (r["macs_m"], r["top1"]), textcoords="offset points",
+        ax.annotate(r["stage"], (r[x], r["top1"]), textcoords="offset points",
                     xytext=(5, label_y[id(r)]), fontsize=8, color=color)
     if base is None and mine:
         ax.scatter([], [], color=color, label=run)
@@ -114,27 +118,40 @@ def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int
 def plot_pareto(rows: list[dict], path: Path) -> Plot:
     """Top-1 against MACs: every completed model, each run's baseline starred, the pruned
     models joined to their baseline, and the Pareto front (best top-1 at no more MACs)."""
+    return _front_plot(rows, path, "macs_m", "MACs per image (millions, conv + linear)",
+                       "Accuracy against computation")
+
+
+def plot_accuracy_latency(rows: list[dict], path: Path, xlabel: str) -> Plot:
+    """Top-1 against measured latency (each row's `plot_latency_ms`, see
+    `measured.plot_latency`), drawn as the MACs plot is: baselines starred, the Pareto front
+    (best top-1 at no more time)."""
+    return _front_plot(rows, path, "plot_latency_ms", xlabel,
+                       "Accuracy against measured latency")
+
+
+def _front_plot(rows: list[dict], path: Path, x: str, xlabel: str, title: str) -> Plot:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     done = [r for r in rows if r.get("status") == "completed" and r.get("top1") is not None
-            and r.get("macs_m")]
+            and r.get(x)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    label_y = _label_offsets(done)
+    label_y = _label_offsets(done, x=x)
     for i, run in enumerate(dict.fromkeys(r["run"] for r in done)):
         _draw_run(ax, run, [r for r in done if r["run"] == run], colors[i % len(colors)],
-                  label_y)
-    front = pareto_front([(r["macs_m"], r["top1"]) for r in done])
+                  label_y, x)
+    front = pareto_front([(r[x], r["top1"]) for r in done])
     if len(front) > 1:
         xs, ys = zip(*front, strict=True)
         ax.step(xs, ys, where="post", color="gray", ls="--", lw=1, label="Pareto front",
                 gid="pareto front")
-    macs = [r["macs_m"] for r in done]
-    if macs and max(macs) / min(macs) > 20:
+    values = [r[x] for r in done]
+    if values and max(values) / min(values) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel("MACs per image (millions, conv + linear)")
+    ax.set_xlabel(xlabel)
     held_out = any(r.get("val_top1") is not None for r in rows)  # data.val_split: name the split
     ax.set_ylabel("test top-1 (%)" if held_out else "top-1 (%)")
-    ax.set_title("Accuracy against computation")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if done:
         ax.legend(fontsize=8, loc="best")
@@ -189,4 +206,4 @@ def plot_curves(run_dir: Path, path: Path) -> Plot:
     return _save(plt, fig, path)
 
 
-__all__ = ["Plot", "pareto_front", "plot_pareto", "plot_curves"]
+__all__ = ["Plot", "pareto_front", "plot_accuracy_latency", "plot_pareto", "plot_curves"]

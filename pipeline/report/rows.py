@@ -37,6 +37,7 @@ from ..rundir import (
     stage_specs,
 )
 from .latency import file_latency_ms, input_size_of, latency_device_for
+from .measured import add_measured
 
 COLUMNS = ["run", "stage", "type", "status", "model", "method", "ratio", "top1", "top5",
            "delta_top1", "params_m", "macs_m", "mac_reduction_pct", "size_mb", "epochs",
@@ -255,6 +256,7 @@ def _add_results(row: dict, run_dir: Path, specs: dict[str, dict], name: str, s:
                           for n in chain(specs, name) if is_prune_stage(specs[n]))
     if macs and dense_macs:
         row["mac_reduction_pct"] = 100 * (1 - macs / dense_macs)
+    add_measured(row, s)
     notes = _notes(run_dir, specs, name, s, prov)
     if notes:
         row["note"] = "; ".join(notes)

@@ -30,7 +30,11 @@ from pipeline.pruning.latency import (
     search_widths,
     user_cache_dir,
 )
-from pipeline.pruning.latency.prune import calibrated, group_scores
+from pipeline.pruning.latency.prune import (
+    calibrated,
+    group_scores,
+    prune_round_to_latency,
+)
 from pipeline.pruning.latency.search import kept_importance
 from pipeline.pruning.prune import gradient_refresher
 
@@ -157,9 +161,7 @@ def aligned_round_to(spec: Any, model: nn.Module, ctx: StageContext) -> tuple[in
     if ctx.dist.is_main:
         table, _ = latency_table(model, _prune_spec(spec, "l1"), torch.zeros((1, *size)),
                                  size, cfg, table_cache(cfg, ctx.run_dir))
-        record = {"round_to": table.alignment, "backend": cfg.backend,
-                  "batch_size": cfg.batch_size, "device": cfg.device, "threads": cfg.threads,
-                  "precision": cfg.precision, "table": table.describe()}
+        record = {"round_to": table.alignment, **_where(cfg), "table": table.describe()}
     record = D.broadcast_object(record) if ctx.dist.world_size > 1 else record
     return int(record["round_to"]), record
 
@@ -196,11 +198,71 @@ def report_miss(name: str, record: dict) -> None:
     """A warning saying by how much a missed target was missed."""
     if record.get("met") is False:
         miss = record["missed_by"]
+        tries = len(record.get("iterations") or []) or 1
         log.warning("stage '%s': latency target missed after %d iteration(s): %.4g ms "
-                    "measured against %.4g ms (%.1f%% over%s)", name,
-                    len(record["iterations"]), record["pruned_ms"], record["goal_ms"],
+                    "measured against %.4g ms (%.1f%% over%s)", name, tries,
+                    record["pruned_ms"], record["goal_ms"],
                     100 * miss["share"], f", speedup {record['speedup']:.3f}x" if
                     "speedup" in miss else "")
+
+
+class IterativeTarget:
+    """An iterative stage's latency target: the table of its input model (built once, rank 0
+    measures, every rank gets it), the dense time, and per round the time to reach: the
+    share a_t of the schedule of the way from the dense time to the goal."""
+
+    def __init__(self, spec: Any, ctx: StageContext, model: nn.Module):
+        self.spec, self.cfg, self.size = spec, spec.latency_config(), ctx.input_size
+        self.pspec = _prune_spec(spec)
+        example = torch.zeros((1, *self.size))
+        table = dense_ms = None
+        if ctx.dist.is_main:
+            table, _ = latency_table(model, self.pspec, example, self.size, self.cfg,
+                                     table_cache(self.cfg, ctx.run_dir))
+            dense_ms = calibrated(table, model, self.pspec, example, self.size, self.cfg)
+        if ctx.dist.world_size > 1:
+            table, dense_ms = D.broadcast_object((table, dense_ms))
+        self.table, self.dense_ms = table, dense_ms
+        self.goal_ms = target_of(spec).goal_ms(dense_ms)
+
+    def round_goal(self, share: float) -> float:
+        """The predicted time a round ends at: `share` of the way to the goal."""
+        return self.dense_ms - share * (self.dense_ms - self.goal_ms)
+
+    def prune_round(self, model: nn.Module, dense_ids: dict, share: float, seed: int) -> float:
+        """Prune one round in place (see `prune_round_to_latency`); the predicted ms."""
+        widths = prune_round_to_latency(model, self.pspec, torch.zeros((1, *self.size)),
+                                        self.table, self.round_goal(share), dense_ids, seed)
+        return self.table.predict_ms(widths)
+
+    def finish(self, ctx: StageContext, dense: nn.Module, pruned: nn.Module) -> dict:
+        """The last round's model against the input, end to end (rank 0), in latency.json;
+        returns the summary fields (a miss is logged with its size)."""
+        record = None
+        if ctx.dist.is_main:
+            t = end_to_end({"dense": dense, "pruned": pruned}, self.size, self.cfg)
+            d, p = t["dense"]["median_ms"], t["pruned"]["median_ms"]
+            goal = target_of(self.spec).goal_ms(d)
+            record = {"target": {"speedup": self.spec.target_speedup,
+                                 "latency_ms": self.spec.target_latency_ms},
+                      **_where(self.cfg), "dense_ms": d, "pruned_ms": p, "speedup": d / p,
+                      "goal_ms": goal, "met": p <= goal, "iterations": [],
+                      "missed_by": None if p <= goal else {
+                          "ms": p - goal, "share": p / goal - 1,
+                          **({"speedup": self.spec.target_speedup - d / p}
+                             if self.spec.target_speedup else {})},
+                      "table": self.table.describe()}
+            write_record(ctx, record)
+            report_miss(ctx.name, record)
+        if ctx.dist.world_size > 1:
+            record = D.broadcast_object(record)
+        return summary_fields(record)
+
+
+def _where(cfg: LatencyConfig) -> dict:
+    return {"backend": cfg.backend, "batch_size": cfg.batch_size, "device": cfg.device,
+            "threads": cfg.threads, "precision": cfg.precision,
+            "channels_last": cfg.channels_last, "runs": cfg.runs, "warmup": cfg.warmup}
 
 
 def plan_lines(entry: dict) -> list[str]:
@@ -228,6 +290,6 @@ def _threads(lat: dict) -> str:
     return f", {lat['threads']} thread(s)" if lat.get("threads") else ""
 
 
-__all__ = ["CACHE_FOLDER", "LATENCY_FILE", "aligned_round_to", "check_backend",
+__all__ = ["CACHE_FOLDER", "IterativeTarget", "LATENCY_FILE", "aligned_round_to", "check_backend",
            "measure_pair", "measured", "plan_lines", "predict", "prune", "report_miss",
            "summary_fields", "table_cache", "target_of", "write_record"]

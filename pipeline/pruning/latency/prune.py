@@ -201,5 +201,37 @@ def _missed_by(attempt: dict, target: Target) -> dict:
     return out
 
 
+
+
+def prune_round_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
+                           table: LatencyTable, goal_ms: float, dense_ids: dict[str, list[int]],
+                           seed: int = 0) -> list[int]:
+    """One round of iterative pruning toward a time: each group narrowed (never widened) to
+    the widths that keep the most importance, scored on the current weights, within the
+    predicted `goal_ms`. `dense_ids` (group name -> the dense indices of its current
+    channels) is updated. Returns the widths by group index of the table."""
+    shape = output_shape(model, example)
+    dg = build_graph(model, example)
+    groups = {g.name: g for g in required(candidate_groups(model, dg, spec), spec)}
+    ordered = [groups[n] for n in table.names]
+    for g in ordered:
+        g.dense_ids = list(dense_ids.get(g.name, range(g.channels)))
+    current = [g.channels for g in ordered]
+    scores = group_scores(spec, ordered, seed)
+    kept = [kept_importance(s, [w for w in c if w <= cur] or [cur])
+            for s, c, cur in zip(scores, table.candidates, current, strict=True)]
+    for k, cur in zip(kept, current, strict=True):
+        k.setdefault(cur, max(k.values()))
+    widths = search_widths(table, kept, table.sum_for(goal_ms), upper=current)
+    selection = {gi: lowest(s, cur - w, g.channel_groups)
+                 for gi, (g, s, cur, w) in enumerate(zip(ordered, scores, current, widths,
+                                                         strict=True)) if w < cur}
+    apply_selection(dg, ordered, selection)
+    forward_check(model, example, shape, spec.policy)
+    for g in ordered:
+        dense_ids[g.name] = list(g.dense_ids)
+    return widths
+
+
 __all__ = ["LatencyResult", "Target", "calibrated", "end_to_end", "group_scores",
-           "latency_table", "prune_to_latency", "prune_widths"]
+           "latency_table", "prune_round_to_latency", "prune_to_latency", "prune_widths"]

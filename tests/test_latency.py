@@ -183,7 +183,7 @@ def test_smoke_pipeline_meets_a_speedup_target_in_onnxruntime(cli, tmp_path):
                                   latency=LATENCY)
     cfg["stages"]["finetune"]["epochs"] = 1
     path = tmp_path / "smoke.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     code, out, err = cli("run", path, "--dry-run")
     assert code == 0, err
     assert "predicted latency:" in out and "latency target: speedup 1.3x on onnxruntime" in out

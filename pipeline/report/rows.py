@@ -178,6 +178,10 @@ def _prune_spec(specs: dict[str, dict], run_dir: Path, name: str) -> tuple[str, 
             ratio: Any = "per layer"
         elif spec.get("target_macs_reduction") is not None:
             ratio = f"MACs -{100 * spec['target_macs_reduction']:g}%"
+        elif spec.get("target_speedup") is not None:
+            ratio = f"{spec['target_speedup']:g}x faster"
+        elif spec.get("target_latency_ms") is not None:
+            ratio = f"<= {spec['target_latency_ms']:g} ms"
         else:
             ratio = s.get("ratio", spec.get("ratio"))
         return str(method), ratio

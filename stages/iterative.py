@@ -116,7 +116,7 @@ class Config(StageBase, LatencyTargetKeys, TrainConfig):
         if self.round_to == "auto" and not self.has_latency_target:
             raise Invalid("round_to", "auto snaps to the stairs a latency target measures: "
                           "give target_speedup or target_latency_ms, or an integer")
-        final = self.ratio if self.ratio is not None else self.target_macs_reduction
+        final = self.final
         if self.initial_ratio >= final:
             raise Invalid("initial_ratio", f"{self.initial_ratio:g} must be below the final "
                           f"amount {final:g}")

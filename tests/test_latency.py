@@ -204,3 +204,51 @@ def test_smoke_pipeline_meets_a_speedup_target_in_onnxruntime(cli, tmp_path):
     row = next(r for r in json.loads(out) if r["stage"] == "prune")
     assert row["stage_speedup"] == pytest.approx(record["speedup"])
     assert row["target_speedup"] == 1.3
+
+
+QUICK_TORCH = {"backend": "torch", "batch_size": 8, "device": "cpu", "threads": 1,
+               "scan_points": 2, "table_runs": 1, "runs": 3, "warmup": 1, "max_iterations": 1}
+
+
+def test_round_to_auto_prunes_to_the_measured_alignment(tiny_config, cli, tmp_path):
+    cfg = tiny_config({"stages": {
+        "pretrain": {"epochs": 1},
+        "prune": {"ratio": 0.4, "round_to": "auto", "latency": QUICK_TORCH}}})
+    code, _, err = cli("run", cfg, "--stage", "pretrain")
+    assert code == 0, err
+    code, _, err = cli("run", cfg, "--stage", "prune")
+    assert code == 0, err
+    stage = tmp_path / "runs" / "tiny" / "prune"
+    record = json.loads((stage / "latency.json").read_text())
+    k = record["round_to"]
+    assert k in (1, 2, 4, 8, 16, 32, 64) and record["dense_ms"] > 0
+    layers = json.loads((stage / "layers.json").read_text())
+    assert layers and all(e["after"] % k == 0 for e in layers)
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["latency"]["round_to"] == k
+
+
+def test_iterative_rounds_narrow_toward_a_latency_target(tiny_config, cli, tmp_path):
+    cfg = tiny_config({"data": {"synthetic": {"image_size": 32}}, "stages": {
+        "pretrain": {"epochs": 1},
+        "prune": {"type": "iterative", "from": "pretrain", "ratio": None, "rounds": 2,
+                  "finetune_epochs": 0, "policy": "all", "target_speedup": 1.2,
+                  "latency": {**QUICK_TORCH, "batch_size": 64, "runs": 7}},
+        "finetune": {"from": "pretrain"}}})
+    code, out, err = cli("run", cfg, "--dry-run")
+    assert code == 0, err
+    assert "share of the time to the latency target after each round: 0.875, 1" in out
+    assert "latency target: speedup 1.2x on torch (cpu, batch 64, 1 thread(s))" in out
+    code, _, err = cli("run", cfg, "--stage", "pretrain")
+    assert code == 0, err
+    code, _, err = cli("run", cfg, "--stage", "prune")
+    assert code == 0, err
+    stage = tmp_path / "runs" / "tiny" / "prune"
+    summary = json.loads((stage / "summary.json").read_text())
+    first, last = (r["widths"] for r in summary["rounds"])
+    assert all(last[g] <= first[g] for g in first)  # a round never widens
+    assert summary["macs"] < summary["macs_before"]
+    record = json.loads((stage / "latency.json").read_text())
+    assert record["backend"] == "torch" and record["target"]["speedup"] == 1.2
+    assert summary["latency"]["ms"] == record["pruned_ms"]
+    assert set(record["table"]["groups"]) >= set(first)

@@ -8,6 +8,10 @@ dense numbering; per attention module that lost heads an entry with "kind": "hea
 and a summary with params, MACs before and after, and the pruned
 model's accuracy before any recovery (`top1`, `top5`, `test_loss`).
 
+With `target_speedup` or `target_latency_ms` (and `latency`: the runtime) the widths come
+from a latency table measured in that runtime and the pruned model is timed against the
+dense one end to end (`latency.json`; `stages.latency`, `pipeline.pruning.latency`).
+
 After soft pruning (`prune_during_training` of the input stage) this stage is where
 the filters are removed: it removes exactly the filters soft pruning zeroed after the
 last epoch (recorded in the input's model.pt), so its selection keys must be left out

@@ -14,8 +14,9 @@ Normalize) + DataLoader(shuffle, num_workers=2, pin_memory on CUDA), timed from 
 start of its epoch (worker start-up included, as every epoch pays it). The pipeline's
 own DataLoader path (persistent workers, uint8 transfer) is shown for reference.
 
-Needs ../shared/data (the real CIFAR-10, unpacked with get_cifar10.sh into --data);
-skips with a reason when it is absent. Ends with one line per target.
+Needs the real CIFAR-10 as an ImageFolder tree of image files (`--data DIR`: train/ and
+test/, one folder per class, 50,000 + 10,000 images, e.g. torchvision's CIFAR10 written out
+as PNG files); skips with a reason when it is absent. Ends with one line per target.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pipeline.data import (  # noqa: E402
 )
 from pipeline.models import build_model  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
+FETCH = ROOT.parent / "shared" / "data" / "get_cifar10.sh"  # unpacks the tree, where present
 GOAL_RATIO, GOAL_SHARE = 5.0, 0.05
 
 
@@ -131,23 +132,27 @@ def with_step(name: str, source, device: torch.device, n_steps: int,
     return t_data, t_step, images
 
 
-def cifar_tree(dest: Path) -> Path:
-    subprocess.run([str(SHARED / "get_cifar10.sh"), str(dest)], check=True,
-                   stdout=subprocess.DEVNULL)
-    return dest
+def cifar_tree(dest: Path) -> Path | None:
+    """The CIFAR-10 ImageFolder tree at `dest` (unpacked there first by the fetch script when
+    the tree is incomplete and the script exists), or None."""
+    if FETCH.is_file():
+        subprocess.run([str(FETCH), str(dest)], check=True, stdout=subprocess.DEVNULL)
+    return dest if (dest / "train").is_dir() and (dest / "test").is_dir() else None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a fraction of an epoch (under a minute)")
     p.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "pipeline-bench-cifar10"),
-                   help="where to unpack the CIFAR-10 JPEG tree (reused when complete)")
+                   help="the CIFAR-10 ImageFolder tree of image files (train/, test/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
-    if not (SHARED / "get_cifar10.sh").is_file():
-        print(f"skipped: {SHARED} (the real CIFAR-10) is absent")
+    root = cifar_tree(Path(args.data))
+    if root is None:
+        print(f"skipped: no CIFAR-10 ImageFolder tree at {args.data} (train/ and test/ of "
+              "image files): give --data DIR")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     n_steps = 2 if args.quick else (5 if cpu else 50)
     step_bs = (64 if args.quick else 128) if cpu else bs
 
-    root = cifar_tree(Path(args.data))
     cfg = Loader("benchmark").load(DataConfig, {"dataset": "cifar10", "root": str(root),
                                                 "loader": "tensor"}, "data")
     cached = any(p.is_file() for p in cache_paths(root / "train", 32))

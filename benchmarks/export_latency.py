@@ -1,5 +1,5 @@
 """PyTorch against onnxruntime for dense and pruned CIFAR ResNets, through the export a user
-runs (issue 17): the table of the README's "Using a pruned model".
+runs (`python -m pipeline export`): the table of the README's "Using a pruned model".
 
 For ResNet-20 and ResNet-56 (CIFAR, option A, 32x32), dense and FPGM 40% (`policy: all`),
 each model is saved as a stage of a run directory and exported with

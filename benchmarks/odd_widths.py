@@ -1,5 +1,5 @@
 """Why pruned ResNet-56 (FPGM 40%, widths 10/20/39) misses 0.7 of its MACs ratio on the CPU,
-layer by layer, and whether padding the widths to a multiple of 8 would help (issue 19).
+layer by layer, and whether padding the widths to a multiple of 8 would help (`round_to`).
 
 For every convolution of the dense and the pruned network (batch 128, 32x32 input, option-A
 shortcuts, one intra-op thread) the convolution alone is timed on an input of its shape,

@@ -1,4 +1,5 @@
-"""CPU inference time of pruned networks against their MACs ratio (issue 6).
+"""CPU inference time of pruned networks against their MACs ratio: does a MACs reduction
+become a wall-clock speedup on the CPU.
 
 For ResNet-56 (CIFAR, option A, 32x32 input; batch 1 and 128) and ResNet-50 (torchvision,
 224x224; batch 1 and 32): the unpruned model and FPGM-pruned copies at 30/40/50% and at

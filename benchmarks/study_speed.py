@@ -50,8 +50,8 @@ def data_root(arg: str | None) -> Path:
         if (cand / "train").is_dir():
             return cand
     if not SHARED.is_file():
-        sys.exit(f"skipped: no CIFAR-10 ImageFolder tree and no {SHARED} to unpack one "
-                 "(pass --root DIR)")
+        sys.exit("skipped: no CIFAR-10 ImageFolder tree (train/, test/ of image files): "
+                 "pass --root DIR")
     dest = Path(tempfile.gettempdir()) / "cifar10"
     subprocess.run(["bash", str(SHARED), str(dest)], check=True)
     return dest
@@ -103,8 +103,8 @@ def plain_side(root: Path, spec, workers: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="24 steps each (under a minute)")
-    ap.add_argument("--root", help="CIFAR-10 ImageFolder tree (default: data/cifar10 or "
-                    "unpack ../shared/data into the temp folder)")
+    ap.add_argument("--root", help="the real CIFAR-10 as an ImageFolder tree of image files "
+                    "(train/, test/; default: data/cifar10 when it holds one)")
     ap.add_argument("--workers", type=int, default=2, help="plain DataLoader workers")
     args = ap.parse_args()
     root = data_root(args.root)

@@ -15,14 +15,16 @@ width `num_heads x head_dim` stored as data (the projections' shapes):
 
 Their parameter names are torchvision's, so torchvision's state dicts (pretrained
 weights) load into them unchanged. `convert(model)` swaps them in (done by
-`models.build_model` for the vit_* and swin_t/s/b models); `remove_heads` removes whole
-heads; `head_vectors` gives one parameter vector per head for the criteria.
+`models.build_model` for the vit_* and swin_t/s/b models: `models.vision_transformers`);
+`remove_heads` removes whole heads; `head_vectors` gives one parameter vector per head for
+the criteria.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -56,6 +58,8 @@ class SelfAttention(nn.Module):
     Called as torchvision's EncoderBlock calls `nn.MultiheadAttention`: `(x, x, x,
     need_weights=False)` -> `(output, None)`; query, key and value must be one tensor.
     """
+
+    returns_pair: ClassVar[bool] = True  # forward gives (output, None), as the module it replaces
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, dropout: float = 0.0,
                  bias: bool = True):

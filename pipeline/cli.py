@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--provenance", action="store_true",
                    help="also show each run's code version, library versions, device, seed, "
                         "config hash and command")
+    c.add_argument("--each-seed", action="store_true",
+                   help="one row per run even for runs that differ only in seed (default: "
+                        "such runs are aggregated into mean ± std over the seeds, with n)")
     c.add_argument("--baseline", metavar="STAGE_DIR",
                    help="the dense model every run is compared with (a completed stage "
                         "directory), instead of each run's own pretrain stage")
@@ -116,6 +119,9 @@ def _add_eval_parser(sub) -> None:
                    help="autocast precision (default: the run's precision)")
     v.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    v.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: flip also reports top1_tta/top5_tta, each "
+                        "image scored by the mean of its logits and its mirror image's")
     v.add_argument("--format", choices=["text", "json"], default="text",
                    help="output format (json keys: top1, top5, test_loss, images, "
                         "checkpoint, ...)")
@@ -180,7 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             for s in summaries:
                 top1 = s.get("top1")
-                print(f"{s['stage']:<16} {s['type']:<9} {s['status']:<10} top-1 "
+                print((f"{s['run']:<24} " if "run" in s else "") +
+                      f"{s['stage']:<16} {s['type']:<9} {s['status']:<10} top-1 "
                       f"{'-' if top1 is None else f'{top1:.2f}'}")
     return EXIT_OK
 
@@ -215,6 +222,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = []
     for d in dirs:
         rows.extend(report.rows_for(d, options))
+    if not args.each_seed:
+        rows = report.aggregate(rows, dirs)
     cols = report.columns_for(rows, options)
     if args.format == "md":
         print(report.to_markdown(rows, cols))
@@ -261,7 +270,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(checkpoint=args.checkpoint, data_root=args.data_root,
                           split=args.split, batch_size=args.batch_size,
-                          precision=args.precision, device=args.device)
+                          precision=args.precision, device=args.device, tta=args.tta)
     result = evaluate_stage(args.stage, options)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2) if args.format == "json" else format_eval(result))

@@ -7,7 +7,8 @@ names no earlier stage. Errors are `ConfigError`s carrying the file and the dott
 raised before any work starts.
 
 Field metadata understood by the loader:
-  help      one-line meaning (used by the README's config reference)
+  help      one-line meaning (the config reference docs/config.md is generated from it:
+            `python -m pipeline.reference`)
   key       the YAML key when it differs from the field name (`from` -> `from_`)
   min/max   inclusive bounds;  gt/lt  exclusive bounds
   limit     an inclusive upper bound that guards resources, not meaning (epochs, batch and

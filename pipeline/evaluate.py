@@ -28,7 +28,7 @@ from .models import check_forward, count_macs, count_params, model_from_payload
 from .precision import AUTO, eval_precision
 from .rng import configure_kernels
 from .rundir import CONFIG_FILE, MODEL_FILE, read_config, stage_specs
-from .trainer import evaluate
+from .trainer import TTA, evaluate
 
 SPLITS = ("test", "val")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -49,6 +49,7 @@ class EvalOptions:
     batch_size: int = 256
     precision: str | None = None  # default the run's precision
     device: str = "auto"
+    tta: str = "none"  # none | flip: also top1_tta/top5_tta (mean logits of image and mirror)
 
 
 def _stage_dir(path: Path) -> Path:
@@ -104,6 +105,8 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
     if not path.is_file():
         what = "" if options.checkpoint else " (the stage has not completed)"
         raise EvalUsageError(f"{path}: checkpoint not found{what}")
+    if options.tta not in TTA:
+        raise EvalUsageError(f"--tta {options.tta}: expected one of {list(TTA)}")
     if not 1 <= options.batch_size <= MAX_EVAL_BATCH:
         raise EvalUsageError(f"--batch-size: expected an integer in [1, {MAX_EVAL_BATCH}], "
                              f"got {options.batch_size}")
@@ -139,7 +142,7 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
         held_out = options.split == "val" and data.val is not None
         t0 = time.perf_counter()
         metrics = evaluate(model.to(device), data.val if held_out else data.test, device,
-                           precision)
+                           precision, options.tta)
         seconds = time.perf_counter() - t0
     finally:
         D.shutdown()
@@ -149,6 +152,7 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
     return {"stage": stage_dir.name, "run": run_dir.name, "checkpoint": str(path),
             "model": payload["arch"].get("name"), "top1": metrics["top1"],
             "top5": metrics["top5"], "test_loss": metrics["test_loss"],
+            **{k: metrics[k] for k in ("top1_tta", "top5_tta") if k in metrics},
             "images": metrics["images"], "data": eval_dir, "dataset": data_cfg.dataset,
             "split": ("val (held out of train: data.val_split)" if held_out else "test"
                       if fixed else split_folders(resolve_root(data_cfg),
@@ -161,7 +165,10 @@ def evaluate_stage(stage: str | Path, options: EvalOptions) -> dict:
 
 def format_text(r: dict) -> str:
     return (f"{r['run']}/{r['stage']} ({r['model']}, {r['checkpoint']}): top-1 {r['top1']:.2f}  "
-            f"top-5 {r['top5']:.2f}  loss {r['test_loss']:.4f}  on {r['images']} images of "
+            f"top-5 {r['top5']:.2f}  loss {r['test_loss']:.4f}  "
+            + (f"(flip TTA: top-1 {r['top1_tta']:.2f}  top-5 {r['top5_tta']:.2f})  "
+               if "top1_tta" in r else "")
+            + f"on {r['images']} images of "
             f"{r['dataset']} {r['data']} (split {r['split']}), {r['precision']} on {r['device']}"
             + (f" x{r['processes']} processes" if r["processes"] > 1 else ""))
 

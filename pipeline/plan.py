@@ -20,6 +20,9 @@ def build_plan(run, checked: dict | None = None) -> dict:
             "model": {"arch": run.model.arch, "shortcut": run.model.shortcut,
                       "pretrained": run.model.pretrained},
             "stages": []}
+    if run.seeds is not None:  # the chain runs once per seed, each into its own directory
+        plan["seeds"] = run.seed_list()
+        plan["run_dirs"] = [str(m.run_dir) for m in run.seed_runs()]
     for name, spec in run.stages.items():
         entry = {"name": name, "type": spec.type, "from": spec.from_}
         entry.update(stage_of(spec).plan_entry(spec, name, run))
@@ -37,6 +40,9 @@ def format_text(plan: dict) -> str:
              f"{' (decided at start)' if plan['precision'] == 'auto' else ''})",
              f"data: {plan['data']['dataset']} ({plan['data']['train_images']} train images, "
              f"{plan['data']['train_images_source']});  model: {plan['model']['arch']}"]
+    if "seeds" in plan:
+        lines.append(f"seeds {', '.join(map(str, plan['seeds']))}: the chain runs once per "
+                     f"seed, into {', '.join(plan['run_dirs'])}")
     d = plan["data"]
     if "num_classes" in d:
         lines.append(f"preflight: passed in {d['preflight_seconds']:.1f}s ({d['num_classes']} "

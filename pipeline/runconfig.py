@@ -1,52 +1,19 @@
-"""The run config: top-level keys, the stage mapping, and cross-stage validation."""
+"""The run config loaded from a file: the stage mapping (each spec by its kind's `Config`)
+and the checks across stages. Its dataclasses (`RunConfig`) are in `pipeline.runspec`,
+below the stages that read them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from stages import REGISTRY, stage_of
 
-from .config import Loader, apply_overrides, opt, read_yaml
-from .data import DataConfig
-from .distributed import DistributedConfig
+from .config import Loader, apply_overrides, read_yaml
 from .errors import did_you_mean, show_value
-from .models import ModelConfig, check_arch
+from .models import check_arch
+from .runspec import SEED_SUFFIX, LoggingConfig, RunConfig, seed_run_name
 from .safefs import check_name
-
-
-@dataclass
-class LoggingConfig:
-    tensorboard: bool = opt(False, "also write TensorBoard scalars to <stage>/tb")
-    progress: Literal["auto", "on", "off"] = opt(
-        "auto", "per-epoch progress bar: auto = only on a terminal and not under CI")
-
-
-@dataclass
-class RunConfig:
-    name: str = opt(help="run name: the run directory is <out_dir>/<name>")
-    out_dir: str = opt("checkpoints", "folder that holds run directories")
-    seed: int = opt(0, "seed of weights init, data order and augmentation", min=0)
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = opt(
-        "fp32", "default mixed precision of every training stage (fp16 needs CUDA; auto: "
-        "decided at each training stage's start, see stages.<name>.precision)")
-    data: DataConfig = opt(DataConfig, "data set")
-    model: ModelConfig = opt(ModelConfig, "network")
-    stages: dict[str, Any] = opt({}, "stage name -> stage spec, run in the order written")
-    logging: LoggingConfig = opt(LoggingConfig, "what the run shows and logs")
-    distributed: DistributedConfig = opt(DistributedConfig, "multi-process runs (torchrun)")
-    deterministic: bool = opt(
-        False, "deterministic CUDA kernels (cudnn.deterministic, "
-        "torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG) and no cuDNN autotuning: "
-        "bitwise-reproducible GPU runs and resumes, typically 10-30% slower; the CPU is "
-        "deterministic without it. Not on CUDA with torchvision's VGG or AlexNet (adaptive "
-        "pooling to 7x7 / 6x6 has no deterministic backward: a preflight error)")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
 
 
 def parse(data: dict, source: str) -> RunConfig:
@@ -61,6 +28,7 @@ def parse(data: dict, source: str) -> RunConfig:
     problem = check_name(cfg.name)
     if problem:
         loader.fail("name", f"the run directory's name {problem}")
+    _check_seeds(cfg, loader)
     if raw_stages is None or raw_stages == {}:
         loader.fail("stages", "at least one stage is required")
     if not isinstance(raw_stages, dict):
@@ -115,6 +83,23 @@ def _check_stage_name(name: Any, earlier: dict[str, Any], loader: Loader) -> Non
         loader.fail(f"stages.{name}", f"stage name {name!r} {problem}; choose another name")
 
 
+def _check_seeds(cfg: RunConfig, loader: Loader) -> None:
+    if isinstance(cfg.seeds, int) and cfg.seeds < 1:
+        loader.fail("seeds", f"expected a number of seeds >= 1 or a list of seeds, got "
+                    f"{cfg.seeds}")
+    if isinstance(cfg.seeds, list):
+        if not cfg.seeds:
+            loader.fail("seeds", "expected at least one seed, got []")
+        repeated = sorted({x for x in cfg.seeds if cfg.seeds.count(x) > 1})
+        if repeated:
+            loader.fail("seeds", f"seed(s) {repeated} given more than once: each seed is one "
+                        "run directory")
+    for seed in cfg.seed_list():
+        problem = check_name(seed_run_name(cfg, seed))
+        if problem:
+            loader.fail("seeds", f"the run directory of seed {seed}: its name {problem}")
+
+
 def _check_links(cfg: RunConfig, loader: Loader) -> None:
     names = list(cfg.stages)
     for i, (name, spec) in enumerate(cfg.stages.items()):
@@ -144,4 +129,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     return parse(data, str(path)), data
 
 
-__all__ = ["RunConfig", "LoggingConfig", "load_config", "parse"]
+__all__ = ["RunConfig", "LoggingConfig", "SEED_SUFFIX", "load_config", "parse", "seed_run_name"]

@@ -112,18 +112,37 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
         restart: bool = False, show_progress: bool | None = None,
         hooks: Sequence[HookBase] = ()) -> list[dict]:
     """Run (or resume) the pipeline; returns the summaries of the stages it ran or skipped.
-    `hooks` go to the trainer of every training stage (fault injection, profiling)."""
+    `hooks` go to the trainer of every training stage (fault injection, profiling). With
+    `seeds:` the chain runs once per seed, one run directory each (`seed_runs`), and each
+    summary says its `run`."""
     cfg, _ = load_config(config_path, overrides)
     check_stage(cfg, stage, config_path)
     info = D.env_info()
     device = D.resolve_device(cfg.device, info, config_path, cfg.distributed.backend)
     _check_precision(cfg, device, config_path)
     checked = preflight(cfg, config_path, device=device)  # every check, before any stage
-    num_classes, input_size = describe(cfg.data)
     log.debug("preflight: %s", checked["_data"])
-    run_dir = cfg.run_dir
     D.init(info, device, cfg.distributed.timeout_minutes, cfg.distributed.backend)
     configure_kernels(device, cfg.deterministic)
+    summaries = []
+    try:
+        for member in cfg.seed_runs():
+            done = _run_one(member, config_path, overrides, info, device, stage, restart,
+                            show_progress, hooks)
+            if cfg.seeds is not None:
+                done = [{"run": member.name, **s} for s in done]
+            summaries += done
+        return summaries
+    finally:
+        D.shutdown()
+
+
+def _run_one(cfg: RunConfig, config_path: str, overrides: list[str], info, device,
+             stage: str | None, restart: bool, show_progress: bool | None,
+             hooks: Sequence[HookBase] = ()) -> list[dict]:
+    """The stages of one run directory (one seed), under its lock."""
+    num_classes, input_size = describe(cfg.data)
+    run_dir = cfg.run_dir
     lock = RunLock(run_dir)
     try:
         problem = None
@@ -166,7 +185,6 @@ def run(config_path: str, overrides: list[str], stage: str | None = None,
         return summaries
     finally:
         lock.release()
-        D.shutdown()
 
 
 def check_stage(cfg: RunConfig, stage: str | None, config_path: str) -> None:

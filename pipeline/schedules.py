@@ -28,17 +28,25 @@ The step axis (T = epochs x steps_per_epoch steps, W = warmup steps):
             so the peak is reached exactly at the end of warmup and `min_lr` (the floor) at
             step T, one past the last step. Without warmup these are CosineAnnealingLR
             (T_max = T) and a linear decay over the whole run.
+  onecycle  one cycle over the whole run (Smith and Topin 2017, the piecewise-linear lr of
+            the fast CIFAR-10 recipes of Page 2018 and airbench): with P = peak_at x T,
+              lr(s) = start + (peak - start) * s / P                  for s < P,
+              then from the peak to `min_lr` at step T, linear (default) or cosine
+              (`anneal`), start = peak * `start_factor`; its ramp replaces warmup.
+
+Each schedule type is one `Decay` class registered in `DECAYS` under its name: its lr, the
+steps worth showing, its one-line description and its warnings live together. `Schedule`
+(a configured decay with warmup) and `ReplaySchedule` (rewinding) both satisfy
+`LrSchedule`, what the trainer, the plan and the finetune default read.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from .config import MAX_BATCH, MAX_EPOCHS, Invalid, opt
-
-AFTER_WARMUP = ("cosine", "linear")  # decays over the steps after warmup
 
 
 @dataclass
@@ -74,24 +82,33 @@ class WarmupConfig:
 
 @dataclass
 class ScheduleConfig:
-    type: Literal["constant", "step", "multistep", "cosine", "linear"] = opt(
+    type: Literal["constant", "step", "multistep", "cosine", "linear", "onecycle"] = opt(
         "multistep", "lr decay: constant | step | multistep (milestones counted from the run's "
-        "start, warmup included) | cosine | linear (both decay over the steps after warmup)")
+        "start, warmup included) | cosine | linear (both decay over the steps after warmup) | "
+        "onecycle (up from start_factor x lr to lr at peak_at, then down to min_lr; no warmup)")
     milestones: list[float] = opt(
         [], "multistep: epochs at which lr *= gamma; all values < 1 = fractions of the run, "
         "e.g. [0.5, 0.75]", min=0, limit=MAX_EPOCHS)
     gamma: float = opt(0.1, "multiplicative decay for step/multistep", gt=0, max=1)
     step_size: float = opt(30.0, "step: decay every this many epochs (always epochs)", gt=0,
                            limit=MAX_EPOCHS)
-    min_lr: float = opt(0.0, "cosine/linear: the floor, reached at the end of the run", min=0)
+    min_lr: float = opt(0.0, "cosine/linear/onecycle: the floor, reached at the end of the run",
+                        min=0)
+    peak_at: float = opt(0.3, "onecycle: where the lr peaks, as a fraction of the run",
+                         gt=0, lt=1)
+    start_factor: float = opt(0.1, "onecycle: the lr at step 0 as a fraction of the peak",
+                              min=0, max=1)
+    anneal: Literal["linear", "cosine"] = opt(
+        "linear", "onecycle: the shape of the descent from the peak to min_lr")
     warmup: WarmupConfig = opt(WarmupConfig, "warmup in front of the schedule")
 
     @property
     def decays_to_zero(self) -> bool:
-        """cosine/linear with floor 0: the lowest lr is ~0, useless as a finetune lr."""
-        return self.type in AFTER_WARMUP and self.min_lr == 0
+        """A decay to a floor of 0: the lowest lr is ~0, useless as a finetune lr."""
+        return DECAYS[self.type].ends_at_min_lr and self.min_lr == 0
 
     def validate(self) -> None:
+        DECAYS[self.type].validate(self)
         ms = list(self.milestones)
         if sorted(ms) != ms:
             raise Invalid("milestones", f"must be increasing, got {ms}")
@@ -107,6 +124,276 @@ def epochs_to_steps(value: float, epochs: int, steps_per_epoch: int) -> int:
     return int(round(e * steps_per_epoch))
 
 
+@runtime_checkable
+class LrSchedule(Protocol):
+    """What the trainer, the plan and a finetune's default lr read from a schedule: the lr
+    as a pure function of the global step, and how to show it. `Schedule` and
+    `ReplaySchedule` implement it."""
+
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int: ...
+
+    @property
+    def base_lr(self) -> float: ...
+
+    @property
+    def warmup_steps(self) -> int: ...
+
+    @property
+    def decays_to_zero(self) -> bool: ...
+
+    @property
+    def decay_axis(self) -> str: ...
+
+    def lr(self, step: int) -> float: ...
+
+    def lowest_lr(self) -> float: ...
+
+    def milestone_steps(self) -> list[int]: ...
+
+    def epoch_changes(self) -> list[dict]: ...
+
+    def key_steps(self) -> list[dict]: ...
+
+    def describe(self) -> str: ...
+
+    def warnings(self) -> list[str]: ...
+
+    def plan_keys(self) -> dict: ...
+
+
+class Decay:
+    """One schedule type: the lr without warmup, and how the plan shows it.
+
+    A subclass sets `name` (the `schedule.type` it implements) and registers itself with
+    `@register`; `Schedule` asks it, so adding a type touches this class alone (and the
+    `type` Literal of ScheduleConfig, which lists the names a config may use).
+    """
+
+    name: ClassVar[str]
+    after_warmup: ClassVar[bool] = False  # decays over the steps after warmup (else absolute)
+    ends_at_min_lr: ClassVar[bool] = False  # reaches `min_lr` at the end of the run
+
+    def lr(self, s: Schedule, step: int) -> float:
+        """The decay alone (no warmup) at `step`."""
+        raise NotImplementedError
+
+    def decay_start(self, s: Schedule) -> int:
+        """The first step whose lr the network is trained at, not ramped to (lowest_lr)."""
+        return s.warmup_steps
+
+    def milestone_steps(self, s: Schedule) -> list[int]:
+        return []
+
+    def mark(self, s: Schedule, marks: dict[int, str], max_decays: int) -> None:
+        """Add the steps where this decay changes to `marks` ({step: what})."""
+
+    def describe(self, s: Schedule) -> str:
+        raise NotImplementedError
+
+    def warnings(self, s: Schedule) -> list[str]:
+        return []
+
+    def validate(self, c: ScheduleConfig) -> None:
+        """Raise `Invalid` for settings this type cannot use."""
+
+    def plan(self, s: Schedule) -> dict:
+        """Keys this type adds to the plan's schedule entry."""
+        return {}
+
+
+DECAYS: dict[str, Decay] = {}
+
+
+def register(cls: type[Decay]) -> type[Decay]:
+    """Class decorator: make `cls` the implementation of `schedule.type: cls.name`."""
+    DECAYS[cls.name] = cls()
+    return cls
+
+
+def _from_start(n: int) -> str:
+    return " counted from the start of the run" + (", warmup included" if n else "")
+
+
+@register
+class Constant(Decay):
+    name = "constant"
+
+    def lr(self, s: Schedule, step: int) -> float:
+        return s.base_lr
+
+    def describe(self, s: Schedule) -> str:
+        return f"constant {s.base_lr:g}"
+
+
+@register
+class Step(Decay):
+    name = "step"
+
+    def size(self, s: Schedule) -> int:
+        return max(int(round(s.cfg.step_size * s.steps_per_epoch)), 1)
+
+    def lr(self, s: Schedule, step: int) -> float:
+        return s.base_lr * s.cfg.gamma ** (step // self.size(s))
+
+    def mark(self, s: Schedule, marks: dict[int, str], max_decays: int) -> None:
+        size, spe = self.size(s), s.steps_per_epoch
+        for b in range(size, max(s.total_steps, 1), size)[:max_decays]:
+            marks.setdefault(b - 1, f"before decay at epoch {b / spe:g}")
+            marks[b] = f"decay at epoch {b / spe:g}"
+
+    def describe(self, s: Schedule) -> str:
+        c = s.cfg
+        return f"x{c.gamma:g} every {c.step_size:g} epochs" + _from_start(s.warmup_steps)
+
+
+@register
+class MultiStep(Decay):
+    name = "multistep"
+
+    def milestone_steps(self, s: Schedule) -> list[int]:
+        return [s.steps(m) for m in s.cfg.milestones]
+
+    def lr(self, s: Schedule, step: int) -> float:
+        passed = sum(1 for m in self.milestone_steps(s) if step >= m)
+        return s.base_lr * s.cfg.gamma**passed
+
+    def mark(self, s: Schedule, marks: dict[int, str], max_decays: int) -> None:
+        for m, b in zip(s.cfg.milestones, self.milestone_steps(s), strict=True):
+            name = f"milestone {m:g}" + (f" (epoch {b / s.steps_per_epoch:g})"
+                                         if 0 < m < 1 else "")
+            marks.setdefault(max(b - 1, 0), f"before {name}")
+            marks[b] = name
+
+    def describe(self, s: Schedule) -> str:
+        c, spe = s.cfg, max(s.steps_per_epoch, 1)
+        if not c.milestones:
+            return f"constant {s.base_lr:g} (no milestones)"
+        at = ", ".join(f"{b / spe:g}" for b in self.milestone_steps(s))
+        return f"x{c.gamma:g} at epochs {at}" + _from_start(s.warmup_steps)
+
+    def warnings(self, s: Schedule) -> list[str]:
+        out, n = [], s.warmup_steps
+        for m, b in zip(s.cfg.milestones, self.milestone_steps(s), strict=True):
+            if b >= s.total_steps:
+                out.append(f"milestone {m:g} is at or past the end ({s.epochs} epochs): "
+                           "it never fires")
+            elif n and b < n:
+                out.append(f"milestone {m:g} falls inside warmup: warmup ramps to the "
+                           "decayed lr")
+        return out
+
+
+class AfterWarmup(Decay):
+    """A decay from the peak at the end of warmup to `min_lr` at step T (u in [0, 1])."""
+
+    after_warmup = True
+    ends_at_min_lr = True
+
+    def shape(self, peak: float, floor: float, u: float) -> float:
+        raise NotImplementedError
+
+    def lr(self, s: Schedule, step: int) -> float:
+        n = s.warmup_steps
+        span = max(s.total_steps - n, 1)
+        u = min(max(step - n, 0), span) / span
+        return s.base_lr if u == 0 else self.shape(s.base_lr, s.cfg.min_lr, u)
+
+    def mark(self, s: Schedule, marks: dict[int, str], max_decays: int) -> None:
+        n = s.warmup_steps
+        marks.setdefault(n + (max(s.total_steps, 1) - n) // 2, "middle of the decay")
+
+    def describe(self, s: Schedule) -> str:
+        n, spe = s.warmup_steps, max(s.steps_per_epoch, 1)
+        rest = (s.total_steps - n) / spe
+        return (f"{self.name} decay from {s.base_lr:g} to {s.cfg.min_lr:g} over the "
+                f"{'remaining ' if n else ''}{rest:g} epochs ({s.total_steps - n} steps"
+                + (", starting after warmup" if n else "") + ")")
+
+
+def cosine_between(peak: float, floor: float, u: float) -> float:
+    """Half a cosine from `peak` (u = 0) to `floor` (u = 1)."""
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * u))
+
+
+@register
+class Cosine(AfterWarmup):
+    name = "cosine"
+
+    def shape(self, peak: float, floor: float, u: float) -> float:
+        return cosine_between(peak, floor, u)
+
+
+@register
+class Linear(AfterWarmup):
+    name = "linear"
+
+    def shape(self, peak: float, floor: float, u: float) -> float:
+        return peak + (floor - peak) * u
+
+
+@register
+class OneCycle(Decay):
+    """Up linearly from start_factor x lr to lr at `peak_at` of the run, then down to
+    `min_lr` at step T (linear or cosine: `anneal`)."""
+
+    name = "onecycle"
+    ends_at_min_lr = True
+
+    def peak_step(self, s: Schedule) -> int:
+        return int(round(s.cfg.peak_at * s.total_steps))
+
+    def start(self, s: Schedule) -> float:
+        return s.base_lr * s.cfg.start_factor
+
+    def lr(self, s: Schedule, step: int) -> float:
+        c, p, total = s.cfg, self.peak_step(s), s.total_steps
+        if step < p:
+            return self.start(s) + (s.base_lr - self.start(s)) * step / p
+        span = max(total - p, 1)
+        u = min(step - p, span) / span
+        if c.anneal == "cosine":
+            return cosine_between(s.base_lr, c.min_lr, u)
+        return s.base_lr + (c.min_lr - s.base_lr) * u
+
+    def decay_start(self, s: Schedule) -> int:
+        return self.peak_step(s)
+
+    def mark(self, s: Schedule, marks: dict[int, str], max_decays: int) -> None:
+        p, total = self.peak_step(s), max(s.total_steps, 1)
+        if p > 0:
+            marks.setdefault(p - 1, "last step of the ramp")
+        marks.setdefault(p, "peak")
+        marks.setdefault(p + (total - p) // 2, "middle of the descent")
+
+    def describe(self, s: Schedule) -> str:
+        c, p, spe = s.cfg, self.peak_step(s), max(s.steps_per_epoch, 1)
+        rest = s.total_steps - p
+        return (f"one cycle: linear from {self.start(s):g} to {s.base_lr:g} over the first "
+                f"{p / spe:g} epochs ({p} steps), then {c.anneal} down to {c.min_lr:g} over "
+                f"the remaining {rest / spe:g} epochs ({rest} steps)")
+
+    def warnings(self, s: Schedule) -> list[str]:
+        p = self.peak_step(s)
+        if 0 < p < s.total_steps:
+            return []
+        return [f"peak_at {s.cfg.peak_at:g} of {s.total_steps} steps is step {p}: the run has "
+                "too few steps for a ramp and a descent"]
+
+    def validate(self, c: ScheduleConfig) -> None:
+        if c.warmup.type != "none":
+            raise Invalid("warmup.type", "onecycle ramps up on its own (peak_at, "
+                          "start_factor); set warmup.type: none")
+
+    def plan(self, s: Schedule) -> dict:
+        c = s.cfg
+        return {"peak_at": c.peak_at, "peak_step": self.peak_step(s),
+                "start_factor": c.start_factor, "anneal": c.anneal}
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A resolved schedule: `lr(step)` for step in [0, total_steps); see the module doc."""
@@ -115,6 +402,11 @@ class Schedule:
     base_lr: float
     epochs: int
     steps_per_epoch: int
+
+    @property
+    def decay(self) -> Decay:
+        """The implementation of `cfg.type`."""
+        return DECAYS[self.cfg.type]
 
     @property
     def total_steps(self) -> int:
@@ -131,29 +423,11 @@ class Schedule:
 
     def milestone_steps(self) -> list[int]:
         """multistep: the step of each milestone (those >= total_steps never fire)."""
-        return [self.steps(m) for m in self.cfg.milestones]
+        return self.decay.milestone_steps(self)
 
     def decay_lr(self, step: int) -> float:
         """The decay schedule alone (no warmup) at `step`."""
-        c, lr0 = self.cfg, self.base_lr
-        if c.type == "constant":
-            return lr0
-        if c.type == "step":
-            size = max(int(round(c.step_size * self.steps_per_epoch)), 1)
-            return lr0 * c.gamma ** (step // size)
-        if c.type == "multistep":
-            passed = sum(1 for m in self.milestone_steps() if step >= m)
-            return lr0 * c.gamma**passed
-        n = self.warmup_steps
-        span = max(self.total_steps - n, 1)
-        u = min(max(step - n, 0), span) / span
-        if c.type == "cosine":
-            if u == 0:
-                return lr0  # exact peak at the end of warmup
-            return c.min_lr + (lr0 - c.min_lr) * 0.5 * (1 + math.cos(math.pi * u))
-        if c.type == "linear":
-            return lr0 + (c.min_lr - lr0) * u
-        raise ValueError(f"unknown schedule type {c.type!r}")
+        return self.decay.lr(self, step)
 
     def warmup_target(self) -> float:
         """The lr warmup ends at: the decay schedule's value at the first post-warmup step."""
@@ -177,25 +451,30 @@ class Schedule:
         """The lowest lr of the decay after warmup, over the steps the run takes.
 
         What a finetune stage starts from by default ("the lowest lr of the original
-        schedule"). Warmup is left out: its start is a ramp, not a level the network was
-        trained to. Every decay here is monotone, so the minimum is at either end.
+        schedule"). Warmup (and a one-cycle ramp) is left out: its start is a ramp, not a
+        level the network was trained to. Every decay here is monotone after that, so the
+        minimum is at either end.
         """
         last = max(self.total_steps - 1, 0)
-        first = min(self.warmup_steps, last)
+        first = min(self.decay.decay_start(self), last)
         return min(self.lr(first), self.lr(last))
 
     @property
     def decays_to_zero(self) -> bool:
         return self.cfg.decays_to_zero
 
+    @property
+    def decay_axis(self) -> str:
+        """Where the decay's step axis starts, in words (the plan shows it)."""
+        return "after warmup" if self.decay.after_warmup else "from the start of the run"
+
+    def plan_keys(self) -> dict:
+        """What the schedule type adds to the plan's schedule entry."""
+        return self.decay.plan(self)
+
     def epoch_changes(self) -> list[dict]:
         """[{epoch, lr}] at the start of every epoch where the lr differs from the last."""
-        out: list[dict] = []
-        for e in range(self.epochs):
-            lr = self.lr(e * self.steps_per_epoch)
-            if not out or not math.isclose(lr, out[-1]["lr"], rel_tol=1e-9, abs_tol=1e-15):
-                out.append({"epoch": e, "lr": round_lr(lr)})
-        return out
+        return _changes(self.lr(e * self.steps_per_epoch) for e in range(self.epochs))
 
     def key_steps(self, max_decays: int = 20) -> list[dict]:
         """[{step, what}] where the lr is worth showing: start, warmup end, each decay, end."""
@@ -205,68 +484,39 @@ class Schedule:
         if n:
             marks.setdefault(n - 1, "last warmup step")
             marks.setdefault(n, "end of warmup (target)")
-        c = self.cfg
-        if c.type == "multistep":
-            for m, s in zip(c.milestones, self.milestone_steps(), strict=True):
-                name = f"milestone {m:g}" + (f" (epoch {s / self.steps_per_epoch:g})"
-                                             if 0 < m < 1 else "")
-                marks.setdefault(max(s - 1, 0), f"before {name}")
-                marks[s] = name
-        elif c.type == "step":
-            size = max(int(round(c.step_size * self.steps_per_epoch)), 1)
-            for s in range(size, total, size)[:max_decays]:
-                marks.setdefault(s - 1, f"before decay at epoch {s / self.steps_per_epoch:g}")
-                marks[s] = f"decay at epoch {s / self.steps_per_epoch:g}"
-        elif c.type in AFTER_WARMUP:
-            marks.setdefault(n + (total - n) // 2, "middle of the decay")
+        self.decay.mark(self, marks, max_decays)
         marks[total - 1] = "last step"
         return [{"step": s, "what": w} for s, w in sorted(marks.items()) if 0 <= s < total]
 
     def describe(self) -> str:
         """One line that says what the schedule does on the step axis."""
-        c, n, spe = self.cfg, self.warmup_steps, max(self.steps_per_epoch, 1)
         parts = []
+        n = self.warmup_steps
         if n:
-            w = c.warmup
+            w = self.cfg.warmup
             how = ("linear per iteration" if w.type == "gradual" else "held")
             parts.append(f"{w.type} warmup {w.epochs:g} epoch{'' if w.epochs == 1 else 's'} "
                          f"({n} steps) from "
                          f"{self.warmup_start():g} to {self.warmup_target():g} ({how})")
-        if c.type == "constant":
-            parts.append(f"constant {self.base_lr:g}")
-        elif c.type == "step":
-            parts.append(f"x{c.gamma:g} every {c.step_size:g} epochs counted from the start of "
-                         "the run" + (", warmup included" if n else ""))
-        elif c.type == "multistep":
-            if c.milestones:
-                at = ", ".join(f"{s / spe:g}" for s in self.milestone_steps())
-                parts.append(f"x{c.gamma:g} at epochs {at} counted from the start of the run"
-                             + (", warmup included" if n else ""))
-            else:
-                parts.append(f"constant {self.base_lr:g} (no milestones)")
-        else:
-            rest = (self.total_steps - n) / spe
-            parts.append(f"{c.type} decay from {self.base_lr:g} to {c.min_lr:g} over the "
-                         f"{'remaining ' if n else ''}{rest:g} epochs "
-                         f"({self.total_steps - n} steps"
-                         + (", starting after warmup" if n else "") + ")")
+        parts.append(self.decay.describe(self))
         return "; then ".join(parts)
 
     def warnings(self) -> list[str]:
         """Settings that are legal but probably not meant (shown by the dry-run)."""
-        out, c, n, total = [], self.cfg, self.warmup_steps, self.total_steps
+        out, n, total = [], self.warmup_steps, self.total_steps
         if n >= total and n:
             out.append(f"warmup ({n} steps) is not shorter than the run ({total} steps): the "
                        "target lr is never reached")
-        if c.type == "multistep":
-            for m, s in zip(c.milestones, self.milestone_steps(), strict=True):
-                if s >= total:
-                    out.append(f"milestone {m:g} is at or past the end ({self.epochs} epochs): "
-                               "it never fires")
-                elif n and s < n:
-                    out.append(f"milestone {m:g} falls inside warmup: warmup ramps to the "
-                               "decayed lr")
-        return out
+        return out + self.decay.warnings(self)
+
+
+def _changes(lrs) -> list[dict]:
+    """[{epoch, lr}] where a per-epoch lr sequence changes (rounded for display)."""
+    out: list[dict] = []
+    for e, lr in enumerate(lrs):
+        if not out or not math.isclose(lr, out[-1]["lr"], rel_tol=1e-9, abs_tol=1e-15):
+            out.append({"epoch": e, "lr": round_lr(lr)})
+    return out
 
 
 @dataclass(frozen=True)
@@ -307,6 +557,12 @@ class ReplaySchedule:
     @property
     def decays_to_zero(self) -> bool:
         return self.upstream.decays_to_zero
+
+    # the replayed positions count from the start of the upstream run
+    decay_axis = "from the start of the run"
+
+    def plan_keys(self) -> dict:
+        return {}
 
     def lr_by_epoch(self) -> list[float]:
         """The lr at the start of every epoch of the replay."""

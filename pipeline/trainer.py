@@ -80,6 +80,7 @@ log = logging.getLogger("pipeline")
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "top1", "top5", "seconds"]
 VAL_FIELDS = ["val_loss", "val_top1", "val_top5"]  # with data.val_split
+TTA_FIELDS = ["top1_tta", "top5_tta"]  # with tta: flip
 TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "acc", "images", "images_per_s"]
 BN_MIN_BATCH = 32  # fewer images per process without sync_bn: a warning
 DECISION_KEY = "precision_decision"  # what `precision: auto` chose, kept across a resume
@@ -197,6 +198,10 @@ class TrainConfig:
     cutmix: float = opt(0.0, "cutmix alpha (0 = off)", min=0)
     ema_decay: float | None = opt(None, "keep an EMA of the weights with this decay; the EMA "
                                   "is evaluated and saved", gt=0, lt=1)
+    tta: Literal["none", "flip"] = opt(
+        "none", "test-time augmentation: flip also scores each test image as the mean of its "
+        "logits and its mirror image's, reported as top1_tta/top5_tta beside the plain top-1 "
+        "(which best.pt and the report's deltas keep using)")
     distill: DistillConfig | None = opt(None, "knowledge distillation from an earlier stage")
     sparsity: SparsityConfig | None = opt(
         None, "sparsity training: {l1_bn: lambda} adds the L1 penalty on BN scales (network "
@@ -258,38 +263,53 @@ def first_batch(loader) -> tuple[torch.Tensor, torch.Tensor] | None:
             close()
 
 
+TTA = ("none", "flip")  # test-time augmentation of the evaluation (TrainConfig.tta)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str,
-             reduce: bool = True) -> dict:
+             tta: str = "none", reduce: bool = True) -> dict:
     """Top-1/top-5/loss over the whole test set, summed across ranks (each sample once:
     the loaders split every batch without padding); `reduce=False`: over what this
-    process's `loader` yields alone (no collective)."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    process's `loader` yields alone (no collective). With `tta="flip"` also top1_tta and
+    top5_tta: each image scored by the mean of its logits and its left-right mirror's
+    (the plain numbers are unchanged)."""
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top1, top5, n, tta 1/5
     with eval_mode(model):
         for x, y in loader:
             with autocast_context(device, precision):
                 logits = model(x)
+                flipped = model(x.flip(-1)) if tta == "flip" else None
             logits = logits.float()
             sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum")
-            k = min(5, logits.shape[1])
-            topk = logits.topk(k, dim=1).indices
-            hit = topk.eq(y.view(-1, 1))
-            sums[1] += hit[:, :1].sum()
-            sums[2] += hit.sum()
+            sums[1:3] += _hits(logits, y)
             sums[3] += y.numel()
+            if flipped is not None:
+                sums[4:6] += _hits(0.5 * (logits + flipped.float()), y)
     if reduce:
         D.all_reduce_sum(sums)
-    loss, c1, c5, n = sums.tolist()
+    loss, c1, c5, n, t1, t5 = sums.tolist()
     images, n = int(n), max(n, 1)
-    return {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n,
-            "images": images}
+    out = {"test_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n,
+           "images": images}
+    if tta == "flip":
+        out.update(top1_tta=100 * t1 / n, top5_tta=100 * t5 / n)
+    return out
 
 
-def evaluate_splits(model: nn.Module, data, device: torch.device, precision: str) -> dict:
+def _hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits] of a batch, as a float64 tensor on the logits' device."""
+    k = min(5, logits.shape[1])
+    hit = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))
+    return torch.stack([hit[:, :1].sum(), hit.sum()]).double()
+
+
+def evaluate_splits(model: nn.Module, data, device: torch.device, precision: str,
+                    tta: str = "none") -> dict:
     """The test metrics (reported), and the validation split's as val_loss, val_top1,
     val_top5 (what in-run decisions use) when `data` has one. Without `images`: a summary
-    or a metrics row reports accuracy, `eval` counts images."""
-    out = evaluate(model, data.test, device, precision)
+    or a metrics row reports accuracy, `eval` counts images. TTA applies to the test split."""
+    out = evaluate(model, data.test, device, precision, tta)
     out.pop("images")
     if getattr(data, "val", None) is not None:
         v = evaluate(model, data.val, device, precision)
@@ -387,7 +407,8 @@ class Trainer:
         self.val = getattr(data, "val", None)  # the validation split: best epoch by it
         self.metrics_log = CsvLog(self.out_dir / "metrics.csv", METRIC_FIELDS + (
             ["bn_l1"] if self.sparse_scales else []) + (
-            VAL_FIELDS if self.val is not None else []))
+            VAL_FIELDS if self.val is not None else []) + (
+            TTA_FIELDS if cfg.tta != "none" else []))
         self.train_log = CsvLog(self.out_dir / "train_log.csv", TRAIN_LOG_FIELDS)
         self._mark = _Mark()
         self._tb = None
@@ -764,8 +785,9 @@ class Trainer:
         for hook in self.hooks:
             hook.after_train(self)
         val = {} if self.val is None else {k: last_metrics[k] for k in VAL_FIELDS}
+        tta = {k: last_metrics[k] for k in TTA_FIELDS if k in last_metrics}
         return {"top1": last_metrics["top1"], "top5": last_metrics["top5"],
-                "test_loss": last_metrics["test_loss"], **val, "best_top1": self.best_top1,
+                "test_loss": last_metrics["test_loss"], **val, **tta, "best_top1": self.best_top1,
                 "best_epoch": self.best_epoch, "best_split": "test" if self.val is None else "val",
                 "epochs": self.cfg.epochs,
                 "global_steps": self.global_step, "skipped_steps": self.skipped_steps,
@@ -829,6 +851,8 @@ class Trainer:
                 if evaluated else f"(test every {cfg.eval_every} epochs)")
         if evaluated and self.val is not None:
             test += f"  val top1 {row['val_top1']:.2f}"
+        if evaluated and row.get("top1_tta") is not None:
+            test += f"  top1 flip-TTA {row['top1_tta']:.2f}"
         log.info("epoch %d/%d  lr %.4g  loss %.4f  acc %.2f  %s  %.0f img/s  %.1fs",
                  self.epoch + 1, cfg.epochs, row["lr"], row["train_loss"], row["train_acc"],
                  test, ips, row["seconds"])
@@ -844,7 +868,8 @@ class Trainer:
         return row, n - n0, train_seconds
 
     def _evaluate(self) -> dict:
-        return evaluate_splits(self.final_model(), self.data, self.device, self.precision)
+        return evaluate_splits(self.final_model(), self.data, self.device, self.precision,
+                               self.cfg.tta)
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers (BatchNorm statistics) in the model and the EMA on every rank."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 # each module registers its kind; this order is the order kinds are documented in
-from . import pretrain, sensitivity, prune, finetune, iterative, rewind, scratch  # noqa: F401  # isort: skip
+from . import pretrain, sensitivity, prune, finetune, iterative, rewind, scratch, quantize  # noqa: F401  # isort: skip
 from .base import Preflight, Stage, StageContext, StageInputError
 from .registry import REGISTRY, stage_of, upstream_training_stage
 

@@ -1,12 +1,11 @@
-"""What every stage kind shares: the `Stage` protocol, the spec fields every kind has, and
-the context a stage runs in."""
+"""What every stage kind shares: the `Stage` protocol (and `Trains`, that of a kind that
+trains), the spec fields every kind has, and the context a stage runs in."""
 
 from __future__ import annotations
 
 import abc
 import copy
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -19,9 +18,11 @@ from pipeline import distributed as D
 from pipeline.config import ConfigError, Loader, opt
 from pipeline.distributed import DistInfo
 from pipeline.errors import UsageError
-from pipeline.models import model_from_payload
+from pipeline.models import arch_label, model_from_payload
 from pipeline.pruning.spec import effective_round_to
 from pipeline.rundir import MODEL_FILE
+from pipeline.runspec import RunConfig
+from pipeline.schedules import ReplaySchedule, Schedule
 
 log = logging.getLogger("pipeline")
 
@@ -32,8 +33,8 @@ class StageInputError(UsageError):
 
 @dataclass
 class StageBase:
-    type: str = opt(help="stage kind: pretrain | sensitivity | prune | finetune | scratch | "
-                    "rewind | iterative")
+    type: str = opt(help="stage kind: a name in the registry (`stages.REGISTRY`); an unknown "
+                    "one is an error that lists them")
     from_: str | None = opt(None, key="from", help="the earlier stage whose model is the input")
 
 
@@ -41,7 +42,7 @@ class StageBase:
 class StageContext:
     """Where a stage runs and what it can read: one per stage execution."""
 
-    run: Any
+    run: RunConfig
     name: str
     run_dir: Path
     stage_dir: Path
@@ -82,7 +83,7 @@ class Preflight:
     file, the data's class count and input size, and per checked stage its output model
     (on the CPU, randomly initialized: the widths are what matters)."""
 
-    run: Any
+    run: RunConfig
     source: str
     num_classes: int
     input_size: tuple[int, int, int]
@@ -103,11 +104,7 @@ class Preflight:
     @property
     def arch_label(self) -> str:
         """The architecture as papers write it (resnet56 -> ResNet-56, vgg16 -> VGG-16)."""
-        name = self.run.model.arch
-        m = re.fullmatch(r"(resnet|vgg)(\d+)(_l1)?", name)
-        if m is None:
-            return name
-        return f"{'ResNet' if m[1] == 'resnet' else 'VGG'}-{m[2]}{m[3] or ''}"
+        return arch_label(self.run.model.arch)
 
 
 def tensor_core_round_to(round_to: int | None, run: Any, cuda: bool) -> int | None:
@@ -121,19 +118,46 @@ class Stage(abc.ABC):
     """A stage kind. A new kind is a subclass in its own module, decorated with
     `stages.registry.register`: the runner, the plan and the report ask it (its `Config`,
     whether it needs an input, trains or prunes, its checks and plan entry) and never
-    switch on its name."""
+    switch on its name. A kind that trains subclasses `Trains`.
+
+    Every method about one stage of a run takes `(spec, name, run, ...)` in this order:
+    the stage's spec, its name in the config and the whole run config.
+
+    The summary contract: `run` returns the stage's summary fields, which the runner
+    writes to `<stage>/summary.json` (adding stage, type, from, status, wall_seconds,
+    config_hash, finished and provenance; a key left out of top1, top5, params and macs
+    is written as None, epochs as the spec's) and `compare` (`pipeline/report/rows.py`)
+    shows. Every kind returns
+      top1, top5    the test split's accuracy (%) of the stage's model, or None when the
+                    stage does not evaluate it (a prune stage without `evaluate`, a
+                    sensitivity sweep)
+      macs          its model's MACs per image (conv + linear + attention), an int
+      epochs        the epochs it trained, 0 when none
+    a kind that trains (`trains`) also
+      top1, top5    numbers
+      params        its model's parameter count
+      val_top1      the validation split's top-1 when `data.val_split` holds one out
+    a kind that prunes (`prunes`) also
+      params        its model's parameter count
+      method        the criterion that chose the filters (the report's `method` column)
+      ratio         the share of each pruned group's filters removed, None under a MAC
+                    target (the report's `ratio` column)
+      macs_before   its input's MACs (the MAC reduction when the run has no dense model)
+    and a kind whose `report_rows` adds rows, the keys those read (an iterative stage's
+    `rounds`). `tests/test_stage_contract.py` runs every registered kind and checks this.
+    """
 
     kind: ClassVar[str]  # the `type:` of its specs
     Config: ClassVar[type]  # its spec dataclass (a StageBase subclass)
     needs_input: ClassVar[bool] = False  # takes the model of an earlier stage (`from`)
-    trains: ClassVar[bool] = False  # runs the trainer: has epochs, a batch size, an lr
+    trains: ClassVar[bool] = False  # runs the trainer (a `Trains` subclass)
     prunes: ClassVar[bool] = False  # writes a narrower model than its input
 
-    def check(self, spec: Any, name: str, run: Any, loader: Loader) -> None:
+    def check(self, spec: Any, name: str, run: RunConfig, loader: Loader) -> None:
         """Validation across stages, after every spec has loaded (`loader.fail` to report)."""
         return None
 
-    def plan_entry(self, spec: Any, name: str, run: Any) -> dict:
+    def plan_entry(self, spec: Any, name: str, run: RunConfig) -> dict:
         """What `--dry-run --format json` shows for this stage beyond name, type and from."""
         return {}
 
@@ -148,7 +172,7 @@ class Stage(abc.ABC):
         them, in order, into a path."""
         return []
 
-    def snapshots_wanted(self, spec: Any, name: str, run: Any) -> dict[str, list[int]]:
+    def snapshots_wanted(self, spec: Any, name: str, run: RunConfig) -> dict[str, list[int]]:
         """Weight snapshots this stage needs from earlier training stages: {stage: [epoch]}
         (those stages save them, `save_epochs`)."""
         return {}
@@ -163,4 +187,20 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def run(self, spec: Any, ctx: StageContext) -> dict:
-        """Do the stage's work in ctx.stage_dir, write model.pt, return the summary fields."""
+        """Do the stage's work in ctx.stage_dir, write model.pt, return the summary fields
+        (see the summary contract above)."""
+
+
+class Trains(Stage):
+    """A stage kind that runs the trainer: it has epochs, a batch size and an lr schedule,
+    which the plan shows and a finetune after it reads (its lowest lr)."""
+
+    trains = True
+
+    @abc.abstractmethod
+    def base_lr(self, spec: Any, name: str, run: RunConfig) -> float:
+        """The peak lr the stage resolves to."""
+
+    @abc.abstractmethod
+    def schedule(self, spec: Any, name: str, run: RunConfig) -> Schedule | ReplaySchedule:
+        """The stage's lr schedule as configured."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import Loader, opt
+from pipeline.runspec import RunConfig
 from pipeline.trainer import TrainConfig
 
 from . import training
@@ -29,15 +30,15 @@ class Config(StageBase, TrainConfig):
     type: str = opt("finetune", "stage kind")
 
 
-def lowest_lr_of(run, name: str | None) -> float:
+def lowest_lr_of(run: RunConfig, name: str | None) -> float:
     """The lowest lr of training stage `name`'s decay (what a finetune after it starts from)."""
     if name is None:
         raise ValueError("no upstream training stage")
     spec = run.stages[name]
-    return stage_of(spec).schedule(spec, run, name).lowest_lr()
+    return stage_of(spec).schedule(spec, name, run).lowest_lr()
 
 
-def finetune_default_problem(run, name: str) -> str | None:
+def finetune_default_problem(run: RunConfig, name: str) -> str | None:
     """Why stage `name` cannot default its lr to the lowest upstream lr, or None."""
     up = upstream_training_stage(run, name)
     if up is None:
@@ -61,23 +62,23 @@ class Finetune(TrainingStage):
     Config = Config
     needs_input = True
 
-    def base_lr(self, spec: Config, run, name: str) -> float:
+    def base_lr(self, spec: Config, name: str, run: RunConfig) -> float:
         if spec.lr is not None:
             return spec.resolved_lr(0.0)
         return lowest_lr_of(run, upstream_training_stage(run, name))
 
-    def lr_source(self, spec: Config, run, name: str) -> str:
+    def lr_source(self, spec: Config, name: str, run: RunConfig) -> str:
         if spec.lr is None:
             return f"lowest lr of '{upstream_training_stage(run, name)}'"
-        return super().lr_source(spec, run, name)
+        return super().lr_source(spec, name, run)
 
-    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+    def check(self, spec: Config, name: str, run: RunConfig, loader: Loader) -> None:
         super().check(spec, name, run, loader)
         if spec.lr is None and (problem := finetune_default_problem(run, name)):
             loader.fail(f"stages.{name}.lr", problem)
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         model, payload = ctx.load_input(spec.from_)
-        lr = self.base_lr(spec, ctx.run, ctx.name)
+        lr = self.base_lr(spec, ctx.name, ctx.run)
         # training.train loads the `distill.from` stage's model as the frozen teacher
         return training.train(ctx, spec, model, payload["arch"], lr)

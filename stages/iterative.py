@@ -54,12 +54,13 @@ from pipeline.pruning.selection import select
 from pipeline.pruning.spec import FPGMConfig
 from pipeline.pruning.surgery import apply_selection, forward_check, output_shape
 from pipeline.rundir import MODEL_FILE
+from pipeline.runspec import RunConfig
 from pipeline.safefs import ensure_dir
 from pipeline.schedules import Schedule, ScheduleConfig
 from pipeline.trainer import TrainConfig, evaluate_splits
 
 from . import latency, training
-from .base import Preflight, Stage, StageBase, StageContext, tensor_core_round_to
+from .base import Preflight, StageBase, StageContext, Trains, tensor_core_round_to
 from .finetune import finetune_default_problem, lowest_lr_of
 from .registry import register, upstream_training_stage
 
@@ -150,26 +151,25 @@ def prune_spec(spec: Config) -> PruneSpec:
 
 
 @register
-class Iterative(Stage):
+class Iterative(Trains):
     """Prune-then-finetune rounds on a linear or AGP schedule."""
 
     kind = "iterative"
     Config = Config
     needs_input = True
-    trains = True
     prunes = True
 
-    def base_lr(self, spec: Config, run, name: str) -> float:
+    def base_lr(self, spec: Config, name: str, run: RunConfig) -> float:
         if spec.lr is not None:
             return spec.resolved_lr(0.0)
         return lowest_lr_of(run, upstream_training_stage(run, name))
 
-    def schedule(self, spec: Config, run, name: str) -> Schedule:
+    def schedule(self, spec: Config, name: str, run: RunConfig) -> Schedule:
         """The lr of a round's finetune: constant."""
-        return Schedule(ScheduleConfig(type="constant"), self.base_lr(spec, run, name),
+        return Schedule(ScheduleConfig(type="constant"), self.base_lr(spec, name, run),
                         spec.finetune_epochs, steps_per_epoch(run.data, spec.batch_size))
 
-    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+    def check(self, spec: Config, name: str, run: RunConfig, loader: Loader) -> None:
         if spec.epochs is not None:
             loader.fail(f"stages.{name}.epochs", "an iterative stage trains finetune_epochs "
                         "per round: leave epochs unset")
@@ -177,8 +177,8 @@ class Iterative(Stage):
                 problem := finetune_default_problem(run, name)):
             loader.fail(f"stages.{name}.lr", problem)
 
-    def plan_entry(self, spec: Config, name: str, run) -> dict:
-        lr = self.base_lr(spec, run, name) if (spec.lr is not None or spec.finetune_epochs) \
+    def plan_entry(self, spec: Config, name: str, run: RunConfig) -> dict:
+        lr = self.base_lr(spec, name, run) if (spec.lr is not None or spec.finetune_epochs) \
             else None
         return dict(method=spec.method, policy=spec.policy, rounds=spec.rounds,
                     pruning_schedule=spec.schedule, ratio=spec.ratio,
@@ -237,20 +237,21 @@ class Iterative(Stage):
 
 
 def prune_round(model: torch.nn.Module, pspec: PruneSpec, example: torch.Tensor,
-                dense: dict[str, list[int]], amount: float, by_macs: bool, dense_macs: int,
+                groups_done: GroupState, amount: float, by_macs: bool, dense_macs: int,
                 seed: int) -> None:
     """Prune `model` in place up to `amount`: every group to that share of its dense width
-    (`dense`: group name -> the dense ids of its current channels, updated), or, `by_macs`,
-    until the MACs have fallen by that share of `dense_macs` (ratio grown by target_step,
-    re-scored each step, groups in module order within the last step)."""
+    (`groups_done`: each group's dense width and the dense ids of its current channels,
+    updated), or, `by_macs`, until the MACs have fallen by that share of `dense_macs`
+    (ratio grown by target_step, re-scored each step, groups in module order within the
+    last step)."""
     shape = output_shape(model, example)
     dg = build_graph(model, example)
     groups = required(candidate_groups(model, dg, pspec), pspec)
     for g in groups:
-        if g.name not in dense:
+        if g.name not in groups_done.ids:
             raise PruningError(f"iterative: group {g.name} is not among the input's groups")
-        g.dense_ids = list(dense[g.name])
-        g.width = int(dense[WIDTH + g.name][0])
+        g.dense_ids = list(groups_done.ids[g.name])
+        g.width = groups_done.widths[g.name]
     if not by_macs:
         apply_selection(dg, groups, select(pspec, groups, seed, ratio_scale=amount))
     else:
@@ -270,56 +271,87 @@ def prune_round(model: torch.nn.Module, pspec: PruneSpec, example: torch.Tensor,
                                f"{pspec.policy!r}")
     forward_check(model, example, shape, pspec.policy)
     for g in groups:
-        dense[g.name] = list(g.dense_ids)
+        groups_done.ids[g.name] = list(g.dense_ids)
 
 
-WIDTH = "__width__"  # state key prefix: a group's dense width
+WIDTH = "__width__"  # key prefix of a group's dense width in the stored form of GroupState
+
+
+@dataclass
+class GroupState:
+    """The pruned groups so far: per group (by name, in module order) the dense ids of its
+    remaining channels and its dense width. Stored (state.json, each round's pruned.pt) as
+    one dict: name -> ids, followed by WIDTH + name -> [width]."""
+
+    ids: dict[str, list[int]]
+    widths: dict[str, int]
+
+    @classmethod
+    def dense(cls, groups) -> GroupState:
+        """Every channel of every group kept."""
+        return cls({g.name: list(range(g.channels)) for g in groups},
+                   {g.name: g.channels for g in groups})
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, list[int]]) -> GroupState:
+        return cls({k: list(v) for k, v in stored.items() if not k.startswith(WIDTH)},
+                   {k[len(WIDTH):]: int(v[0]) for k, v in stored.items()
+                    if k.startswith(WIDTH)})
+
+    def stored(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for name, ids in self.ids.items():
+            out[name] = list(ids)
+            out[WIDTH + name] = [self.widths[name]]
+        return out
+
+    def kept(self) -> dict[str, int]:
+        """Each group's current width."""
+        return {name: len(ids) for name, ids in self.ids.items()}
 
 
 # --------------------------------------------------------------------------- the stage
 
 
+@dataclass
+class _Job:
+    """What every round of one execution of the stage shares."""
+
+    spec: Config
+    ctx: StageContext
+    arch: dict
+    example: torch.Tensor
+    pspec: PruneSpec
+    plan: list[float]  # the amount reached after each round
+    by_macs: bool
+    seed: int
+    lr: float
+    timed: latency.IterativeTarget | None  # a latency target's table and goal
+
+
 def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
     t0 = time.perf_counter()
     model, payload = ctx.load_input(spec.from_)
-    arch = payload["arch"]
-    size = ctx.input_size
-    example = torch.zeros((1, *size))
-    seed = ctx.run.seed if spec.seed is None else spec.seed
     pspec = prune_spec(spec)
     if (aligned := pspec.round_to is None and tensor_core_round_to(
             None, ctx.run, ctx.device.type == "cuda")):
         pspec = dataclasses.replace(pspec, round_to=aligned)
         log.info("iterative: kept filters rounded down to a multiple of %d (default on CUDA "
                  "with fp16/bf16; set round_to to override)", aligned)
-    by_macs = spec.target_macs_reduction is not None
-    timed = latency.IterativeTarget(spec, ctx, model) if spec.has_latency_target else None
-    dense_model = model
-    plan = amounts(spec.schedule, spec.rounds, spec.final, spec.initial_ratio)
-    lr = stage.base_lr(spec, ctx.run, ctx.name)
+    job = _Job(spec=spec, ctx=ctx, arch=payload["arch"],
+               example=torch.zeros((1, *ctx.input_size)), pspec=pspec,
+               plan=amounts(spec.schedule, spec.rounds, spec.final, spec.initial_ratio),
+               by_macs=spec.target_macs_reduction is not None,
+               seed=ctx.run.seed if spec.seed is None else spec.seed,
+               lr=stage.base_lr(spec, ctx.name, ctx.run),
+               timed=latency.IterativeTarget(spec, ctx, model)
+               if spec.has_latency_target else None)
     state_path = ctx.stage_dir / "state.json"
     # rank 0 reads what a resume depends on; every rank takes its view
     state = D.decide(lambda: json.loads(state_path.read_text()) if state_path.is_file()
-                     else None)
-    if state is None:
-        batch = training.eval_batch(spec)
-        data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
-                          ctx.dist.world_size)
-        m = evaluate_splits(model.to(ctx.device), data, ctx.device,
-                              training.precision_of(spec, ctx))
-        model.cpu()
-        dense: dict[str, list[int]] = {}
-        for g in candidate_groups(model, build_graph(model, example), pspec):
-            dense[g.name] = list(range(g.channels))
-            dense[WIDTH + g.name] = [g.channels]
-        state = {"input_top1": m["top1"], "input_val_top1": m.get("val_top1"),
-                 "split": data.select_split, "dense_macs": count_macs(model, size)["total"],
-                 "dense": dense, "rows": []}
-        if ctx.dist.is_main:
-            ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(state_path, json.dumps(state))
+                     else None) or _start(job, model, state_path)
     rows: list[dict] = state["rows"]
-    dense = state["dense"]
+    done = GroupState.from_stored(state["dense"])
     base_sel = state["input_val_top1"] if state["split"] == "val" else state["input_top1"]
     stopped = None
     for r in rows:  # a stop decided before an interruption stands
@@ -329,79 +361,131 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
         last = rows[-1]["round"]
         model = _load_model(ctx.stage_dir / f"round_{last}" / MODEL_FILE)
         log.info("iterative: %d of %d round(s) done; resuming", last, spec.rounds)
-    t = len(rows)
-    while t < spec.rounds and stopped is None:
-        t += 1
-        rdir = ctx.stage_dir / f"round_{t}"
-        pruned_path = rdir / "pruned.pt"
-        if D.decide(pruned_path.is_file):  # interrupted while finetuning: the same network
-            saved = D.read_on_rank0(functools.partial(ckpt.load, pruned_path))
-            model = model_from_payload(saved)
-            dense = saved["meta"]["dense"]
-        elif timed is not None:
-            timed.prune_round(model, dense, plan[t - 1], seed + 104729 * t)
-        else:
-            prune_round(model, pspec, example, dense, plan[t - 1], by_macs, state["dense_macs"],
-                        seed + 104729 * t)
-            if ctx.dist.is_main:
-                ensure_dir(rdir)
-                ckpt.save_model(pruned_path, model, arch, {"stage": ctx.name, "round": t,
-                                                           "dense": dense})
-        round_spec = dataclasses.replace(spec, epochs=spec.finetune_epochs)
-        rctx = dataclasses.replace(ctx, stage_dir=rdir, name=f"{ctx.name}/round_{t}")
-        if spec.finetune_epochs:
-            _fresh_compile(spec, t)
-            res, final = training.train_model(
-                rctx, round_spec, model, arch, lr, meta={"round": t},
-                schedule=lambda spe: stage_const(lr, spe, spec))
-            # every rank goes on from the weights model.pt holds (the EMA with ema_decay),
-            # rebuilt as a load would: the next round selects the same filters everywhere
-            model = model_from_payload(ckpt.model_payload(final.cpu(), arch, {}))
-        else:
-            batch = training.eval_batch(spec)
-            data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device,
-                              ctx.dist.rank, ctx.dist.world_size)
-            res = evaluate_splits(model.to(ctx.device), data, ctx.device,
-                              training.precision_of(spec, ctx))
-            model.cpu()
-            if ctx.dist.is_main:
-                ckpt.save_model(rdir / MODEL_FILE, model, arch, {"stage": ctx.name, "round": t})
-        macs = count_macs(model, size)["total"]
-        row = {"round": t, "ratio": plan[t - 1] if not by_macs and timed is None else None,
-               "target_macs_reduction": plan[t - 1] if by_macs else None,
-               "time_share": plan[t - 1] if timed is not None else None,
-               "macs": macs, "mac_reduction": round(1 - macs / state["dense_macs"], 6),
-               "params": count_params(model), "widths": _widths(dense),
-               "val_top1": res.get("val_top1"), "top1": res["top1"], "top5": res["top5"],
-               "epochs": spec.finetune_epochs}
+    while len(rows) < spec.rounds and stopped is None:
+        t = len(rows) + 1
+        model, done = _pruned(job, model, done, t, state["dense_macs"])
+        model, row = _recover(job, model, t, done, state["dense_macs"])
         rows.append(row)
-        state["dense"] = dense
+        state["dense"] = done.stored()
         if ctx.dist.is_main:
-            atomic_write_text(rdir / "round.json", json.dumps(row))
+            atomic_write_text(ctx.stage_dir / f"round_{t}" / "round.json", json.dumps(row))
             atomic_write_text(state_path, json.dumps(state))
             write_rounds(ctx.stage_dir / ROUNDS_FILE, rows)
-        log.info("iterative round %d/%d: %s %.4g, MACs %.4g (%.1f%% fewer), %s top-1 %s, "
-                 "test top-1 %.2f", t, spec.rounds, "MAC target" if by_macs else "ratio",
-                 plan[t - 1], macs, 100 * row["mac_reduction"], state["split"],
-                 _f(row["val_top1"] if state["split"] == "val" else row["top1"]), row["top1"])
+        _log_round(job, row, state["split"])
         if _falls(spec, row, base_sel, state["split"]):
             stopped = t
             log.info("iterative: stopping after round %d (more than %g below the input's "
                      "%s top-1 %.2f)", t, spec.stop_below, state["split"], base_sel)
-    last = rows[-1]
     if ctx.dist.is_main:
-        atomic_copy(ctx.stage_dir / f"round_{last['round']}" / MODEL_FILE,
+        atomic_copy(ctx.stage_dir / f"round_{rows[-1]['round']}" / MODEL_FILE,
                     ctx.stage_dir / MODEL_FILE)
-    timing = timed.finish(ctx, dense_model, model) if timed is not None else {}
-    return {**timing, "top1": last["top1"], "top5": last["top5"], "val_top1": last["val_top1"],
+    timing = {}
+    if job.timed is not None:  # the input, reloaded: round 1 pruned it in place
+        timing = job.timed.finish(ctx, ctx.load_input(spec.from_)[0], model)
+    return {**timing, **_summary(spec, state, rows, stopped, job.lr),
+            "stage_seconds": time.perf_counter() - t0}
+
+
+def _evaluate(job: _Job, model: torch.nn.Module) -> tuple[dict, str]:
+    """The model's metrics (test, and validation with `data.val_split`) and the split that
+    selects (`val` or `test`)."""
+    ctx, batch = job.ctx, training.eval_batch(job.spec)
+    data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
+                      ctx.dist.world_size)
+    metrics = evaluate_splits(model.to(ctx.device), data, ctx.device,
+                              training.precision_of(job.spec, ctx))
+    model.cpu()
+    return metrics, data.select_split
+
+
+def _start(job: _Job, model: torch.nn.Module, state_path) -> dict:
+    """A first execution: the input's metrics, its groups at full width and MACs, kept in
+    state.json."""
+    m, split = _evaluate(job, model)
+    groups = candidate_groups(model, build_graph(model, job.example), job.pspec)
+    state = {"input_top1": m["top1"], "input_val_top1": m.get("val_top1"), "split": split,
+             "dense_macs": count_macs(model, job.ctx.input_size)["total"],
+             "dense": GroupState.dense(groups).stored(), "rows": []}
+    if job.ctx.dist.is_main:
+        job.ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(state_path, json.dumps(state))
+    return state
+
+
+def _pruned(job: _Job, model: torch.nn.Module, done: GroupState, t: int,
+            dense_macs: int) -> tuple[torch.nn.Module, GroupState]:
+    """Round t's pruned network: pruned now and saved as round_t/pruned.pt, or, when an
+    interruption came while finetuning it, the saved one."""
+    ctx, rdir = job.ctx, job.ctx.stage_dir / f"round_{t}"
+    pruned_path = rdir / "pruned.pt"
+    if D.decide(pruned_path.is_file):  # interrupted while finetuning: the same network
+        saved = D.read_on_rank0(functools.partial(ckpt.load, pruned_path))
+        return model_from_payload(saved), GroupState.from_stored(saved["meta"]["dense"])
+    if job.timed is not None:  # toward the round's share of the way to the time
+        job.timed.prune_round(model, done.ids, job.plan[t - 1], job.seed + 104729 * t)
+    else:
+        prune_round(model, job.pspec, job.example, done, job.plan[t - 1], job.by_macs,
+                    dense_macs, job.seed + 104729 * t)
+    if ctx.dist.is_main:
+        ensure_dir(rdir)
+        ckpt.save_model(pruned_path, model, job.arch, {"stage": ctx.name, "round": t,
+                                                       "dense": done.stored()})
+    return model, done
+
+
+def _recover(job: _Job, model: torch.nn.Module, t: int, done: GroupState,
+             dense_macs: int) -> tuple[torch.nn.Module, dict]:
+    """Round t after its pruning: finetuned `finetune_epochs` at the constant lr (or only
+    evaluated with 0), saved as round_t/model.pt; returns it and the round's row."""
+    spec, ctx, rdir = job.spec, job.ctx, job.ctx.stage_dir / f"round_{t}"
+    if spec.finetune_epochs:
+        round_spec = dataclasses.replace(spec, epochs=spec.finetune_epochs)
+        rctx = dataclasses.replace(ctx, stage_dir=rdir, name=f"{ctx.name}/round_{t}")
+        _fresh_compile(spec, t)
+        res, final = training.train_model(
+            rctx, round_spec, model, job.arch, job.lr, meta={"round": t},
+            schedule=lambda spe: stage_const(job.lr, spe, spec))
+        # every rank goes on from the weights model.pt holds (the EMA with ema_decay),
+        # rebuilt as a load would: the next round selects the same filters everywhere
+        model = model_from_payload(ckpt.model_payload(final.cpu(), job.arch, {}))
+    else:
+        res, _ = _evaluate(job, model)
+        if ctx.dist.is_main:
+            ckpt.save_model(rdir / MODEL_FILE, model, job.arch, {"stage": ctx.name, "round": t})
+    macs = count_macs(model, ctx.input_size)["total"]
+    amount = job.plan[t - 1]
+    timed = job.timed is not None
+    row = {"round": t, "ratio": amount if not job.by_macs and not timed else None,
+           "target_macs_reduction": amount if job.by_macs else None,
+           "time_share": amount if timed else None,
+           "macs": macs, "mac_reduction": round(1 - macs / dense_macs, 6),
+           "params": count_params(model), "widths": done.kept(),
+           "val_top1": res.get("val_top1"), "top1": res["top1"], "top5": res["top5"],
+           "epochs": spec.finetune_epochs}
+    return model, row
+
+
+def _log_round(job: _Job, row: dict, split: str) -> None:
+    log.info("iterative round %d/%d: %s %.4g, MACs %.4g (%.1f%% fewer), %s top-1 %s, "
+             "test top-1 %.2f", row["round"], job.spec.rounds,
+             "MAC target" if job.by_macs else "time share" if job.timed else "ratio",
+             job.plan[row["round"] - 1], row["macs"],
+             100 * row["mac_reduction"], split,
+             _f(row["val_top1"] if split == "val" else row["top1"]), row["top1"])
+
+
+def _summary(spec: Config, state: dict, rows: list[dict], stopped: int | None,
+             lr: float) -> dict:
+    """The stage's summary: the last round's numbers, every round, and the input's."""
+    last = rows[-1]
+    return {"top1": last["top1"], "top5": last["top5"], "val_top1": last["val_top1"],
             "params": last["params"], "macs": last["macs"], "macs_before": state["dense_macs"],
             "mac_reduction": last["mac_reduction"], "epochs": spec.finetune_epochs * len(rows),
             "rounds": rows, "rounds_done": len(rows), "stopped_after": stopped,
             "input_top1": state["input_top1"], "input_val_top1": state["input_val_top1"],
             "split": state["split"], "method": spec.method, "ratio": spec.ratio,
             "policy": spec.policy, "target_macs_reduction": spec.target_macs_reduction,
-            "pruning_schedule": spec.schedule, "lr": lr,
-            "stage_seconds": time.perf_counter() - t0}
+            "pruning_schedule": spec.schedule, "lr": lr}
 
 
 def _load_model(path) -> torch.nn.Module:
@@ -428,10 +512,6 @@ def _falls(spec: Config, row: dict, base: float | None, split: str) -> bool:
         return False
     got = row["val_top1"] if split == "val" else row["top1"]
     return got is not None and got < base - spec.stop_below
-
-
-def _widths(dense: dict[str, list[int]]) -> dict[str, int]:
-    return {k: len(v) for k, v in dense.items() if not k.startswith(WIDTH)}
 
 
 def _f(x) -> str:

@@ -40,6 +40,7 @@ from pipeline.pruning import (
     zero_pattern_record,
 )
 from pipeline.rundir import MODEL_FILE
+from pipeline.runspec import RunConfig
 from pipeline.safefs import ensure_dir
 from pipeline.trainer import CallbackHook, TrainConfig, evaluate_splits
 
@@ -73,7 +74,7 @@ def snapshot_path(stage_dir, epoch: int):
     return stage_dir / SNAPSHOT_DIR / f"epoch_{epoch}.pt"
 
 
-def snapshot_epochs(spec: Config, name: str, run) -> list[int]:
+def snapshot_epochs(spec: Config, name: str, run: RunConfig) -> list[int]:
     """`save_epochs` and every epoch a downstream stage asks this stage for."""
     wanted = set(spec.save_epochs)
     for other, s in run.stages.items():
@@ -159,7 +160,7 @@ class Pretrain(TrainingStage):
 
 
 def _run(stage: Pretrain, spec: Config, ctx: StageContext) -> dict:
-    lr = stage.base_lr(spec, ctx.run, ctx.name)
+    lr = stage.base_lr(spec, ctx.name, ctx.run)
     zero = spec.zero_init_residual
     if zero is None:
         zero = ctx.run.model.zero_init_residual
@@ -230,7 +231,7 @@ def _pass_on(ctx: StageContext, spec: Config, model: torch.nn.Module, arch: dict
     data = build_data(ctx.run.data, batch, batch, ctx.run.seed, ctx.device, ctx.dist.rank,
                       ctx.dist.world_size, spec.channels_last)
     metrics = evaluate_splits(model.to(ctx.device), data, ctx.device,
-                              training.precision_of(spec, ctx))
+                              training.precision_of(spec, ctx), spec.tta)
     model.cpu()
     with D.together():  # rank 0 writes; a failure there stops every rank
         if ctx.dist.is_main:

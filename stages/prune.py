@@ -50,6 +50,7 @@ from pipeline.pruning import (
 from pipeline.pruning.latency.config import LatencyTargetKeys, validate_target
 from pipeline.pruning.surgery import PruneReport, output_shape
 from pipeline.rundir import MODEL_FILE
+from pipeline.runspec import RunConfig
 from pipeline.trainer import evaluate_splits
 
 from . import latency
@@ -103,11 +104,11 @@ class Prune(Stage):
     needs_input = True
     prunes = True
 
-    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+    def check(self, spec: Config, name: str, run: RunConfig, loader: Loader) -> None:
         _check_soft(spec, name, run, loader)
         check_layer_ratios_from(spec, name, run, loader)
 
-    def plan_entry(self, spec: Config, name: str, run) -> dict:
+    def plan_entry(self, spec: Config, name: str, run: RunConfig) -> dict:
         entry = dict(method=spec.method, ratio=spec.ratio, heads=spec.heads, policy=spec.policy,
                      round_to=spec.round_to, round_mode=spec.round_mode,
                      target_macs_reduction=spec.target_macs_reduction,
@@ -311,7 +312,7 @@ def _human(n: float) -> str:
     return f"{n:g}"
 
 
-def _check_soft(spec: Config, name: str, run, loader: Loader) -> None:
+def _check_soft(spec: Config, name: str, run: RunConfig, loader: Loader) -> None:
     """Coherence with soft pruning upstream (see the module docstring)."""
     up = run.stages.get(spec.from_) if spec.from_ else None
     soft = getattr(up, "prune_during_training", None)

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from .base import Stage
+from pipeline.runspec import RunConfig
+
+from .base import Stage, Trains
 
 REGISTRY: dict[str, Stage] = {}
 
 
 def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: make `cls` the stage of specs with `type: cls.kind`."""
+    """Class decorator: make `cls` the stage of specs with `type: cls.kind` (a kind that
+    trains must be a `Trains`: it says its lr schedule)."""
+    if cls.trains and not issubclass(cls, Trains):
+        raise TypeError(f"stage kind {cls.kind!r} trains but is no Trains subclass")
     if cls.kind in REGISTRY:
         raise ValueError(f"stage kind {cls.kind!r} registered twice")
     REGISTRY[cls.kind] = cls()
@@ -23,7 +29,8 @@ def stage_of(spec: Any) -> Stage:
     return REGISTRY[spec.type]
 
 
-def upstream(run: Any, name: str, wanted) -> str | None:
+def upstream(run: RunConfig, name: str,
+             wanted: Callable[[Stage, Any], bool]) -> str | None:
     """The nearest stage up the `from` chain of `name` (itself excluded) for which
     `wanted(stage, spec)` is true, or None."""
     seen: set[str] = set()
@@ -37,7 +44,7 @@ def upstream(run: Any, name: str, wanted) -> str | None:
     return None
 
 
-def upstream_training_stage(run: Any, name: str) -> str | None:
+def upstream_training_stage(run: RunConfig, name: str) -> str | None:
     """Nearest stage up the `from` chain of `name` that trains."""
     return upstream(run, name, lambda stage, spec: stage.trains)
 

@@ -34,7 +34,8 @@ from pipeline.config import MAX_EPOCHS, Loader, opt
 from pipeline.data.sizes import steps_per_epoch
 from pipeline.models import model_from_payload
 from pipeline.pruning import PruningError, remove_filters
-from pipeline.schedules import ReplaySchedule
+from pipeline.runspec import RunConfig
+from pipeline.schedules import ReplaySchedule, Schedule
 from pipeline.trainer import TrainConfig
 
 from . import training
@@ -62,7 +63,7 @@ class Config(StageBase, TrainConfig):
                                    limit=MAX_EPOCHS)
 
 
-def upstream_of(run, name: str) -> str | None:
+def upstream_of(run: RunConfig, name: str) -> str | None:
     return upstream_training_stage(run, name)
 
 
@@ -82,37 +83,38 @@ class Rewind(TrainingStage):
     Config = Config
     needs_input = True
 
-    def resolved(self, spec: Config, run, name: str) -> Config:
+    def resolved(self, spec: Config, name: str, run: RunConfig) -> Config:
         """The spec with its epochs resolved (weights mode: upstream epochs - rewind_epoch)."""
         if spec.mode == "weights" and spec.epochs is None:
             up = run.stages[upstream_of(run, name)]
             return dataclasses.replace(spec, epochs=up.epochs - int(spec.rewind_epoch or 0))
         return spec
 
-    def upstream_schedule(self, run, name: str):
+    def upstream_schedule(self, name: str, run: RunConfig) -> Schedule | ReplaySchedule:
+        """The schedule of the training stage up the `from` chain of `name`."""
         up = upstream_of(run, name)
         spec = run.stages[up]
-        return stage_of(spec).schedule(spec, run, up)
+        return stage_of(spec).schedule(spec, up, run)
 
-    def schedule(self, spec: Config, run, name: str) -> ReplaySchedule:
-        spec = self.resolved(spec, run, name)
-        up = self.upstream_schedule(run, name)
+    def schedule(self, spec: Config, name: str, run: RunConfig) -> ReplaySchedule:
+        spec = self.resolved(spec, name, run)
+        up = self.upstream_schedule(name, run)
         return ReplaySchedule(up, start_epoch(spec, up.epochs), int(spec.epochs),
                               steps_per_epoch(run.data, spec.batch_size))
 
-    def base_lr(self, spec: Config, run, name: str) -> float:
-        return self.schedule(spec, run, name).lr(0)
+    def base_lr(self, spec: Config, name: str, run: RunConfig) -> float:
+        return self.schedule(spec, name, run).lr(0)
 
-    def lr_source(self, spec: Config, run, name: str) -> str:
+    def lr_source(self, spec: Config, name: str, run: RunConfig) -> str:
         return f"the schedule of '{upstream_of(run, name)}' replayed"
 
-    def snapshots_wanted(self, spec: Config, name: str, run) -> dict[str, list[int]]:
+    def snapshots_wanted(self, spec: Config, name: str, run: RunConfig) -> dict[str, list[int]]:
         up = upstream_of(run, name)
         if spec.mode != "weights" or up is None:
             return {}
         return {up: [int(spec.rewind_epoch or 0)]}
 
-    def check(self, spec: Config, name: str, run, loader: Loader) -> None:
+    def check(self, spec: Config, name: str, run: RunConfig, loader: Loader) -> None:
         key = f"stages.{name}"
         up = upstream_of(run, name)
         if up is None:
@@ -149,10 +151,10 @@ class Rewind(TrainingStage):
                         "stage it follows directly (one prune stage between it and "
                         f"'{up}')")
 
-    def plan_entry(self, spec: Config, name: str, run) -> dict:
-        r = self.resolved(spec, run, name)
+    def plan_entry(self, spec: Config, name: str, run: RunConfig) -> dict:
+        r = self.resolved(spec, name, run)
         entry = super().plan_entry(r, name, run)
-        sched = self.schedule(spec, run, name)
+        sched = self.schedule(spec, name, run)
         entry.update(mode=spec.mode, rewind_epoch=spec.rewind_epoch,
                      upstream=upstream_of(run, name), replay_start_epoch=sched.start_epoch,
                      replayed_lr=sched.lr_by_epoch())
@@ -179,7 +181,7 @@ class Rewind(TrainingStage):
         return _run(self, spec, ctx)
 
 
-def _chain(run, name: str) -> list[str]:
+def _chain(run: RunConfig, name: str) -> list[str]:
     out, cur = [], run.stages[name].from_
     while cur is not None and cur not in out:
         out.append(cur)
@@ -188,14 +190,14 @@ def _chain(run, name: str) -> list[str]:
 
 
 def _run(stage: Rewind, spec: Config, ctx: StageContext) -> dict:
-    r = stage.resolved(spec, ctx.run, ctx.name)
+    r = stage.resolved(spec, ctx.name, ctx.run)
     pruned, payload = ctx.load_input(spec.from_)
     arch = payload["arch"]
     up = upstream_of(ctx.run, ctx.name)
     model = pruned
     if spec.mode == "weights":
         model = rewound_weights(ctx, up, int(spec.rewind_epoch or 0), pruned, payload)
-    up_sched = stage.upstream_schedule(ctx.run, ctx.name)
+    up_sched = stage.upstream_schedule(ctx.name, ctx.run)
     start = start_epoch(r, up_sched.epochs)
 
     def schedule(spe: int) -> ReplaySchedule:

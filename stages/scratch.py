@@ -8,7 +8,8 @@ the same factor; milestones written as fractions of the run scale by themselves.
 ImageNet code caps the factor at 2 (`max_scale: 2`). Warmup is not scaled.
 
 The re-initialization is the architecture's own scheme applied at the pruned widths
-(what constructing the narrow network with its constructor would do; see `reinitialize`).
+(what constructing the narrow network with its constructor would do; each family in
+`pipeline.models` states its own, see `pipeline.models.reinitialize`).
 """
 
 from __future__ import annotations
@@ -18,23 +19,10 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-import torch.nn as nn
-from torchvision.models.convnext import CNBlock
-
 from pipeline.config import opt
-from pipeline.models import (
-    CIFAR_RESNET_DEPTHS,
-    CIFAR_VGG,
-    CIFAR_VGG_L1,
-    TORCHVISION_PREFIX,
-    PadShortcut,
-    build_model,
-    count_macs,
-    shrink_to,
-    zero_init_last_bn,
-)
+from pipeline.models import build_model, count_macs, reinitialize, shrink_to, zero_init_last_bn
 from pipeline.rundir import read_summary
+from pipeline.runspec import RunConfig
 from pipeline.trainer import TrainConfig
 
 from . import training
@@ -98,7 +86,7 @@ class Scratch(TrainingStage):
     Config = Config
     needs_input = True
 
-    def plan_entry(self, spec: Config, name: str, run) -> dict:
+    def plan_entry(self, spec: Config, name: str, run: RunConfig) -> dict:
         entry = {**super().plan_entry(spec, name, run), "budget": spec.budget}
         if spec.budget == "B":
             entry["note"] = ("Scratch-B: epochs and milestones are multiplied by the MACs ratio "
@@ -133,83 +121,4 @@ def _run(stage: Scratch, spec: Config, ctx: StageContext) -> dict:
     return result
 
 
-@torch.no_grad()
-def reinitialize(model: nn.Module, arch_name: str, seed: int) -> str:
-    """Fresh weights by the architecture's own init scheme at the current (pruned) widths;
-    BN running statistics reset; buffers that describe the structure (option-A channel
-    maps) kept. Returns the scheme's name.
-
-      cifar_resnet  conv and linear kaiming_normal_ (fan_in), BN 1/0 (models.CifarResNet)
-      cifar_vgg     conv kaiming_normal_ (fan_out, relu), BN2d 0.5/0 (BN1d 1/0), linear
-                    N(0, 0.01)/0 (models.CifarVGG)
-      torchvision   resnet/resnext/wide_resnet, vgg, mobilenet, regnet: conv
-                    kaiming_normal_ (fan_out, relu), BN 1/0; linear PyTorch's default
-                    (resnet family) or N(0, 0.01)/0 (the others), as their constructors do;
-                    convnext: conv and linear truncated normal (std 0.02)/0, LayerNorm 1/0,
-                    every block's layer_scale 1e-6 (torchvision's ConvNeXt);
-                    any other model: every layer's reset_parameters() (PyTorch's
-                    default), with a warning
-    """
-    torch.manual_seed(seed)
-    scheme = _scheme(arch_name)
-    for m in model.modules():
-        if scheme == "tv_convnext" and isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif scheme == "tv_convnext" and isinstance(m, CNBlock):
-            m.layer_scale.fill_(CONVNEXT_LAYER_SCALE)
-        elif isinstance(m, nn.Conv2d):
-            if scheme == "cifar_resnet":
-                nn.init.kaiming_normal_(m.weight)
-            elif scheme == "default":
-                m.reset_parameters()
-            else:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None and scheme != "default":
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            if m.affine:
-                vgg_bn = scheme == "cifar_vgg" and isinstance(m, nn.BatchNorm2d)
-                nn.init.constant_(m.weight, 0.5 if vgg_bn else 1.0)
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            m.reset_parameters()  # PyTorch's default, then the scheme's weight init
-            if scheme == "cifar_resnet":
-                nn.init.kaiming_normal_(m.weight)
-            elif scheme in ("cifar_vgg", "tv_vgg", "tv_mobilenet", "tv_regnet"):
-                nn.init.normal_(m.weight, 0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        elif isinstance(m, PadShortcut):
-            pass  # channel maps are structure, not weights
-        elif hasattr(m, "reset_parameters") and not list(m.children()):
-            m.reset_parameters()
-    if scheme == "default":
-        log.warning("scratch: no known init scheme for %r; layers re-initialized with "
-                    "PyTorch's defaults", arch_name)
-    return scheme
-
-
-CONVNEXT_LAYER_SCALE = 1e-6  # torchvision's ConvNeXt constructors (convnext_tiny ... large)
-
-
-def _scheme(name: str) -> str:
-    if name in CIFAR_RESNET_DEPTHS:
-        return "cifar_resnet"
-    if name in CIFAR_VGG or name in CIFAR_VGG_L1:
-        return "cifar_vgg"
-    name = name.removeprefix(TORCHVISION_PREFIX)
-    if name.startswith(("resnet", "resnext", "wide_resnet")):
-        return "tv_resnet"
-    if name.startswith("regnet"):
-        return "tv_regnet"
-    if name.startswith("vgg"):
-        return "tv_vgg"
-    if name.startswith("mobilenet"):
-        return "tv_mobilenet"
-    if name.startswith("convnext"):
-        return "tv_convnext"
-    return "default"
-
+__all__ = ["Config", "Scratch", "budget_factor", "reinitialize", "scaled"]

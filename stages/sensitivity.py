@@ -53,6 +53,7 @@ from pipeline.pruning.criteria import CRITERIA
 from pipeline.pruning.spec import FPGMConfig
 from pipeline.replay import PrefixReplay
 from pipeline.rundir import MODEL_FILE
+from pipeline.runspec import RunConfig
 from pipeline.trainer import evaluate
 
 from .base import Stage, StageBase, StageContext, tensor_core_round_to
@@ -125,7 +126,7 @@ class Sensitivity(Stage):
     needs_input = True
     suggests_layer_ratios = True  # a prune stage may read its suggested.yaml
 
-    def plan_entry(self, spec: Config, name: str, run) -> dict:
+    def plan_entry(self, spec: Config, name: str, run: RunConfig) -> dict:
         split = "val" if run.data.val_split else "test (no data.val_split)"
         return dict(method=spec.method, ratios=spec.ratios, policy=spec.policy,
                     tolerance=spec.tolerance, target_macs_reduction=spec.target_macs_reduction,
@@ -469,7 +470,7 @@ def plot(rows: list[dict], base_top1: float, path: Path, method: str, split: str
     plt.close(fig)
 
 
-def check_layer_ratios_from(spec, name: str, run, loader: Loader) -> None:
+def check_layer_ratios_from(spec, name: str, run: RunConfig, loader: Loader) -> None:
     """A prune (or iterative) stage's `layer_ratios_from`: an earlier sensitivity stage, with
     the same policy, and no conflicting keys."""
     src = getattr(spec, "layer_ratios_from", None)

@@ -1,5 +1,5 @@
-"""What every training stage shares: the `TrainingStage` protocol (lr, schedule, checks and
-plan entry of a stage that runs the trainer) and `train` (data, trainer, final model and
+"""What every stage that trains a `TrainConfig` shares: `TrainingStage` (lr, schedule,
+checks and plan entry of such a stage) and `train` (data, trainer, final model and
 summary)."""
 
 from __future__ import annotations
@@ -20,24 +20,24 @@ from pipeline.precision import AUTO, eval_precision
 from pipeline.provenance import record_stage_precision
 from pipeline.recipes import FrozenTeacher
 from pipeline.rundir import MODEL_FILE
-from pipeline.schedules import AFTER_WARMUP, LinearScaling, Schedule
+from pipeline.runspec import RunConfig
+from pipeline.schedules import LinearScaling, Schedule
 from pipeline.trainer import HookBase, RunSettings, TrainConfig, Trainer
 
-from .base import Preflight, Stage, StageContext
+from .base import Preflight, StageContext, Trains
 
 
-class TrainingStage(Stage):
+class TrainingStage(Trains):
     """A stage that trains (its Config includes TrainConfig)."""
 
-    trains = True
     default_lr: ClassVar[float] = 0.1  # the lr when the spec sets none
     zero_epochs: ClassVar[bool] = False  # may train 0 epochs (pass model.pretrained on)
 
-    def base_lr(self, spec: Any, run, name: str) -> float:
+    def base_lr(self, spec: Any, name: str, run: RunConfig) -> float:
         """The peak lr the stage resolves to."""
         return spec.resolved_lr(self.default_lr)
 
-    def lr_source(self, spec: Any, run, name: str) -> str:
+    def lr_source(self, spec: Any, name: str, run: RunConfig) -> str:
         """Where `base_lr` comes from, in words (the plan shows it)."""
         if spec.lr is None:
             return "default"
@@ -46,13 +46,13 @@ class TrainingStage(Stage):
                     f"{spec.lr.per_batch} = {_fmt(spec.lr.resolve(spec.batch_size)):g}")
         return "config"
 
-    def schedule(self, spec: Any, run, name: str) -> Schedule:
+    def schedule(self, spec: Any, name: str, run: RunConfig) -> Schedule:
         """The resolved lr schedule of the stage as configured (Scratch-B: before its MACs
         scaling)."""
-        return Schedule(spec.schedule, self.base_lr(spec, run, name), spec.epochs,
+        return Schedule(spec.schedule, self.base_lr(spec, name, run), spec.epochs,
                         steps_per_epoch(run.data, spec.batch_size))
 
-    def check(self, spec: Any, name: str, run, loader: Loader) -> None:
+    def check(self, spec: Any, name: str, run: RunConfig, loader: Loader) -> None:
         if spec.epochs != 0:
             return
         if not self.zero_epochs:
@@ -62,8 +62,8 @@ class TrainingStage(Stage):
             loader.fail(f"stages.{name}.epochs", "0 epochs needs model.pretrained (a local "
                         "weights file to pass on instead of training)")
 
-    def plan_entry(self, spec: Any, name: str, run) -> dict:
-        return _training_entry(self, run, name, spec)
+    def plan_entry(self, spec: Any, name: str, run: RunConfig) -> dict:
+        return _training_entry(self, spec, name, run)
 
     def preflight(self, spec: Any, name: str, pf: Preflight) -> tuple[nn.Module | None, dict]:
         """The input model passes through; a distillation teacher must have as many
@@ -152,8 +152,8 @@ def _fmt(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
-    sched = stage.schedule(spec, run, name)
+def _training_entry(stage: TrainingStage, spec: Any, name: str, run: RunConfig) -> dict:
+    sched = stage.schedule(spec, name, run)
     o, c, w = spec.optimizer, spec.schedule, spec.schedule.warmup
     spe = max(sched.steps_per_epoch, 1)
     warm = sched.warmup_steps
@@ -167,13 +167,12 @@ def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
         steps_per_epoch=sched.steps_per_epoch, total_steps=sched.total_steps,
         precision=spec.precision or run.precision,
         lr=_fmt(sched.base_lr),
-        lr_source=stage.lr_source(spec, run, name),
+        lr_source=stage.lr_source(spec, name, run),
         optimizer=optimizer,
         schedule={"type": c.type, "milestones": c.milestones,
-                  "milestone_steps": sched.milestone_steps() if c.type == "multistep" else [],
+                  "milestone_steps": sched.milestone_steps(),
                   "gamma": c.gamma, "step_size": c.step_size, "min_lr": c.min_lr,
-                  "decay_axis": ("after warmup" if c.type in AFTER_WARMUP
-                                 else "from the start of the run"),
+                  **sched.plan_keys(), "decay_axis": sched.decay_axis,
                   "warmup": {"type": w.type, "epochs": w.epochs, "steps": warm,
                              "start_lr": _fmt(sched.warmup_start()) if warm else None,
                              "target_lr": _fmt(sched.warmup_target()) if warm else None},
@@ -191,12 +190,13 @@ def _training_entry(stage: TrainingStage, run, name: str, spec) -> dict:
                 "distill": None if spec.distill is None else {
                     "from": spec.distill.from_, "temperature": spec.distill.temperature,
                     "alpha": spec.distill.alpha},
-                "zero_init_residual": _zero_init(run, spec),
-                "l1_bn": spec.sparsity.l1_bn if spec.sparsity else 0.0},
+                "zero_init_residual": _zero_init(spec, run),
+                "l1_bn": spec.sparsity.l1_bn if spec.sparsity else 0.0,
+                **({"tta": spec.tta} if spec.tta != "none" else {})},
     )
 
 
-def _zero_init(run, spec) -> bool | None:
+def _zero_init(spec: Any, run: RunConfig) -> bool | None:
     """Whether the stage zero-inits residual BN gammas (None: it does not initialize)."""
     if not hasattr(spec, "zero_init_residual"):
         return None  # finetune starts from trained weights
@@ -243,7 +243,8 @@ def _training_lines(s: dict) -> list[str]:
           (f"distill from {r['distill']['from']} (T {r['distill']['temperature']:g}, alpha "
            f"{r['distill']['alpha']:g})") if r["distill"] else "",
           "zero-init residual BN" if r["zero_init_residual"] else "",
-          f"L1 sparsity {r['l1_bn']:g} on BN scales" if r.get("l1_bn") else ""]
+          f"L1 sparsity {r['l1_bn']:g} on BN scales" if r.get("l1_bn") else "",
+          f"{r['tta']} TTA at evaluation (reported beside plain top-1)" if r.get("tta") else ""]
     lines.append(f"    recipe: {', '.join(x for x in on if x) or 'plain'}")
     lines += [f"    warning: {w}" for w in s["warnings"]]
     if s.get("note"):

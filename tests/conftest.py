@@ -59,7 +59,7 @@ def real_cifar10() -> Path:
     unpacked once into the temp folder and reused; skips the test when it is absent."""
     script = SHARED_DATA / "get_cifar10.sh"
     if not script.is_file():
-        pytest.skip("../shared/data (the real CIFAR-10) is absent")
+        pytest.skip("the real CIFAR-10 (its unpack script, get_cifar10.sh) is absent")
     dest = Path(tempfile.gettempdir()) / "pipeline-test-cifar10"
     subprocess.run(["bash", str(script), str(dest)], check=True, capture_output=True)
     return dest

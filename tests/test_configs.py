@@ -230,6 +230,50 @@ def check_cifar10_fpgm(cli) -> None:
     assert ft["lr_source"] == "lowest lr of 'pretrain'"
 
 
+def expect_quantize(p: dict, ptq: str, qat: str, source: str) -> None:
+    """The int8 pair of a config: PTQ and QAT of `source` with onnxruntime, per-channel
+    int8 from 16 x 32 training images, the issue's tolerances (1.0 and 0.5 points)."""
+    for name, method, drop in ((ptq, "ptq", 1.0), (qat, "qat", 0.5)):
+        s = stage(p, name)
+        q = s["quantize"]
+        assert (s["type"], s["from"], q["method"], q["backend"]) == (
+            "quantize", source, method, "onnxruntime")
+        assert q["calibration"] == {"split": "train", "batches": 16, "batch_size": 32,
+                                    "images": 512}
+        assert q["verify"]["max_top1_drop"] == pytest.approx(drop)
+        assert q["verify"]["images"] == 1000 and q["artifact"] == "model.int8.onnx"
+
+
+def check_cifar10_fpgm_int8(cli) -> None:
+    p = plan_of(cli, "cifar10_fpgm_int8.yaml")
+    ref = plan_of(cli, "cifar10_fpgm.yaml")
+    assert [s["name"] for s in p["stages"]] == ["pretrain", "prune", "finetune", "quantize",
+                                                "quantize_qat"]
+    for name in ("pretrain", "prune", "finetune"):  # cifar10_fpgm.yaml's chain, unchanged
+        assert stage(p, name) == stage(ref, name)
+    expect_quantize(p, "quantize", "quantize_qat", "finetune")
+    qat = stage(p, "quantize_qat")
+    # QAT: 3 epochs at the finetune's lr (the lowest upstream, 0.001), cosine; KD from dense
+    assert qat["epochs"] == 3 and qat["lr"] == pytest.approx(0.001)
+    assert qat["lr_source"] == "lowest lr of 'finetune'" and qat["schedule"]["type"] == "cosine"
+    assert qat["recipe"]["distill"]["from"] == "pretrain"
+
+
+def check_cifar10_cpu_fpgm_int8(cli) -> None:
+    p = plan_of(cli, "cifar10_cpu_fpgm_int8.yaml")
+    study = plan_of(cli, "cifar10_cpu_study.yaml")
+    assert [s["name"] for s in p["stages"]] == ["pretrain", "prune", "finetune", "quantize",
+                                                "quantize_qat"]
+    assert p["model"]["arch"] == "resnet20" and p["data"]["train_images"] == 45000  # val 5000
+    pre = stage(p, "pretrain")
+    expect_cpu_study_recipe(pre, study, epochs=30)
+    for key in ("method", "ratio", "policy", "round_to", "round_mode"):
+        assert stage(p, "prune")[key] == stage(study, "prune_fpgm")[key]
+    expect_training(stage(p, "finetune"), epochs=5, batch=256, lr=0.02, wd=5e-4)
+    expect_quantize(p, "quantize", "quantize_qat", "finetune")
+    expect_training(stage(p, "quantize_qat"), epochs=2, batch=256, lr=0.002, wd=5e-4)
+
+
 def check_cifar10_fpgm_scratch(cli) -> None:
     p = plan_of(cli, "cifar10_fpgm_scratch.yaml")
     assert [s["name"] for s in p["stages"]] == ["pretrain", "prune", "scratch"]

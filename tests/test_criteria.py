@@ -388,3 +388,17 @@ def test_slimming_and_taylor_from_yaml(tiny_config, cli, tmp_path):
     removed = np.concatenate([CRITERIA["bn_scale"](g)[
         next((e["removed"] for e in layers if e["name"] == g.name), [])] for g in groups])
     assert removed.max() <= np.sort(scores)[n - 1] + 1e-12
+
+
+def test_the_criteria_an_error_message_offers_come_from_the_registry(monkeypatch):
+    from pipeline.pruning.criteria import L1
+
+    class Norm3(L1):
+        name = "norm3"
+
+    monkeypatch.setitem(CRITERIA, "norm3", Norm3())
+    with pytest.raises(PruningError) as err:
+        checked(PruneSpec(method="bn_scale", heads=0.5))
+    offered = str(err.value).split("use ", 1)[1]
+    assert "norm3" in offered and "bn_scale" not in offered
+    assert all(n in offered for n, c in CRITERIA.items() if c.scores_heads)

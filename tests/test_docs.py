@@ -1,8 +1,11 @@
-"""The documents speak of the project only, and their local links lead somewhere."""
+"""The documents, configs and code comments speak of the project only, and the documents'
+local links lead somewhere."""
 
 from __future__ import annotations
 
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-OUTSIDE = re.compile(r"\.\./shared|\blent\b|\bhelpers? (were|was) running|\bsessions?\b",
-                     re.IGNORECASE)
+CODE = sorted(p for d in ("benchmarks", "pipeline", "stages") for p in (ROOT / d).rglob("*.py"))
+# folders outside the repository, who worked on it, and numbered lists kept elsewhere
+OUTSIDE = re.compile(r"\.\./shared|/work/|\blent\b|\bhelpers? (were|was) running|"
+                     r"\bsessions?\b|\b(issue|item)s? #?\d+", re.IGNORECASE)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -37,6 +42,27 @@ def test_no_words_from_outside_the_project(path):
     hits = [f"{n}: {line}" for n, line in enumerate(path.read_text().splitlines(), 1)
             if OUTSIDE.search(line)]
     assert hits == []
+
+
+def text_of(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of a code file's comments and strings (docstrings, usage and messages)."""
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    kinds = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", -1)}
+    return [(t.start[0], t.string) for t in tokens if t.type in kinds]
+
+
+@pytest.mark.parametrize("path", CODE, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_words_from_outside_the_project_in_code_text(path):
+    hits = [f"{n}: {text[:80]}" for n, text in text_of(path) if OUTSIDE.search(text)]
+    assert hits == []
+
+
+def test_the_outside_words_are_seen():
+    for text in ("see ../shared/data", "as in issue 17", "(item 5)", "items 6 and 7",
+                 "in this session"):
+        assert OUTSIDE.search(text), text
+    for text in ("issued", "the items of a list", "an ONNX InferenceSession"):
+        assert not OUTSIDE.search(text), text
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)

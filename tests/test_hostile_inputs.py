@@ -19,9 +19,10 @@ import yaml
 
 from conftest import TINY, deep_update
 from pipeline import checkpoint as ckpt
-from pipeline import preemption, safefs, trainer
+from pipeline import preemption, safefs
 from pipeline.atomic import atomic_write_text
 from pipeline.restarts import LEDGER_FILE
+from pipeline.trainer import CallbackHook
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,7 +226,16 @@ def test_export_refuses_an_existing_file_without_force(done_run, tmp_path, cli,
 # ------------------------------------------------------------ 4. a stopped --restart resumes
 
 
-def test_a_stopped_restart_resumes_bitwise(tmp_path, cli):
+def run_hooked(capsys, after_step, *args) -> tuple[int, str]:
+    """The CLI in-process with a trainer hook run after every step: (exit code, stderr)."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args], hooks=[CallbackHook(after_step=after_step)])
+    return code, capsys.readouterr().err
+
+
+def test_a_stopped_restart_resumes_bitwise(tmp_path, cli, capsys):
     cfg = tiny(tmp_path)
     cfg["stages"]["pretrain"]["epochs"] = 2  # 3 steps per epoch
     cfg["stages"].pop("finetune")
@@ -243,11 +253,7 @@ def test_a_stopped_restart_resumes_bitwise(tmp_path, cli):
         if t.stage == "pretrain" and t.global_step == 4:
             preemption.request(signal.SIGTERM)
 
-    remove = trainer.add_step_hook(stop_at_4)
-    try:
-        code, _, err = cli("run", path, "--restart", "--progress", "off")
-    finally:
-        remove()
+    code, err = run_hooked(capsys, stop_at_4, "run", path, "--restart", "--progress", "off")
     assert code == 143, err
     (line,) = [x for x in err.splitlines() if x.startswith("stopped:")]
     assert "run the same command to resume" in line
@@ -269,7 +275,7 @@ def test_a_stopped_restart_resumes_bitwise(tmp_path, cli):
     assert code == 0 and "taking up" not in err
 
 
-def test_a_stopped_restart_keeps_the_stages_it_finished(tmp_path, cli):
+def test_a_stopped_restart_keeps_the_stages_it_finished(tmp_path, cli, capsys):
     cfg = tiny(tmp_path)
     cfg["stages"]["finetune"]["epochs"] = 2
     path = write_config(tmp_path / "c.yaml", cfg)
@@ -280,11 +286,7 @@ def test_a_stopped_restart_keeps_the_stages_it_finished(tmp_path, cli):
         if t.stage == "finetune" and t.global_step == 2:
             preemption.request(signal.SIGTERM)
 
-    remove = trainer.add_step_hook(stop)
-    try:
-        assert cli("run", path, "--restart", "--progress", "off")[0] == 143
-    finally:
-        remove()
+    assert run_hooked(capsys, stop, "run", path, "--restart", "--progress", "off")[0] == 143
     restarted = {s: json.loads((run_dir / s / "summary.json").read_text())["finished"]
                  for s in ("pretrain", "prune")}
     code, _, err = cli("run", path, "--restart", "--progress", "off")

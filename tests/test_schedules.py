@@ -87,6 +87,14 @@ CLOSED_FORMS = [
     ("constant warmup + step", {"type": "step", "step_size": 4,
                                 "warmup": {"type": "constant", "epochs": 1, "start_lr": 0.005}},
      {0: 0.005, 9: 0.005, 10: 0.1, 39: 0.1, 40: 0.01, 80: 0.001}),
+    # one cycle: up from 0.1 x 0.1 to the peak at step 30, then linear to 0 at step 100
+    ("onecycle", {"type": "onecycle"},
+     {0: 0.01, 15: 0.01 + 0.09 * 15 / 30, 29: 0.01 + 0.09 * 29 / 30, 30: 0.1,
+      65: 0.1 * (1 - 35 / 70), 99: 0.1 * (1 - 69 / 70)}),
+    ("onecycle cosine", {"type": "onecycle", "peak_at": 0.5, "start_factor": 0.2,
+                         "anneal": "cosine", "min_lr": 0.001},
+     {0: 0.02, 25: 0.06, 50: 0.1, 75: cos_decay(0.1, 0.001, 25 / 50),
+      99: cos_decay(0.1, 0.001, 49 / 50)}),
 ]
 
 
@@ -264,6 +272,10 @@ BAD = [
     ({"milestones": [0.5, 100]}, "schedule.milestones", "mixes fractions"),
     ({"milestones": [80, 30]}, "schedule.milestones", "increasing"),
     ({"type": "cosinus"}, "schedule.type", "did you mean 'cosine'"),
+    ({"type": "onecycle", "warmup": {"type": "gradual", "epochs": 1}}, "schedule.warmup.type",
+     "onecycle ramps up on its own"),
+    ({"type": "onecycle", "peak_at": 1.0}, "schedule.peak_at", "(0, 1)"),
+    ({"type": "onecycle", "anneal": "exp"}, "schedule.anneal", "'linear'"),
     ({"warmup": {"type": "gradual", "epochs": 1, "start_factor": 2}},
      "schedule.warmup.start_factor", "in [0, 1]"),
 ]
@@ -281,3 +293,108 @@ def test_linear_scaling_through_train_config():
     assert cfg.resolved_lr(0.5) == pytest.approx(0.4)
     assert TrainConfig(batch_size=1024).resolved_lr(0.5) == 0.5
     assert isinstance(sched_cfg().warmup, WarmupConfig)
+
+
+# ----------------------------------------------------------------------------- schedule types
+
+# (schedule, epochs x steps, {key step: (what, lr)}): each type's marks and its lr there
+KEY_STEPS = [
+    ("onecycle", {"type": "onecycle", "peak_at": 0.25}, 8,
+     {0: ("start", 0.01), 19: ("last step of the ramp", 0.01 + 0.09 * 19 / 20),
+      20: ("peak", 0.1), 50: ("middle of the descent", 0.05),
+      79: ("last step", 0.1 / 60)}),
+    ("linear", {"type": "linear", "warmup": {"type": "gradual", "epochs": 1}}, 8,
+     {0: ("start", 0.01), 9: ("last warmup step", 0.01 + 0.09 * 9 / 10),
+      10: ("end of warmup (target)", 0.1), 45: ("middle of the decay", 0.05),
+      79: ("last step", 0.1 / 70)}),
+    ("step", {"type": "step", "step_size": 3}, 8,
+     {0: ("start", 0.1), 29: ("before decay at epoch 3", 0.1), 30: ("decay at epoch 3", 0.01),
+      59: ("before decay at epoch 6", 0.01), 60: ("decay at epoch 6", 0.001),
+      79: ("last step", 0.001)}),
+]
+
+
+@pytest.mark.parametrize("name,kw,epochs,expected", KEY_STEPS, ids=[k[0] for k in KEY_STEPS])
+def test_key_steps_name_each_change_and_its_lr(name, kw, epochs, expected):
+    s = Schedule(sched_cfg(**kw), 0.1, epochs, steps_per_epoch=10)
+    got = {k["step"]: (k["what"], s.lr(k["step"])) for k in s.key_steps()}
+    assert list(got) == list(expected)
+    for step, (what, lr) in expected.items():
+        assert got[step][0] == what and got[step][1] == pytest.approx(lr, rel=1e-12)
+
+
+@pytest.mark.parametrize("kw", [c[1] for c in CLOSED_FORMS], ids=[c[0] for c in CLOSED_FORMS])
+def test_lr_is_a_pure_function_of_the_step(kw):
+    """Any order of calls, any fresh instance: the same lr at the same step."""
+    a = Schedule(sched_cfg(**kw), 0.1, 10, 10)
+    forward = [a.lr(s) for s in range(100)]
+    backward = [Schedule(sched_cfg(**kw), 0.1, 10, 10).lr(s) for s in reversed(range(100))]
+    assert forward == backward[::-1]
+
+
+def test_onecycle_lowest_lr_skips_the_ramp_and_the_plan_says_so():
+    s = Schedule(sched_cfg(type="onecycle", min_lr=0.004, start_factor=0.01), 0.1, 10, 10)
+    assert s.lowest_lr() == pytest.approx(s.lr(99))  # not the ramp's start, 0.001
+    assert not s.decays_to_zero
+    assert Schedule(sched_cfg(type="onecycle"), 0.1, 10, 10).decays_to_zero
+    assert "one cycle: linear from 0.001 to 0.1 over the first 3 epochs (30 steps)" in \
+        s.describe()
+    assert s.decay.plan(s) == {"peak_at": 0.3, "peak_step": 30, "start_factor": 0.01,
+                               "anneal": "linear"}
+    short = Schedule(sched_cfg(type="onecycle", peak_at=0.1), 0.1, 1, 4)
+    assert "too few steps" in " ".join(short.warnings())
+
+
+def test_every_config_type_has_one_registered_class_and_both_schedules_share_a_protocol():
+    import typing
+
+    from pipeline.schedules import DECAYS, LrSchedule, ReplaySchedule
+    types = typing.get_args(typing.get_type_hints(ScheduleConfig)["type"])
+    assert sorted(types) == sorted(DECAYS)
+    assert all(d.name == n for n, d in DECAYS.items())
+    up = Schedule(sched_cfg(type="cosine"), 0.1, 4, 5)
+    assert isinstance(up, LrSchedule)
+    assert isinstance(ReplaySchedule(up, start_epoch=1, epochs=2, steps_per_epoch=5), LrSchedule)
+
+
+def test_a_new_schedule_type_is_one_registered_class(monkeypatch):
+    """What a schedule type needs is the class alone: lr, marks, description, warnings."""
+    from pipeline import schedules as S
+
+    monkeypatch.setattr(S, "DECAYS", dict(S.DECAYS))
+
+    @S.register
+    class Halving(S.Decay):
+        name = "halving"
+
+        def lr(self, s, step):
+            return s.base_lr / 2 ** (step // s.steps_per_epoch)
+
+        def mark(self, s, marks, max_decays):
+            marks[s.steps_per_epoch] = "first halving"
+
+        def describe(self, s):
+            return "halved every epoch"
+
+        def warnings(self, s):
+            return ["halving is steep"]
+
+    cfg = ScheduleConfig()
+    cfg.type = "halving"
+    s = Schedule(cfg, 0.4, 3, 2)
+    assert [s.lr(i) for i in range(6)] == [0.4, 0.4, 0.2, 0.2, 0.1, 0.1]
+    assert {"step": 2, "what": "first halving"} in s.key_steps()
+    assert s.describe() == "halved every epoch" and s.warnings() == ["halving is steep"]
+
+
+def test_a_rewind_stage_plans_its_replayed_schedule(tiny_config, cli):
+    """The plan reads a ReplaySchedule through the same protocol as a Schedule."""
+    path = tiny_config({"stages": {"lr_rewind": {"type": "rewind", "from": "prune", "mode": "lr",
+                                                 "epochs": 1, "batch_size": 32}}})
+    code, out, err = cli("run", path, "--dry-run", "--format", "json")
+    assert code == 0, err
+    import json
+
+    entry = next(s for s in json.loads(out)["stages"] if s["name"] == "lr_rewind")
+    assert entry["schedule"]["decay_axis"] == "from the start of the run"
+    assert "replay of the upstream schedule" in entry["schedule"]["description"]

@@ -210,8 +210,8 @@ def test_all_checkpoints_corrupt_restarts_afresh(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         assert trainer.try_resume() is False
     lines = [r.getMessage() for r in caplog.records]
-    assert sum("last.pt" in m and "unreadable" in m for m in lines) == 1
-    assert sum("last.prev.pt" in m for m in lines) == 1
+    assert sum("last.pt: not a torch checkpoint" in m and "falling back" in m for m in lines) == 1
+    assert sum("last.prev.pt: truncated" in m for m in lines) == 1
     assert any("starting the stage afresh" in m for m in lines)
     assert (tmp_path / "last.pt.corrupt").is_file() and not (tmp_path / "last.pt").exists()
 
@@ -227,7 +227,7 @@ def test_corrupt_last_falls_back_then_config_change_is_refused(tiny_config, cli,
     code, _, err = cli("run", cfg, "--stage", "pretrain", "--set", "stages.pretrain.epochs=3")
     assert code == 0, err
     assert "Traceback" not in err
-    (warning,) = [line for line in err.splitlines() if "last.pt" in line and "unreadable" in line]
+    (warning,) = [line for line in err.splitlines() if "last.pt" in line and "truncated" in line]
     assert "falling back" in warning
     assert "resumed from" in err and "last.prev.pt at epoch 1, step 3" in err
     epochs = [r.split(",")[0] for r in (stage / "metrics.csv").read_text().splitlines()[1:]]

@@ -125,6 +125,7 @@ class Criterion:
     name: ClassVar[str]
     needs_gradients: ClassVar[bool] = False  # taylor: gradients of training batches
     normalize_global: ClassVar[bool] = True  # global ranking divides by each group's mean
+    scores_heads: ClassVar[bool] = True  # can score attention heads (`score_heads`)
 
     def __call__(self, group: ScoredGroup, seed: int = 0) -> np.ndarray:
         """One score per channel of `group`, from the convs that produce its channels."""
@@ -198,6 +199,7 @@ class Taylor(Criterion):
 class BNScale(Criterion):
     name = "bn_scale"
     normalize_global = False
+    scores_heads = False
 
     def __call__(self, group: ScoredGroup, seed: int = 0) -> np.ndarray:
         scales = group.bn_scales()
@@ -208,7 +210,7 @@ class BNScale(Criterion):
 
     def score_heads(self, heads: ScoredHeads, seed: int = 0) -> np.ndarray:
         raise PruningError("bn_scale scores BatchNorm scales, which attention heads lack "
-                           "(use fpgm, l1, l2, group_l2, random or taylor)", "heads")
+                           f"(use {head_criteria()})", "heads")
 
 
 class GroupL2(Criterion):
@@ -229,6 +231,12 @@ class GroupL2(Criterion):
 
 CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     FPGM(), L1(), L2(), Random(), Taylor(), BNScale(), GroupL2())}
+
+
+def head_criteria() -> str:
+    """The criteria that can score attention heads, as a message lists them."""
+    names = [n for n, c in CRITERIA.items() if c.scores_heads]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 # --------------------------------------------------------------------------- gradients
@@ -306,6 +314,6 @@ def _row_products(weight: torch.Tensor) -> torch.Tensor:
     return gw.reshape(weight.shape[0], -1).sum(1)
 
 
-__all__ = ["BNScale", "CRITERIA", "Criterion", "FPGM", "GroupL2", "L1",
+__all__ = ["BNScale", "CRITERIA", "Criterion", "FPGM", "GroupL2", "L1", "head_criteria",
            "L2", "PruningError", "Random", "ScoredGroup", "Taylor", "filter_matrix", "fpgm_scores",
            "gradient_products", "head_gradient_terms", "ScoredHeads"]

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch_pruning import ops
 
 from ..errors import did_you_mean
-from ..models import PadShortcut
+from ..models.registry import projection_parts, residual_layers
 from .criteria import PruningError, filter_matrix
 from .spec import PruneSpec
 
@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 
 
 def is_projection(name: str) -> bool:
-    """A downsample/shortcut projection (torchvision `downsample`, our option-B `shortcut`)."""
-    return any(part in ("downsample", "shortcut") for part in name.split("."))
+    """A shortcut projection, by a part of its name the families declare (`Family.projections`:
+    torchvision ResNets' `downsample`, the CIFAR ResNets' option-B `shortcut`)."""
+    parts = projection_parts()
+    return any(part in parts for part in name.split("."))
 
 
 def token_linears(dg) -> frozenset[nn.Module]:
@@ -228,11 +230,13 @@ def out_convs(group, dg) -> list[nn.Module]:
 
 def is_residual_coupled(group) -> bool:
     """True when the group's channels meet a residual addition: they pass through an
-    element-wise add or an option-A shortcut. (Several convs can share channels without
-    one, e.g. a squeeze-excitation gate's multiplication: those stay block-internal.)"""
+    element-wise add or a layer a family declares residual (`Family.residual_layers`: the
+    option-A shortcut). (Several convs can share channels without one, e.g. a
+    squeeze-excitation gate's multiplication: those stay block-internal.)"""
+    residual = residual_layers()
     for item in group:
         m = item.dep.target.module
-        if isinstance(m, PadShortcut):
+        if isinstance(m, residual):
             return True
         # AddBackward: a + b (not Addmm, a Linear's own bias addition)
         if isinstance(m, ops._ElementWiseOp) and str(m._grad_fn).startswith("AddBackward"):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..config import Invalid, opt
-from .criteria import CRITERIA, PruningError
+from .criteria import CRITERIA, PruningError, head_criteria
 
 Method = Literal[tuple(CRITERIA)]  # type: ignore[valid-type]  # the registry's names
 DEFAULT_RATIO = 0.4
@@ -123,9 +123,9 @@ class PruneSpec:
         if isinstance(self.heads, bool) or not isinstance(self.heads, (int, float)) \
                 or not 0 < self.heads < 1:
             raise Invalid("heads", f"expected a share of heads in (0, 1), got {self.heads!r}")
-        if self.method == "bn_scale":
-            raise Invalid("heads", "bn_scale scores BatchNorm scales, which attention heads "
-                          "lack: use fpgm, l1, l2, group_l2, random or taylor")
+        if not CRITERIA[self.method].scores_heads:  # bn_scale: heads have no BatchNorm
+            raise Invalid("heads", f"{self.method} cannot score attention heads: use "
+                          f"{head_criteria()}")
         if self.target_macs_reduction is not None:
             raise Invalid("heads", "a fixed share of heads, not with target_macs_reduction "
                           "(give ratio, or leave heads out)")

@@ -1,23 +1,12 @@
 """The channel removal itself: torch-pruning's dependency graph and its surgery.
 
-torch-pruning cannot trace through the option-A shortcut (subsample, then place the
-input channels among zero channels), so it is registered as a layer of its own with a
-pruner that keeps its channel maps consistent: pruning its output channels drops the
-matching entries of the map (and renumbers the rest); pruning its input channels drops
-those inputs. The residual stream before and after a stage boundary can then be pruned
-independently, which is what `policy: all` needs on an option-A ResNet.
-
-Per-channel parameters that belong to no layer (ConvNeXt's `layer_scale`, shape (C, 1, 1))
-are given to the graph as unwrapped parameters pruned along dim 0, so they shrink with the
-residual stream they scale.
-
-Swin's patch merging (the 2x2 neighbours' channels concatenated, LayerNorm over the 4C,
-Linear 4C -> 2C) is likewise one layer with a pruner of its own: torch-pruning's trace of
-its strided slices and concatenation maps a removed input channel to one of its four
-copies only; here input channel i removes positions i, C+i, 2C+i and 3C+i of the norm and
-of the reduction's columns, so `policy: all` can prune Swin's stage widths. Both kinds of
-layer are traced as one autograd node each (`_opaque_layers`), so their inner crops and
-strided slices do not reach torch-pruning's index mapping.
+What a network family needs for its own layers comes from the family (`pipeline.models`):
+custom pruners (the option-A shortcut, attention, Swin's patch merging), layers traced as
+one autograd node each (`_opaque_layers`: their inner crops and strided slices must not
+reach torch-pruning's index mapping), per-channel parameters outside any layer (ConvNeXt's
+`layer_scale`, pruned along dim 0 with the residual stream it scales) and the widths a
+model keeps as attributes. Grouped convolutions (ResNeXt) get a conv pruner that keeps
+every group's own inputs.
 
 Every removal is followed by a forward pass that must give the output shape of before.
 """
@@ -32,49 +21,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from torchvision.models.convnext import CNBlock
-from torchvision.models.swin_transformer import PatchMerging
 
-from ..attention import ATTENTION_TYPES, SelfAttention
 from ..errors import first_line
-from ..models import PadShortcut, sync_model_widths
+from ..models import sync_model_widths
+from ..models.registry import custom_pruners, opaque_layers, unwrapped_parameters
 from ..modes import eval_mode
 from .groups import Group, conv_groups, out_convs
 from .selection import Selection
 from .spec import PruningError
 
 # --------------------------------------------------------------------------- graph
-
-
-def _pairs(layer: PadShortcut) -> list[tuple[int, int]]:
-    """(input channel, output channel) of every channel the shortcut carries."""
-    return list(zip(layer.in_index.tolist(), layer.out_index.tolist(), strict=True))
-
-
-class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
-    TARGET_MODULES = (PadShortcut,)
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        removed = set(int(i) for i in idxs)
-        keep = [c for c in range(layer.out_channels) if c not in removed]
-        new_pos = {old: new for new, old in enumerate(keep)}
-        pairs = [(int(i), new_pos[int(o)]) for i, o in _pairs(layer) if int(o) in new_pos]
-        layer.set_maps(pairs, layer.in_channels, len(keep))
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        removed = set(int(i) for i in idxs)
-        keep = [c for c in range(layer.in_channels) if c not in removed]
-        new_id = {old: new for new, old in enumerate(keep)}
-        pairs = [(new_id[int(i)], int(o)) for i, o in _pairs(layer) if int(i) in new_id]
-        layer.set_maps(pairs, len(keep), layer.out_channels)
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.out_channels
-
-    def get_in_channels(self, layer: nn.Module) -> int:
-        return layer.in_channels
 
 
 class GroupedConvPruner(tp.pruner.function.ConvPruner):
@@ -103,102 +59,14 @@ class GroupedConvPruner(tp.pruner.function.ConvPruner):
         return layer
 
 
-class _LinearOutPruner(tp.pruner.function.BasePruningFunc):
-    """A layer torch-pruning sees whole whose outputs are the rows of one inner Linear
-    (`_out`)."""
-
-    @staticmethod
-    def _out(layer: nn.Module) -> nn.Linear:  # every subclass names its Linear
-        raise TypeError(f"no output Linear for {type(layer).__name__}")
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        lin = self._out(layer)
-        keep = sorted(set(range(lin.out_features)) - set(int(i) for i in idxs))
-        lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 0)
-        if lin.bias is not None:
-            lin.bias = self._prune_parameter_and_grad(lin.bias, keep, 0)
-        lin.out_features = len(keep)
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return self._out(layer).out_features
-
-
-class AttentionPruner(_LinearOutPruner):
-    """The embedding width through an attention module (`attention.SelfAttention`,
-    `attention.WindowAttention`): its inputs are the q/k/v projection's columns, its
-    outputs the out-projection's rows; the heads and their width stay (heads are removed
-    by `heads.prune_heads`). torch-pruning treats the module as one layer."""
-
-    TARGET_MODULES = ATTENTION_TYPES
-
-    @staticmethod
-    def _out(layer: nn.Module) -> nn.Linear:
-        return layer.out_proj if isinstance(layer, SelfAttention) else layer.proj
-
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        keep = sorted(set(range(self.get_in_channels(layer))) - set(int(i) for i in idxs))
-        if isinstance(layer, SelfAttention):
-            layer.in_proj_weight = self._prune_parameter_and_grad(layer.in_proj_weight, keep, 1)
-        else:
-            layer.qkv.weight = self._prune_parameter_and_grad(layer.qkv.weight, keep, 1)
-            layer.qkv.in_features = len(keep)
-        return layer
-
-    def get_in_channels(self, layer: nn.Module) -> int:
-        w = layer.in_proj_weight if isinstance(layer, SelfAttention) else layer.qkv.weight
-        return int(w.shape[1])
-
-
 def root_handler(dg: tp.DependencyGraph, m: nn.Module):
     """The graph's handler that removes m's output channels."""
     return dg.get_pruner_of_module(m).prune_out_channels
 
 
-class PatchMergingPruner(_LinearOutPruner):
-    """torchvision's Swin `PatchMerging` as one layer: C inputs, each present four times
-    in the concatenated 4C (its norm's and reduction's positions i + kC); the outputs are
-    the reduction's rows."""
-
-    TARGET_MODULES = (PatchMerging,)
-
-    @staticmethod
-    def _out(layer: nn.Module) -> nn.Linear:
-        return layer.reduction
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        c = self.get_in_channels(layer)
-        gone = set(int(i) for i in idxs)
-        kept = [i for i in range(c) if i not in gone]
-        keep = [k * c + i for k in range(4) for i in kept]
-        norm, lin = layer.norm, layer.reduction
-        if getattr(norm, "weight", None) is not None:
-            norm.weight = self._prune_parameter_and_grad(norm.weight, keep, 0)
-        if getattr(norm, "bias", None) is not None:
-            norm.bias = self._prune_parameter_and_grad(norm.bias, keep, 0)
-        if isinstance(norm, nn.LayerNorm):
-            norm.normalized_shape = (len(keep),)
-        lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 1)
-        lin.in_features = len(keep)
-        layer.dim = len(kept)
-        return layer
-
-    def get_in_channels(self, layer: nn.Module) -> int:
-        return layer.reduction.in_features // 4
-
-
 def customized_pruners() -> dict:
-    """The custom pruners to pass to torch-pruning's DependencyGraph."""
-    attention = AttentionPruner()
-    return {PadShortcut: PadShortcutPruner(), PatchMerging: PatchMergingPruner(),
-            **{t: attention for t in ATTENTION_TYPES}}
-
-
-def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-    """(parameter, channel dim) of the per-channel parameters outside any layer:
-    ConvNeXt's layer_scale (C, 1, 1), which multiplies each block's output channels."""
-    return [(m.layer_scale, 0) for m in model.modules() if isinstance(m, CNBlock)]
+    """The custom pruners to pass to torch-pruning's DependencyGraph (the families')."""
+    return custom_pruners()
 
 
 class _Opaque(torch.autograd.Function):
@@ -210,7 +78,7 @@ class _Opaque(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: nn.Module, kwargs: dict):
         out = type(layer).forward(layer, x, **kwargs)
-        return out[0] if isinstance(out, tuple) else out  # SelfAttention: (output, None)
+        return out[0] if isinstance(out, tuple) else out  # (output, weights): the output
 
     @staticmethod
     def backward(ctx, *grads):  # the trace never runs backward
@@ -219,13 +87,13 @@ class _Opaque(torch.autograd.Function):
 
 @contextmanager
 def _opaque_layers(model: nn.Module):
-    """Trace the layers torch-pruning handles through a pruner of ours (attention, patch
-    merging) as one node each."""
-    layers = [m for m in model.modules() if isinstance(m, (PatchMerging, *ATTENTION_TYPES))]
+    """Trace the layers the families declare opaque (attention, patch merging) as one node
+    each."""
+    layers = [m for m in model.modules() if isinstance(m, opaque_layers())]
 
     def forward(self, x, *same, **kwargs):  # ViT passes (x, x, x, need_weights=False)
         out = _Opaque.apply(x, self, kwargs)
-        return (out, None) if isinstance(self, SelfAttention) else out
+        return (out, None) if getattr(self, "returns_pair", False) else out
 
     for m in layers:
         m.forward = types.MethodType(forward, m)
@@ -360,8 +228,7 @@ def remove_filters(model: nn.Module, record: list[dict], example: torch.Tensor) 
     return pruning_report(groups, 1)
 
 
-__all__ = ["AttentionPruner", "GroupedConvPruner", "PadShortcutPruner", "PatchMergingPruner",
-           "PruneReport",
+__all__ = ["GroupedConvPruner", "PruneReport",
            "apply_selection", "build_graph", "customized_pruners", "forward_check",
            "output_shape", "pruning_report", "remove_filters", "root_handler",
            "unwrapped_parameters"]

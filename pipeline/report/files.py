@@ -8,7 +8,7 @@ from pathlib import Path
 from ..atomic import atomic_write_text
 from . import measured
 from .latency import latency_device_for
-from .plots import plot_accuracy_latency, plot_curves, plot_pareto
+from .plots import plot_curves, plot_latency, plot_pareto
 from .rows import Options
 from .tables import columns_for, provenance_markdown, to_csv, to_json, to_markdown
 
@@ -71,10 +71,10 @@ def write_report(rows: list[dict], run_dirs: list[Path], out: Path, options: Opt
     pngs: list[Path] = []
     if plot:
         pngs.append(plot_pareto(rows, out / "accuracy_vs_macs.png").path)
-        measured.plot_latency(rows)
-        if any(r.get("plot_latency_ms") for r in rows):
-            pngs.append(plot_accuracy_latency(rows, out / "accuracy_vs_latency.png",
-                                              _latency_axis(rows, options)).path)
+        measured.plot_latency(rows)  # compare's measurement, else the stages' own
+        if options.latency or any(r.get("plot_latency_ms") for r in rows):
+            pngs.append(plot_latency(rows, out / "accuracy_vs_latency.png",
+                                     _latency_axis(rows, options)).path)
         for d in run_dirs:
             pngs.append(plot_curves(d, out / f"curves_{d.name}.png").path)
     written = []

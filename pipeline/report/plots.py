@@ -122,14 +122,6 @@ def plot_pareto(rows: list[dict], path: Path) -> Plot:
                        "Accuracy against computation")
 
 
-def plot_accuracy_latency(rows: list[dict], path: Path, xlabel: str) -> Plot:
-    """Top-1 against measured latency (each row's `plot_latency_ms`, see
-    `measured.plot_latency`), drawn as the MACs plot is: baselines starred, the Pareto front
-    (best top-1 at no more time)."""
-    return _front_plot(rows, path, "plot_latency_ms", xlabel,
-                       "Accuracy against measured latency")
-
-
 def _front_plot(rows: list[dict], path: Path, x: str, xlabel: str, title: str) -> Plot:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -158,6 +150,67 @@ def _front_plot(rows: list[dict], path: Path, x: str, xlabel: str, title: str) -
     else:
         ax.text(0.5, 0.5, "no completed stage yet", ha="center", transform=ax.transAxes)
     return _save(plt, fig, path)
+
+
+def plot_latency(rows: list[dict], path: Path, xlabel: str | None = None) -> Plot:
+    """Top-1 against measured latency: each completed row's `plot_latency_ms` (see
+    `measured.plot_latency`: compare's own measurement, else the one a stage with a latency
+    target took in its runtime), or its `latency_ms`. fp32 models as dots (each run's
+    baseline starred), quantized ones as diamonds joined to the model they were made from,
+    and the Pareto front (best top-1 at no more time). Series: "<run>/<stage>" per model,
+    "<run>/<stage> from" per quantized model's link, "pareto front"."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        r.setdefault("plot_latency_ms", r.get("latency_ms"))
+    done = [r for r in rows if r.get("status") == "completed" and r.get("top1") is not None
+            and r.get("plot_latency_ms")]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(dict.fromkeys(r["run"] for r in done)):
+        _draw_latency_run(ax, run, {r["stage"]: r for r in done if r["run"] == run},
+                          colors[i % len(colors)])
+    if any(r.get("artifact") for r in done):
+        ax.scatter([], [], marker="D", color="gray", label="int8 (its own runtime)")
+    front = pareto_front([(r["plot_latency_ms"], r["top1"]) for r in done])
+    if len(front) > 1:
+        xs, ys = zip(*front, strict=True)
+        ax.step(xs, ys, where="post", color="gray", ls="--", lw=1, label="Pareto front",
+                gid="pareto front")
+    ax.set_xlabel(xlabel or _latency_label(done))
+    held_out = any(r.get("val_top1") is not None for r in rows)  # data.val_split: name the split
+    ax.set_ylabel("test top-1 (%)" if held_out else "top-1 (%)")
+    ax.set_title("Accuracy against latency")
+    ax.grid(alpha=0.3)
+    if done:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no latency measured (compare --latency, or a latency target)",
+                ha="center", transform=ax.transAxes)
+    return _save(plt, fig, path)
+
+
+def _draw_latency_run(ax, run: str, mine: dict[str, dict], color) -> None:
+    """One run's points on the latency plot, a quantized model linked to its source."""
+    for r in mine.values():
+        gid, int8 = f"{run}/{r['stage']}", bool(r.get("artifact"))
+        base, x = r.get("baseline") == gid, r["plot_latency_ms"]
+        ax.scatter(x, r["top1"], color=color, zorder=3, gid=gid,
+                   marker="*" if base else ("D" if int8 else "o"), s=180 if base else 40,
+                   label=f"{run} ({r['stage']}, dense)" if base else None)
+        src = mine.get(r.get("source")) if int8 else None
+        if src is not None:
+            ax.plot([src["plot_latency_ms"], x], [src["top1"], r["top1"]], color=color,
+                    ls=":", lw=1, gid=f"{gid} from")
+        ax.annotate(r["stage"], (x, r["top1"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8, color=color)
+
+
+def _latency_label(done: list[dict]) -> str:
+    """The x label when the caller names no runtime: compare's, from the rows."""
+    r0 = next((r for r in done if not r.get("artifact")), None)
+    what = (f"{r0.get('latency_backend') or 'torch'}, batch {r0.get('latency_batch')}"
+            if r0 else "its runtime")
+    return f"latency per batch (ms; fp32: {what}; int8: its runtime)"
 
 
 def _series(x: list[float], rows: list[dict], key: str) -> tuple[list, list]:
@@ -206,4 +259,4 @@ def plot_curves(run_dir: Path, path: Path) -> Plot:
     return _save(plt, fig, path)
 
 
-__all__ = ["Plot", "pareto_front", "plot_accuracy_latency", "plot_pareto", "plot_curves"]
+__all__ = ["Plot", "pareto_front", "plot_pareto", "plot_latency", "plot_curves"]

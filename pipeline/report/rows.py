@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from typing import Any
 
 from stages import REGISTRY, Stage
 
+from ..errors import first_line
 from ..provenance import read_provenance, stale_reasons
+from ..quantize import artifact_latency_ms
 from ..rundir import (
     MODEL_FILE,
     SUMMARY_FILE,
@@ -39,12 +42,18 @@ from ..rundir import (
 from .latency import file_latency_ms, input_size_of, latency_device_for
 from .measured import add_measured
 
+log = logging.getLogger("pipeline")
+
 COLUMNS = ["run", "stage", "type", "status", "model", "method", "ratio", "top1", "top5",
            "delta_top1", "params_m", "macs_m", "mac_reduction_pct", "size_mb", "epochs",
            "wall_seconds"]
 LATENCY_COLUMNS = ["latency_ms", "speedup"]
 VAL_COLUMNS = ["val_top1"]  # after top1, when a row has validation numbers (data.val_split)
+# with a quantized stage: the model file's precision after the model, the change of top-1
+# against the stage it was made from after delta_top1
+QUANT_COLUMNS = ["precision", "delta_source"]
 SPLIT_COLUMNS = ["best_split"]  # after epochs, likewise: the split that chose best.pt
+TTA_COLUMNS = ["top1_tta"]  # after top1 (and val_top1), when a stage evaluated with tta: flip
 PROVENANCE_COLUMNS = ["git_commit", "git_dirty", "python", "torch", "torchvision",
                       "torch_pruning", "device", "world_size", "seed", "config_hash", "command"]
 
@@ -247,7 +256,8 @@ def _add_results(row: dict, run_dir: Path, specs: dict[str, dict], name: str, s:
     row["status"] = "completed"
     top1, macs = s.get("top1"), s.get("macs")
     row.update(top1=top1, top5=s.get("top5"), val_top1=s.get("val_top1"),
-               best_split=s.get("best_split"), params=s.get("params"), macs=macs,
+               top1_tta=s.get("top1_tta"), best_split=s.get("best_split"),
+               params=s.get("params"), macs=macs,
                params_m=_m(s.get("params")), macs_m=_m(macs), epochs=s.get("epochs"),
                wall_seconds=s.get("wall_seconds"), finished=s.get("finished"),
                size_mb=_size_mb(stage_dir / MODEL_FILE),
@@ -261,11 +271,25 @@ def _add_results(row: dict, run_dir: Path, specs: dict[str, dict], name: str, s:
     if macs and dense_macs:
         row["mac_reduction_pct"] = 100 * (1 - macs / dense_macs)
     add_measured(row, s)
+    row["precision"] = "fp32"  # model.pt; a quantized stage's artifact below
+    if s.get("artifact"):
+        _add_quantized(row, run_dir, stage_dir, s)
     notes = _notes(run_dir, specs, name, s, prov)
     if notes:
         row["note"] = "; ".join(notes)
     if options.latency:
         _add_latency(row, run_dir, stage_dir, base, options)
+
+
+def _add_quantized(row: dict, run_dir: Path, stage_dir: Path, s: dict) -> None:
+    """A quantized stage's row: its artifact's precision and size, its backend, and its
+    top-1 against the stage it was made from (that stage's summary as it is now)."""
+    row.update(precision=s.get("precision", "int8"), artifact=s["artifact"],
+               quantize_backend=s.get("backend"), source=s.get("source"),
+               size_mb=_size_mb(stage_dir / s["artifact"]))
+    src = (read_summary(run_dir / s["source"]) or {}) if s.get("source") else {}
+    if row["top1"] is not None and src.get("top1") is not None:
+        row["delta_source"] = row["top1"] - src["top1"]
 
 
 def _notes(run_dir: Path, specs: dict, name: str, s: dict, prov: dict) -> list[str]:
@@ -312,6 +336,9 @@ def _add_latency(row: dict, run_dir: Path, stage_dir: Path, base: Baseline | Non
                 backend)
         return options._latency_cache[key]
 
+    if row.get("artifact"):  # int8: timed in its own runtime
+        _add_artifact_latency(row, stage_dir, base, options, size, lat)
+        return
     mine = lat(stage_dir / MODEL_FILE)
     row["latency_ms"] = mine
     if base is not None and base.model_path is not None and mine:
@@ -320,6 +347,34 @@ def _add_latency(row: dict, run_dir: Path, stage_dir: Path, base: Baseline | Non
             row["speedup"] = ref / mine
 
 
-__all__ = ["COLUMNS", "LATENCY_COLUMNS", "VAL_COLUMNS", "SPLIT_COLUMNS", "PROVENANCE_COLUMNS",
+def _add_artifact_latency(row: dict, stage_dir: Path, base: Baseline | None, options: Options,
+                          size: tuple, lat) -> None:
+    """The int8 artifact's latency on its backend (onnxruntime CPU, or pt2e compiled); the
+    speedup against the baseline when --latency-backend times the baseline in that same
+    runtime (onnxruntime), else none: two runtimes are not compared."""
+    backend = row["quantize_backend"]
+    path = stage_dir / row["artifact"]
+    row["latency_backend"], row["latency_device"] = f"{backend} int8", "cpu"
+    key = (str(path), size, backend)
+    if key not in options._latency_cache:
+        try:
+            options._latency_cache[key] = artifact_latency_ms(path, backend,
+                                                              options.latency_batch, size)
+        except Exception as err:  # report the row without latency, say why
+            log.warning("latency of %s (%s) not measured: %s", path, backend, first_line(err))
+            options._latency_cache[key] = None
+    mine = row["latency_ms"] = options._latency_cache[key]
+    if mine:
+        row["note"] = "; ".join(filter(None, [row.get("note"), f"latency: {backend} int8"]))
+    if mine and base is not None and base.model_path is not None and \
+            options.latency_backend == backend:
+        ref = lat(base.model_path)
+        if ref:
+            row["speedup"] = ref / mine
+
+
+__all__ = ["COLUMNS", "LATENCY_COLUMNS", "QUANT_COLUMNS", "VAL_COLUMNS", "SPLIT_COLUMNS",
+           "TTA_COLUMNS",
+           "PROVENANCE_COLUMNS",
            "is_prune_stage", "is_training_stage", "expand", "read_metrics", "stage_state",
            "Baseline", "Options", "rows_for"]

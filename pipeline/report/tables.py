@@ -17,10 +17,21 @@ from typing import Any
 
 from ..provenance import read_provenance
 from . import measured
-from .rows import COLUMNS, LATENCY_COLUMNS, PROVENANCE_COLUMNS, SPLIT_COLUMNS, VAL_COLUMNS, Options
+from .rows import (
+    COLUMNS,
+    LATENCY_COLUMNS,
+    PROVENANCE_COLUMNS,
+    QUANT_COLUMNS,
+    SPLIT_COLUMNS,
+    TTA_COLUMNS,
+    VAL_COLUMNS,
+    Options,
+)
+from .seeds import STD_COLUMNS, significance_note
 
 LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "val_top1": "val top-1 (%)",
-          "delta_top1": "Δ top-1",
+          "top1_tta": "top-1 flip TTA (%)", "n": "n (seeds)",
+          "delta_top1": "Δ top-1", "delta_source": "Δ top-1 vs input",
           "params_m": "params (M)", "macs_m": "MACs (M)", "mac_reduction_pct": "MACs -%",
           "size_mb": "model.pt (MB)", "wall_seconds": "wall (s)", "speedup": "speedup",
           "torch_pruning": "torch-pruning", "config_hash": "config hash",
@@ -36,22 +47,52 @@ def has_val(rows: list[dict]) -> bool:
 
 def columns_for(rows: list[dict], options: Options | None = None) -> list[str]:
     """The table's columns: latency before the model size when measured, `val_top1` after
-    top-1 and `best_split` after epochs when a row has validation numbers, a note column
-    when a row has one."""
+    top-1 and `best_split` after epochs when a row has validation numbers, `top1_tta` after
+    those when a stage evaluated with flip TTA, a note column when a row has one."""
     cols = list(COLUMNS)
     if options is not None and options.latency:
         cols[cols.index("size_mb"):cols.index("size_mb")] = LATENCY_COLUMNS
     if any(r.get("stage_latency_ms") is not None for r in rows):
         cols[cols.index("size_mb"):cols.index("size_mb")] = measured.COLUMNS
+    if any(r.get("artifact") for r in rows):  # a quantized stage: precision, vs its input
+        cols.insert(cols.index("model") + 1, QUANT_COLUMNS[0])
+        cols.insert(cols.index("delta_top1") + 1, QUANT_COLUMNS[1])
     if has_val(rows):
         cols[cols.index("top1") + 1:cols.index("top1") + 1] = VAL_COLUMNS
         cols[cols.index("epochs") + 1:cols.index("epochs") + 1] = SPLIT_COLUMNS
+    if any(r.get("top1_tta") is not None for r in rows):  # plain top-1 stays the headline
+        at = cols.index("val_top1" if "val_top1" in cols else "top1") + 1
+        cols[at:at] = TTA_COLUMNS
+    if any("n" in r for r in rows):  # runs aggregated over seeds: n, then <col>_std
+        cols.insert(cols.index("status") + 1, "n")
+        for c in [c for c in STD_COLUMNS if c in cols]:
+            extra = [f"{c}_std"] + (["delta_exceeds_2se"] if c == "delta_top1" else [])
+            cols[cols.index(c) + 1:cols.index(c) + 1] = extra
     if any(r.get("note") for r in rows):
         cols.append("note")
     return cols
 
 
+def _merged(col: str) -> bool:
+    """Columns the markdown shows inside another cell (± std, the 2-SE mark)."""
+    return col.endswith("_std") or col == "delta_exceeds_2se"
+
+
+def _cell(col: str, r: dict) -> str:
+    """A markdown cell: the value, "± std" when aggregated over seeds, "*" on a change
+    beyond two standard errors."""
+    text = _cell_for(col, r.get(col))
+    std = r.get(f"{col}_std")
+    if std is not None and text != "-":
+        text += f" ± {std:.2f}"
+    if col == "delta_top1" and r.get("delta_exceeds_2se"):
+        text += " *"
+    return text
+
+
 def _label(col: str, rows: list[dict], columns: list[str]) -> str:
+    if col == "size_mb" and "precision" in columns:  # int8 rows: the artifact's size
+        return "model file (MB)"
     if col in TEST_LABELS and "val_top1" in columns:
         return TEST_LABELS[col]
     if col == "latency_ms":
@@ -68,7 +109,7 @@ def _cell_for(col: str, v: Any) -> str:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if col == "delta_top1":
+    if col in ("delta_top1", "delta_source"):
         return f"{v:+.2f}"
     if col in ("params_m", "macs_m"):
         return f"{v:.3f}" if v < 100 else f"{v:.1f}"
@@ -106,14 +147,15 @@ def split_note(rows: list[dict]) -> str:
 def to_markdown(rows: list[dict], columns: list[str] | None = None) -> str:
     """A markdown table, missing numbers as "-"; with a validation column, the note of the
     split that chose each training stage's best epoch under it."""
-    columns = [c for c in columns or columns_for(rows) if c not in SPLIT_COLUMNS]
+    columns = [c for c in columns or columns_for(rows)
+               if c not in SPLIT_COLUMNS and not _merged(c)]
     lines = ["| " + " | ".join(_label(c, rows, columns) for c in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_cell_for(c, r.get(c)) for c in columns) + " |")
-    note = split_note(rows) if "val_top1" in columns else ""
-    if note:
-        lines += ["", note]
+        lines.append("| " + " | ".join(_cell(c, r) for c in columns) + " |")
+    for note in (split_note(rows) if "val_top1" in columns else "", significance_note(rows)):
+        if note:
+            lines += ["", note]
     return "\n".join(lines)
 
 

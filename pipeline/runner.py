@@ -19,7 +19,9 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -171,6 +173,8 @@ def _run_one(cfg: RunConfig, config_path: str, overrides: list[str], info, devic
                                  ", ".join(names), ", ".join(ledger.done) or "none")
         if show_progress is None:
             show_progress = {"on": True, "off": False}.get(cfg.logging.progress)
+        job = _Job(cfg, run_dir, device, info, config_path, show_progress, num_classes,
+                   input_size, ledger, tuple(hooks))
         summaries = []
         with preemption.handle_signals():
             for name in names:
@@ -179,9 +183,7 @@ def _run_one(cfg: RunConfig, config_path: str, overrides: list[str], info, devic
                     raise preemption.Preempted(
                         f"stopped on {preemption.name(signum)} before stage {name}; run the "
                         "same command to go on", signum)
-                summaries.append(_run_stage(cfg, name, run_dir, device, info, config_path,
-                                            restart, ledger, show_progress, num_classes,
-                                            input_size, hooks=tuple(hooks)))
+                summaries.append(_run_stage(job, name, restart))
         return summaries
     finally:
         lock.release()
@@ -210,68 +212,55 @@ def _write_config(cfg: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(plain_config(cfg), sort_keys=False))
 
 
-def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: str,
-               restart: bool, ledger: RestartLedger | None, show_progress,
-               num_classes: int, input_size, hooks: tuple = ()) -> dict:
+@dataclass
+class _Job:
+    """What every stage of one `run` call shares."""
+
+    cfg: RunConfig
+    run_dir: Path
+    device: Any
+    info: Any  # distributed.DistInfo
+    source: str  # the config file, for the commands that error messages suggest
+    show_progress: bool | None
+    num_classes: int
+    input_size: tuple
+    ledger: RestartLedger | None = None  # rank 0's record of a --restart
+    hooks: tuple = ()  # go to the trainer of every training stage
+
+
+def _run_stage(job: _Job, name: str, restart: bool) -> dict:
     """Run, resume or skip stage `name`; with `restart`, run it afresh unless this restart
-    already did (skip) or started it (resume), as rank 0's `ledger` says. `hooks` go to
-    the stage's trainers."""
-    spec = cfg.stages[name]
-    stage_dir = run_dir / name
-    digest = stage_hash(cfg, name)
+    already did (skip) or started it (resume), as rank 0's ledger says."""
+    spec = job.cfg.stages[name]
+    stage_dir = job.run_dir / name
+    digest = stage_hash(job.cfg, name)
+    ledger = job.ledger
     # rank 0 looks at the shared filesystem and decides for every rank (a stale NFS view
     # on another node must not make the ranks diverge)
     done, input_done, teacher_done, restarted, resuming = D.decide(lambda: (
         read_summary(stage_dir),
-        spec.from_ is None or is_complete(run_dir / spec.from_),
-        getattr(spec, "distill", None) is None or is_complete(run_dir / spec.distill.from_),
+        spec.from_ is None or is_complete(job.run_dir / spec.from_),
+        getattr(spec, "distill", None) is None
+        or is_complete(job.run_dir / spec.distill.from_),
         ledger is not None and name in ledger.done,
         ledger is not None and name in ledger.started))
     restart = restart and not restarted
-    if restarted and info.is_main:
+    if restarted and job.info.is_main:
         log.info("stage %s: already restarted by this --restart", name)
-    if done and done.get("status") == "completed" and not restart:
-        if done.get("config_hash") not in (None, digest):
-            log.warning("stage %s: completed with a different config or upstream (hash %s, now "
-                        "%s); keeping its results. Re-run it with --restart --stage %s",
-                        name, done.get("config_hash"), digest, name)
-        elif info.is_main and (stale := provenance.stale_reasons(done, run_dir)):
-            log.warning("stage %s: already completed, but %s; keeping its results. Re-run it "
-                        "with --restart --stage %s", name, "; ".join(stale), name)
-        else:
-            log.info("stage %s: already completed (top-1 %s); skipping", name,
-                     _fmt(done.get("top1")))
+    completed = bool(done) and done.get("status") == "completed"
+    if completed and not restart:
+        _log_skip(job, name, done, digest)
         return done
-    if not input_done:
-        raise UsageError(
-            f"stage '{name}' needs stage '{spec.from_}' to be completed first "
-            f"({run_dir / spec.from_} has no completed summary): run "
-            f"`python -m pipeline run {source} --stage {spec.from_}`")
-    distill = getattr(spec, "distill", None)
-    if distill is not None and not teacher_done:
-        raise UsageError(f"stage '{name}' distills from stage '{distill.from_}', which is not "
-                         f"completed: run `python -m pipeline run {source} --stage "
-                         f"{distill.from_}` first")
-    consumed = (provenance.input_record(run_dir, spec.from_)  # the input as this run uses it
-                if info.is_main else None)
-    work_dir = stage_dir
-    if done and done.get("status") == "completed" and restart:
-        work_dir = run_dir / f"{name}.restart"
-    with D.together():
-        if info.is_main:
-            refuse_link(work_dir, "the stage's folder")
-            if restart and not resuming and work_dir.exists():
-                # never a completed stage: that one is swapped at the end
-                remove_tree(run_dir, work_dir)
-            if restart and ledger is not None:
-                ledger.start(name)
-            ensure_dir(work_dir)
-    if restart and resuming and info.is_main:
-        log.info("stage %s: resuming its stopped --restart in %s", name, work_dir)
-    ctx = StageContext(run=cfg, name=name, run_dir=run_dir, stage_dir=work_dir, device=device,
-                       dist=info, source=source, show_progress=show_progress,
-                       extra={"num_classes": num_classes, "input_size": input_size},
-                       hooks=hooks)
+    _require_inputs(job, name, spec, input_done, teacher_done)
+    consumed = (provenance.input_record(job.run_dir, spec.from_)  # the input as this run uses it
+                if job.info.is_main else None)
+    work_dir = job.run_dir / f"{name}.restart" if completed else stage_dir
+    _prepare_work_dir(job, name, work_dir, restart, resuming)
+    ctx = StageContext(run=job.cfg, name=name, run_dir=job.run_dir, stage_dir=work_dir,
+                       device=job.device, dist=job.info, source=job.source,
+                       show_progress=job.show_progress,
+                       extra={"num_classes": job.num_classes, "input_size": job.input_size},
+                       hooks=job.hooks)
     log.info("stage %s [%s]%s: starting", name, spec.type,
              f" from {spec.from_}" if spec.from_ else "")
     t0 = time.time()
@@ -279,42 +268,102 @@ def _run_stage(cfg: RunConfig, name: str, run_dir: Path, device, info, source: s
         result = stage_of(spec).run(spec, ctx)
     except preemption.Preempted as err:
         log.warning("%s", first_line(err))
-        if info.is_main:
-            write_json(work_dir / "summary.json", {
-                "stage": name, "type": spec.type, "from": spec.from_,
-                "status": "interrupted", "error": first_line(err), "config_hash": digest,
-                "wall_seconds": round(time.time() - t0, 3)})
+        if job.info.is_main:
+            write_json(work_dir / "summary.json", _ended(name, spec, digest, t0, err))
         raise
     except Exception as err:
-        if info.is_main:
+        if job.info.is_main:
             with contextlib.suppress(OSError):  # a full disk: the error itself matters more
-                write_json(work_dir / "summary.json", {
-                    "stage": name, "type": spec.type, "from": spec.from_, "status": "failed",
-                    "error": first_line(err),
-                    "config_hash": digest, "wall_seconds": round(time.time() - t0, 3)})
+                write_json(work_dir / "summary.json", _ended(name, spec, digest, t0, err))
         raise
-    summary = {"stage": name, "type": spec.type, "from": spec.from_, "status": "completed",
+    summary = {**_head(name, spec, "completed"),
                "top1": result.pop("top1", None), "top5": result.pop("top5", None),
                "params": result.pop("params", None), "macs": result.pop("macs", None),
                "epochs": result.pop("epochs", getattr(spec, "epochs", 0)),
                "wall_seconds": round(time.time() - t0, 3), **result,
                "config_hash": digest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with D.together():
-        if info.is_main:
-            summary.update(provenance.stage_record(work_dir, run_dir, spec.from_, consumed))
-            write_json(work_dir / "summary.json", summary)
-            if work_dir != stage_dir:
-                old = run_dir / f"{name}.old"
-                if old.exists():
-                    remove_tree(run_dir, old)
-                replace(run_dir, stage_dir, old)
-                replace(run_dir, work_dir, stage_dir)
-                remove_tree(run_dir, old)
-            if restart and ledger is not None:
-                ledger.finish(name)
+    _record(job, name, spec, work_dir, summary, consumed, restart)
     log.info("stage %s: completed in %.1fs (top-1 %s, params %s, MACs %s)", name,
              summary["wall_seconds"], _fmt(summary["top1"]), summary["params"], summary["macs"])
     return summary
+
+
+def _head(name: str, spec, status: str) -> dict:
+    """The keys every summary starts with, whatever became of the stage."""
+    return {"stage": name, "type": spec.type, "from": spec.from_, "status": status}
+
+
+def _ended(name: str, spec, digest: str, t0: float, err: BaseException) -> dict:
+    """The summary of a stage stopped by a signal (`interrupted`) or an error (`failed`)."""
+    status = "interrupted" if isinstance(err, preemption.Preempted) else "failed"
+    return {**_head(name, spec, status), "error": first_line(err), "config_hash": digest,
+            "wall_seconds": round(time.time() - t0, 3)}
+
+
+def _log_skip(job: _Job, name: str, done: dict, digest: str) -> None:
+    """Say why a completed stage is kept: a changed config or upstream, stale provenance,
+    or nothing."""
+    if done.get("config_hash") not in (None, digest):
+        log.warning("stage %s: completed with a different config or upstream (hash %s, now "
+                    "%s); keeping its results. Re-run it with --restart --stage %s",
+                    name, done.get("config_hash"), digest, name)
+    elif job.info.is_main and (stale := provenance.stale_reasons(done, job.run_dir)):
+        log.warning("stage %s: already completed, but %s; keeping its results. Re-run it "
+                    "with --restart --stage %s", name, "; ".join(stale), name)
+    else:
+        log.info("stage %s: already completed (top-1 %s); skipping", name,
+                 _fmt(done.get("top1")))
+
+
+def _require_inputs(job: _Job, name: str, spec, input_done: bool, teacher_done: bool) -> None:
+    """A usage error naming the command to run first when the input or teacher is missing."""
+    if not input_done:
+        raise UsageError(
+            f"stage '{name}' needs stage '{spec.from_}' to be completed first "
+            f"({job.run_dir / spec.from_} has no completed summary): run "
+            f"`python -m pipeline run {job.source} --stage {spec.from_}`")
+    distill = getattr(spec, "distill", None)
+    if distill is not None and not teacher_done:
+        raise UsageError(f"stage '{name}' distills from stage '{distill.from_}', which is not "
+                         f"completed: run `python -m pipeline run {job.source} --stage "
+                         f"{distill.from_}` first")
+
+
+def _prepare_work_dir(job: _Job, name: str, work_dir: Path, restart: bool,
+                      resuming: bool) -> None:
+    """Rank 0 makes the folder the stage writes into: afresh for a restart (never a
+    completed stage: that one is swapped at the end), kept when a stopped restart resumes."""
+    with D.together():
+        if job.info.is_main:
+            refuse_link(work_dir, "the stage's folder")
+            if restart and not resuming and work_dir.exists():
+                remove_tree(job.run_dir, work_dir)
+            if restart and job.ledger is not None:
+                job.ledger.start(name)
+            ensure_dir(work_dir)
+    if restart and resuming and job.info.is_main:
+        log.info("stage %s: resuming its stopped --restart in %s", name, work_dir)
+
+
+def _record(job: _Job, name: str, spec, work_dir: Path, summary: dict, consumed,
+            restart: bool) -> None:
+    """Rank 0 writes the completed summary with its provenance and swaps a restarted
+    stage in place of the old one."""
+    with D.together():
+        if not job.info.is_main:
+            return
+        summary.update(provenance.stage_record(work_dir, job.run_dir, spec.from_, consumed))
+        write_json(work_dir / "summary.json", summary)
+        stage_dir = job.run_dir / name
+        if work_dir != stage_dir:
+            old = job.run_dir / f"{name}.old"
+            if old.exists():
+                remove_tree(job.run_dir, old)
+            replace(job.run_dir, stage_dir, old)
+            replace(job.run_dir, work_dir, stage_dir)
+            remove_tree(job.run_dir, old)
+        if restart and job.ledger is not None:
+            job.ledger.finish(name)
 
 
 def _fmt(x) -> str:

@@ -41,13 +41,14 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as D
 from pipeline.atomic import atomic_copy, atomic_open, atomic_write_text
-from pipeline.config import MAX_EPOCHS, Invalid, Loader, opt
+from pipeline.config import MAX_EPOCHS, Invalid, Loader, opt, to_plain
 from pipeline.data import build_data
 from pipeline.data.sizes import steps_per_epoch
 from pipeline.models import count_macs, count_params, model_from_payload
 from pipeline.pruning import PruneSpec, PruningError, build_graph, candidate_groups
 from pipeline.pruning.criteria import CRITERIA
 from pipeline.pruning.groups import required
+from pipeline.pruning.latency.config import LatencyTargetKeys, validate_target
 from pipeline.pruning.search import MacCounter
 from pipeline.pruning.selection import select
 from pipeline.pruning.spec import FPGMConfig
@@ -58,8 +59,8 @@ from pipeline.safefs import ensure_dir
 from pipeline.schedules import Schedule, ScheduleConfig
 from pipeline.trainer import TrainConfig, evaluate_splits
 
-from . import training
-from .base import StageBase, StageContext, Trains, tensor_core_round_to
+from . import latency, training
+from .base import Preflight, StageBase, StageContext, Trains, tensor_core_round_to
 from .finetune import finetune_default_problem, lowest_lr_of
 from .registry import register, upstream_training_stage
 
@@ -67,11 +68,11 @@ log = logging.getLogger("pipeline")
 
 ROUNDS_FILE = "rounds.csv"
 ROUND_FIELDS = ["round", "ratio", "target_macs_reduction", "macs", "mac_reduction", "params",
-                "widths", "val_top1", "top1", "top5", "epochs"]
+                "widths", "val_top1", "top1", "top5", "epochs", "time_share"]
 
 
 @dataclass
-class Config(StageBase, TrainConfig):
+class Config(StageBase, LatencyTargetKeys, TrainConfig):
     type: str = opt("iterative", "stage kind")
     epochs: int | None = opt(  # type: ignore[assignment]
         None, "leave unset: a round trains finetune_epochs", min=0, limit=MAX_EPOCHS)
@@ -95,8 +96,9 @@ class Config(StageBase, TrainConfig):
     include: list[int | str] = opt([], "only prune these layers (names, globs, numbers)")
     skip: list[int | str] = opt([], "never prune these layers (names, globs, numbers)")
     skip_downsample: bool = opt(False, "never prune groups with a downsample projection")
-    round_to: int | None = opt(None, "the prune stage's round_to (unset: 8 on CUDA in "
-                               "fp16/bf16, else none; 0: none)", min=0)
+    round_to: int | Literal["auto"] | None = opt(
+        None, "the prune stage's round_to (unset: 8 on CUDA in fp16/bf16, else none; 0: "
+        "none; auto: the alignment measured for a latency target)", min=0)
     round_mode: Literal["down", "nearest"] = opt("down", "the prune stage's round_mode")
     target_step: float = opt(0.02, "target_macs_reduction: ratio added per search step",
                              gt=0, lt=1)
@@ -104,18 +106,28 @@ class Config(StageBase, TrainConfig):
                            min=0)
 
     def validate(self) -> None:
+        validate_target(self.target_speedup, self.target_latency_ms, {
+            "ratio": self.ratio, "target_macs_reduction": self.target_macs_reduction})
         if self.ratio is not None and self.target_macs_reduction is not None:
             raise Invalid("target_macs_reduction", "give either ratio or "
                           "target_macs_reduction, not both")
-        if self.ratio is None and self.target_macs_reduction is None:
+        if self.ratio is None and self.target_macs_reduction is None \
+                and not self.has_latency_target:
             self.ratio = 0.4
-        final = self.ratio if self.ratio is not None else self.target_macs_reduction
+        if self.round_to == "auto" and not self.has_latency_target:
+            raise Invalid("round_to", "auto snaps to the stairs a latency target measures: "
+                          "give target_speedup or target_latency_ms, or an integer")
+        final = self.final
         if self.initial_ratio >= final:
             raise Invalid("initial_ratio", f"{self.initial_ratio:g} must be below the final "
                           f"amount {final:g}")
 
     @property
     def final(self) -> float:
+        """The schedule's end: the ratio, the MAC reduction, or (a latency target) 1, all
+        of the way from the input's time to the goal."""
+        if self.has_latency_target:
+            return 1.0
         return float(self.ratio if self.ratio is not None else self.target_macs_reduction)
 
 
@@ -177,19 +189,34 @@ class Iterative(Trains):
                     spec.finetune_epochs, batch_size=spec.batch_size,
                     lr=lr, lr_source="config" if spec.lr is not None else
                     f"lowest lr of '{upstream_training_stage(run, name)}'",
-                    stop_below=spec.stop_below)
+                    stop_below=spec.stop_below,
+                    **({"target_speedup": spec.target_speedup,
+                        "target_latency_ms": spec.target_latency_ms,
+                        "latency": to_plain(spec.latency_config())}
+                       if spec.has_latency_target else {}))
+
+    def preflight(self, spec: Config, name: str, pf: Preflight):
+        """The runtime of a latency target must be there; the output is the input model
+        (its widths are decided round by round)."""
+        latency.check_backend(spec, name, pf)
+        return pf.input_model(spec), {}
 
     def report_rows(self, summary: dict) -> list[dict]:
         return [{"stage": f"round_{r['round']}", "top1": r["top1"], "top5": r["top5"],
                  "val_top1": r.get("val_top1"),
                  "macs": r["macs"], "params": r["params"], "epochs": r["epochs"],
                  "ratio": r["ratio"] if r["ratio"] is not None
-                 else f"MACs -{100 * r['target_macs_reduction']:.3g}%"}
+                 else f"MACs -{100 * r['target_macs_reduction']:.3g}%"
+                 if r.get("target_macs_reduction") is not None
+                 else f"time {100 * r['time_share']:.3g}% of the way"}
                 for r in summary.get("rounds") or []]
 
     def plan_lines(self, entry: dict) -> list[str]:
-        what = ("ratio" if entry["ratio"] is not None else "MAC reduction")
-        final = entry["ratio"] if entry["ratio"] is not None else entry["target_macs_reduction"]
+        what = ("ratio" if entry["ratio"] is not None else "MAC reduction"
+                if entry["target_macs_reduction"] is not None else "share of the time to the "
+                "latency target")
+        final = entry["ratio"] if entry["ratio"] is not None else \
+            entry["target_macs_reduction"] or 1.0
         lines = [f"    {entry['rounds']} rounds of {entry['method']} toward {what} {final:g} "
                  f"({entry['pruning_schedule']}), policy {entry['policy']}",
                  f"    {what} after each round: "
@@ -200,7 +227,7 @@ class Iterative(Trains):
         if entry["stop_below"] is not None:
             lines.append(f"    stop when validation top-1 falls more than "
                          f"{entry['stop_below']:g} below the input's")
-        return lines
+        return lines + latency.plan_lines(entry)
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(self, spec, ctx)
@@ -299,6 +326,7 @@ class _Job:
     by_macs: bool
     seed: int
     lr: float
+    timed: latency.IterativeTarget | None  # a latency target's table and goal
 
 
 def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
@@ -311,11 +339,13 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
         log.info("iterative: kept filters rounded down to a multiple of %d (default on CUDA "
                  "with fp16/bf16; set round_to to override)", aligned)
     job = _Job(spec=spec, ctx=ctx, arch=payload["arch"],
-                 example=torch.zeros((1, *ctx.input_size)), pspec=pspec,
-                 plan=amounts(spec.schedule, spec.rounds, spec.final, spec.initial_ratio),
-                 by_macs=spec.target_macs_reduction is not None,
-                 seed=ctx.run.seed if spec.seed is None else spec.seed,
-                 lr=stage.base_lr(spec, ctx.name, ctx.run))
+               example=torch.zeros((1, *ctx.input_size)), pspec=pspec,
+               plan=amounts(spec.schedule, spec.rounds, spec.final, spec.initial_ratio),
+               by_macs=spec.target_macs_reduction is not None,
+               seed=ctx.run.seed if spec.seed is None else spec.seed,
+               lr=stage.base_lr(spec, ctx.name, ctx.run),
+               timed=latency.IterativeTarget(spec, ctx, model)
+               if spec.has_latency_target else None)
     state_path = ctx.stage_dir / "state.json"
     # rank 0 reads what a resume depends on; every rank takes its view
     state = D.decide(lambda: json.loads(state_path.read_text()) if state_path.is_file()
@@ -349,7 +379,10 @@ def _run(stage: Iterative, spec: Config, ctx: StageContext) -> dict:
     if ctx.dist.is_main:
         atomic_copy(ctx.stage_dir / f"round_{rows[-1]['round']}" / MODEL_FILE,
                     ctx.stage_dir / MODEL_FILE)
-    return {**_summary(spec, state, rows, stopped, job.lr),
+    timing = {}
+    if job.timed is not None:  # the input, reloaded: round 1 pruned it in place
+        timing = job.timed.finish(ctx, ctx.load_input(spec.from_)[0], model)
+    return {**timing, **_summary(spec, state, rows, stopped, job.lr),
             "stage_seconds": time.perf_counter() - t0}
 
 
@@ -388,8 +421,11 @@ def _pruned(job: _Job, model: torch.nn.Module, done: GroupState, t: int,
     if D.decide(pruned_path.is_file):  # interrupted while finetuning: the same network
         saved = D.read_on_rank0(functools.partial(ckpt.load, pruned_path))
         return model_from_payload(saved), GroupState.from_stored(saved["meta"]["dense"])
-    prune_round(model, job.pspec, job.example, done, job.plan[t - 1], job.by_macs, dense_macs,
-                job.seed + 104729 * t)
+    if job.timed is not None:  # toward the round's share of the way to the time
+        job.timed.prune_round(model, done.ids, job.plan[t - 1], job.seed + 104729 * t)
+    else:
+        prune_round(model, job.pspec, job.example, done, job.plan[t - 1], job.by_macs,
+                    dense_macs, job.seed + 104729 * t)
     if ctx.dist.is_main:
         ensure_dir(rdir)
         ckpt.save_model(pruned_path, model, job.arch, {"stage": ctx.name, "round": t,
@@ -418,8 +454,10 @@ def _recover(job: _Job, model: torch.nn.Module, t: int, done: GroupState,
             ckpt.save_model(rdir / MODEL_FILE, model, job.arch, {"stage": ctx.name, "round": t})
     macs = count_macs(model, ctx.input_size)["total"]
     amount = job.plan[t - 1]
-    row = {"round": t, "ratio": amount if not job.by_macs else None,
+    timed = job.timed is not None
+    row = {"round": t, "ratio": amount if not job.by_macs and not timed else None,
            "target_macs_reduction": amount if job.by_macs else None,
+           "time_share": amount if timed else None,
            "macs": macs, "mac_reduction": round(1 - macs / dense_macs, 6),
            "params": count_params(model), "widths": done.kept(),
            "val_top1": res.get("val_top1"), "top1": res["top1"], "top5": res["top5"],
@@ -430,7 +468,8 @@ def _recover(job: _Job, model: torch.nn.Module, t: int, done: GroupState,
 def _log_round(job: _Job, row: dict, split: str) -> None:
     log.info("iterative round %d/%d: %s %.4g, MACs %.4g (%.1f%% fewer), %s top-1 %s, "
              "test top-1 %.2f", row["round"], job.spec.rounds,
-             "MAC target" if job.by_macs else "ratio", job.plan[row["round"] - 1], row["macs"],
+             "MAC target" if job.by_macs else "time share" if job.timed else "ratio",
+             job.plan[row["round"] - 1], row["macs"],
              100 * row["mac_reduction"], split,
              _f(row["val_top1"] if split == "val" else row["top1"]), row["top1"])
 

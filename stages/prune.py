@@ -8,6 +8,10 @@ dense numbering; per attention module that lost heads an entry with "kind": "hea
 and a summary with params, MACs before and after, and the pruned
 model's accuracy before any recovery (`top1`, `top5`, `test_loss`).
 
+With `target_speedup` or `target_latency_ms` (and `latency`: the runtime) the widths come
+from a latency table measured in that runtime and the pruned model is timed against the
+dense one end to end (`latency.json`; `stages.latency`, `pipeline.pruning.latency`).
+
 After soft pruning (`prune_during_training` of the input stage) this stage is where
 the filters are removed: it removes exactly the filters soft pruning zeroed after the
 last epoch (recorded in the input's model.pt), so its selection keys must be left out
@@ -22,6 +26,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -29,7 +34,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import distributed as D
 from pipeline.atomic import atomic_write_text
 from pipeline.attention import remove_heads
-from pipeline.config import MAX_BATCH, Loader, opt
+from pipeline.config import MAX_BATCH, Invalid, Loader, opt, to_plain
 from pipeline.data import build_data
 from pipeline.models import count_macs, count_params
 from pipeline.precision import eval_precision
@@ -42,11 +47,13 @@ from pipeline.pruning import (
     prune_model,
     remove_filters,
 )
+from pipeline.pruning.latency.config import LatencyTargetKeys, validate_target
 from pipeline.pruning.surgery import PruneReport, output_shape
 from pipeline.rundir import MODEL_FILE
 from pipeline.runspec import RunConfig
 from pipeline.trainer import evaluate_splits
 
+from . import latency
 from .base import Preflight, Stage, StageBase, StageContext, tensor_core_round_to
 from .registry import register
 from .sensitivity import check_layer_ratios_from, read_suggested, with_suggested
@@ -55,8 +62,12 @@ log = logging.getLogger("pipeline")
 
 
 @dataclass
-class Config(StageBase, PruneSpec):
+class Config(StageBase, LatencyTargetKeys, PruneSpec):
     type: str = opt("prune", "stage kind")
+    round_to: int | Literal["auto"] | None = opt(  # type: ignore[assignment]
+        None, "torch-pruning's rounding instead of floor(ratio x filters): keep int(filters x "
+        "(1 - ratio)) rounded down to a multiple of this; auto: the alignment measured in "
+        "the `latency` runtime (where its layers' time drops)", min=1)
     evaluate: bool = opt(True, "measure the pruned model's accuracy before recovery")
     eval_batch_size: int = opt(256, "batch size of that evaluation", min=1, limit=MAX_BATCH)
     batch_size: int = opt(128, "taylor: size of the training batches the gradients are "
@@ -68,6 +79,20 @@ class Config(StageBase, PruneSpec):
     use_soft_mask: bool | None = opt(
         None, "remove exactly the filters the input stage's prune_during_training zeroed "
         "(default: when the input has them); false: select anew with this stage's keys")
+
+    def validate(self) -> None:
+        validate_target(self.target_speedup, self.target_latency_ms, {
+            "ratio": self.ratio, "target_macs_reduction": self.target_macs_reduction,
+            "layer_ratios": self.layer_ratios, "layer_ratios_from": self.layer_ratios_from,
+            "global_ranking": self.global_ranking, "heads": self.heads,
+            "fpgm.norm_ratio": self.fpgm.norm_ratio or None,
+            "fpgm.distance_ratio": self.fpgm.distance_ratio})
+        if self.round_to == "auto" and self.round_mode != "down" and self.has_latency_target:
+            raise Invalid("round_mode", "a latency target snaps to the measured stairs: leave "
+                          "round_mode unset")
+        PruneSpec.validate(self)
+        if self.has_latency_target:
+            self.ratio = None  # the search decides the widths
 
 
 @register
@@ -89,6 +114,10 @@ class Prune(Stage):
                      target_macs_reduction=spec.target_macs_reduction,
                      layer_ratios_from=spec.layer_ratios_from)
         entry["global_ranking"] = spec.global_ranking
+        if latency.measured(spec):
+            entry.update(target_speedup=spec.target_speedup,
+                         target_latency_ms=spec.target_latency_ms,
+                         latency=to_plain(spec.latency_config()))
         if CRITERIA[spec.method].needs_gradients:
             entry["batches"], entry["batch_size"] = spec.batches, spec.batch_size
         if spec.method == "fpgm" and (spec.fpgm.norm_ratio or spec.fpgm.distance_ratio):
@@ -99,11 +128,14 @@ class Prune(Stage):
     def plan_lines(self, entry: dict) -> list[str]:
         what = (f"ratio {entry['ratio']}" if entry.get("ratio") is not None
                 else f"target MAC reduction {entry['target_macs_reduction']}"
-                if entry.get("target_macs_reduction") is not None else "")
+                if entry.get("target_macs_reduction") is not None else
+                "widths from the latency table" if entry.get("latency") else "")
         if entry.get("heads") is not None:
             what = ", ".join([f"heads {entry['heads']} of every attention module",
                               what or "no filters"])
-        if entry.get("round_to"):
+        if entry.get("round_to") == "auto":
+            what += ", kept filters rounded to the alignment measured in the runtime"
+        elif entry.get("round_to"):
             what += (f", kept filters rounded {entry['round_mode']} to a multiple of "
                      f"{entry['round_to']}")
         if entry.get("global_ranking"):
@@ -120,6 +152,7 @@ class Prune(Stage):
             lines.append(f"    kept filters rounded down to a multiple of {tc['round_to']} "
                          f"(default on CUDA with fp16/bf16); widths changed: "
                          f"{widths or 'none'}")
+        lines += latency.plan_lines(entry)
         p = entry.get("predicted")
         if p:
             lines.append(
@@ -154,29 +187,64 @@ class Prune(Stage):
             use = dataclasses.replace(use, round_to=aligned)
         size = pf.input_size
         unaligned = copy.deepcopy(model) if aligned else None
+        measuring = use is not soft and latency.measured(spec)
+        lat: dict = {}
+        if measuring:  # the runtime must be there; a dry run measures the prediction
+            latency.check_backend(spec, name, pf)
+            lat = {"measured": True}
+            if not pf.need_files:
+                pruned, lat = latency.predict(spec, name, pf, pf.input_model(spec, copied=True))
+                if spec.has_latency_target:
+                    model = pruned
+            use = dataclasses.replace(
+                use, target_speedup=None, target_latency_ms=None,
+                ratio=0.1 if spec.has_latency_target else use.ratio,
+                round_to=(lat.get("predicted_latency") or {}).get("alignment")
+                if spec.round_to == "auto" else use.round_to)
         # the widths do not depend on the image size: a one-shot pruning traces the model
         # on small images; the MAC target measures at the real size; MACs are counted on a
         # copy on the meta device (shapes only, no arithmetic)
         before_macs, before_params = _meta_macs(model, size), count_params(model)
+        checked_model = pf.input_model(spec, copied=True) if spec.has_latency_target else model
         try:
-            report = _prune_small(model, use, size, pf.run.seed)
+            report = _prune_small(checked_model, use, size, pf.run.seed)
         except LayerRefError as err:
             pf.fail(f"{where}.{err.key}", f"{err.bare} "
                     f"({err.hint.replace('the model', pf.arch_label, 1)}; see --dry-run)")
         except PruningError as err:
             pf.fail(f"{where}.{err.key}" if err.key else where, f"{err.problem} (on "
                     f"{pf.arch_label}; see --dry-run)")
+        if measuring and spec.has_latency_target:
+            return model, {**lat, **self._latency_prediction(model, size, before_macs,
+                                                              before_params, lat)}
         macs, params = _meta_macs(model, size), count_params(model)
         extra = {} if unaligned is None else {"tensor_core_rounding": _rounding_note(
             unaligned, dataclasses.replace(use, round_to=0), report, size, pf, aligned)}
-        return model, {**extra, "predicted": {
+        return model, {**extra, **lat, "predicted": {
             "macs_before": before_macs, "macs": macs, "mac_reduction": 1 - macs / before_macs,
             "params_before": before_params, "params": params,
             "param_reduction": 1 - params / before_params,
             "pruned_layers": len(report.layers), "steps": report.steps,
             "widths": {e["name"]: e["after"] for e in report.layers},
             **_head_counts(report),
-            "exact": not use.global_ranking}}
+            "exact": not use.global_ranking and not (measuring and pf.need_files)}}
+
+    @staticmethod
+    def _latency_prediction(model, size, before_macs: int, before_params: int,
+                            lat: dict) -> dict:
+        """The MACs and params of the widths a latency target's search predicts (a dry
+        run), or nothing before the stage measures (a run's preflight)."""
+        p = lat.get("predicted_latency")
+        if not p:
+            return {}
+        macs, params = _meta_macs(model, size), count_params(model)
+        dense = p.get("dense_widths", {})
+        return {"predicted": {
+            "macs_before": before_macs, "macs": macs, "mac_reduction": 1 - macs / before_macs,
+            "params_before": before_params, "params": params,
+            "param_reduction": 1 - params / before_params,
+            "pruned_layers": sum(w < dense.get(n, w + 1) for n, w in p["widths"].items()),
+            "steps": 1, "widths": p["widths"], "exact": False}}
 
     def run(self, spec: Config, ctx: StageContext) -> dict:
         return _run(spec, ctx)
@@ -253,6 +321,12 @@ def _check_soft(spec: Config, name: str, run: RunConfig, loader: Loader) -> None
                     "pruning (set its prune_during_training)")
     if soft is None or spec.use_soft_mask is False:
         return
+    if latency.measured(spec):
+        key = "round_to" if not spec.has_latency_target else (
+            "target_speedup" if spec.target_speedup is not None else "target_latency_ms")
+        loader.fail(f"stages.{name}.{key}", f"after soft pruning (stages.{spec.from_}."
+                    "prune_during_training) this stage removes the filters soft pruning "
+                    "zeroed; a measured target needs use_soft_mask: false")
     defaults = Config(type="prune")
     defaults.validate()
     for key in (*SELECTION_KEYS, "target_macs_reduction"):
@@ -302,6 +376,25 @@ def _select_on_rank0(ctx: StageContext, spec: Config, pspec: PruneSpec,
     return report
 
 
+def _measured_prune(spec: Config, pspec: PruneSpec, model: torch.nn.Module,
+                    ctx: StageContext, seed: int):
+    """A latency target (widths from the measured table, checked end to end) or round_to:
+    auto (the measured alignment, then the usual pruning, timed end to end)."""
+    batches = None
+    if CRITERIA[spec.method].needs_gradients:
+        train = _training_batches(spec, ctx)
+        batches = lambda: train.iterate(0)  # noqa: E731
+    if spec.has_latency_target:
+        return latency.prune(spec, model, ctx, seed, batches)
+    round_to, record = latency.aligned_round_to(spec, model, ctx)
+    dense = copy.deepcopy(model)
+    report = prune_model(model, dataclasses.replace(pspec, round_to=round_to),
+                         torch.zeros((1, *ctx.input_size)), seed=seed, batches=batches)
+    if ctx.dist.is_main:
+        latency.measure_pair(spec, dense, model, ctx.input_size, record)
+    return model, report, record
+
+
 def _run(spec: Config, ctx: StageContext) -> dict:
     t0 = time.perf_counter()
     model, payload = ctx.load_input(spec.from_)
@@ -312,6 +405,7 @@ def _run(spec: Config, ctx: StageContext) -> dict:
     example = torch.zeros((1, *size))
     seed = ctx.run.seed if spec.seed is None else spec.seed
     soft = (payload.get("meta") or {}).get("soft_pruning")
+    lat_record = None
     if spec.use_soft_mask and not soft:
         raise PruningError(f"stage '{ctx.name}': use_soft_mask is set but the input model "
                            f"({ctx.input_path(spec.from_)}) carries no soft-pruning record")
@@ -331,7 +425,10 @@ def _run(spec: Config, ctx: StageContext) -> dict:
             pspec = dataclasses.replace(pspec, round_to=aligned)
             log.info("prune: kept filters rounded down to a multiple of %d (default on CUDA "
                      "with fp16/bf16; set round_to to override)", aligned)
-        report = _select_on_rank0(ctx, spec, pspec, model, example, seed)
+        if latency.measured(spec):
+            model, report, lat_record = _measured_prune(spec, pspec, model, ctx, seed)
+        else:
+            report = _select_on_rank0(ctx, spec, pspec, model, example, seed)
         selection = "criterion"
         method, ratio, policy = spec.method, spec.ratio, spec.policy
     prune_seconds = time.perf_counter() - t1
@@ -350,6 +447,10 @@ def _run(spec: Config, ctx: StageContext) -> dict:
         "pruned_layers": len(report.layers), "epochs": 0, "heads": spec.heads,
         **_head_counts(report),
     }
+    if lat_record is not None:
+        latency.write_record(ctx, lat_record)
+        summary.update(latency.summary_fields(lat_record))
+        latency.report_miss(ctx.name, lat_record)
     if spec.evaluate:
         data = build_data(ctx.run.data, spec.eval_batch_size, spec.eval_batch_size, ctx.run.seed,
                           ctx.device, ctx.dist.rank, ctx.dist.world_size)

@@ -69,6 +69,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     The forward output shape is checked to be unchanged; any failure is a PruningError.
     """
     spec = checked(spec)
+    _no_measurement(spec)
     seed = spec.seed if spec.seed is not None else seed
     shape = output_shape(model, example)
     heads = prune_heads(model, spec, seed, batches) if spec.heads is not None else []
@@ -89,6 +90,16 @@ def prune_model(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     report.heads = heads
     log.info("pruned %d channel group(s) in %d step(s)", len(report.layers), steps)
     return report
+
+
+def _no_measurement(spec: PruneSpec) -> None:
+    """A spec whose widths need measured times is pruned by `latency.prune_to_latency`."""
+    if isinstance(spec.round_to, str):
+        raise PruningError(f"round_to {spec.round_to!r} is found by measurement: give the "
+                           "measured alignment (pipeline.pruning.latency)", "round_to")
+    if getattr(spec, "has_latency_target", False):
+        raise PruningError("a latency target is pruned by "
+                           "pipeline.pruning.latency.prune_to_latency", "target_speedup")
 
 
 def select_filters(model: nn.Module, spec: PruneSpec, example: torch.Tensor,

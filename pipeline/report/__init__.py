@@ -2,7 +2,9 @@
 
     rows.py     run directories read into rows, one per stage (baseline, state, notes)
     tables.py   the rows as markdown, CSV and JSON; the provenance table
-    plots.py    accuracy against MACs with the Pareto front; against latency; training curves
+    plots.py    accuracy against MACs with the Pareto front; against latency (compare's
+                or a stage's own measurement, quantized models linked); training curves
+    measured.py latency a stage measured in its own runtime: columns, plot values
     seeds.py    runs that differ only in seed aggregated into mean ± std, and which
                 differences exceed two standard errors
     latency.py  the forward time of a model on this machine, in PyTorch or exported to

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from . import measured
 from .latency import latency_device_for
 from .plots import plot_curves, plot_latency, plot_pareto
 from .rows import Options
@@ -23,6 +24,8 @@ def _markdown(rows: list[dict], run_dirs: list[Path], cols: list[str], options: 
     if command:
         md += [f"`{command}`", ""]
     md += [to_markdown(rows, cols), ""]
+    if measured.note(rows):
+        md += [measured.note(rows), ""]
     if options.latency:
         md += [_latency_note(options), ""]
     if options.provenance:
@@ -48,6 +51,18 @@ def _latency_note(options: Options) -> str:
             "machine; speedup against the run's baseline in the same backend.")
 
 
+def _latency_axis(rows: list[dict], options: Options) -> str:
+    """The latency plot's x label: compare's runtime, or the stages' own."""
+    if options.latency:
+        device = latency_device_for(options.latency_backend, options.latency_device)
+        return (f"{options.latency_backend} latency (ms per batch of "
+                f"{options.latency_batch}, {device})")
+    backends = sorted({r["stage_latency_backend"] for r in rows
+                       if r.get("stage_latency_backend")})
+    return ("latency (ms per batch, " + (backends[0] if len(backends) == 1
+                                          else "each stage's own runtime") + ")")
+
+
 def write_report(rows: list[dict], run_dirs: list[Path], out: Path, options: Options,
                  plot: bool = False, command: str = "") -> list[Path]:
     """Write compare.md, compare.csv, compare.json (and the plots) into `out`."""
@@ -56,8 +71,10 @@ def write_report(rows: list[dict], run_dirs: list[Path], out: Path, options: Opt
     pngs: list[Path] = []
     if plot:
         pngs.append(plot_pareto(rows, out / "accuracy_vs_macs.png").path)
-        if options.latency:
-            pngs.append(plot_latency(rows, out / "accuracy_vs_latency.png").path)
+        measured.plot_latency(rows)  # compare's measurement, else the stages' own
+        if options.latency or any(r.get("plot_latency_ms") for r in rows):
+            pngs.append(plot_latency(rows, out / "accuracy_vs_latency.png",
+                                     _latency_axis(rows, options)).path)
         for d in run_dirs:
             pngs.append(plot_curves(d, out / f"curves_{d.name}.png").path)
     written = []

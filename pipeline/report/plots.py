@@ -1,5 +1,6 @@
 """The plots of `compare --plot`: top-1 against MACs of every completed model (with the
-Pareto front), and the training curves of a run. Each returns a `Plot`: the PNG it wrote and
+Pareto front), the same against measured latency when there is one, and the training
+curves of a run. Each returns a `Plot`: the PNG it wrote and
 the points it drew, read back from the figure, by series."""
 
 from __future__ import annotations
@@ -58,16 +59,17 @@ def _save(plt: Any, fig: Any, path: Path) -> Plot:
     return Plot(path, series)
 
 
-def _label_offsets(points: list[dict], step: float = 9.0) -> dict[int, float]:
+def _label_offsets(points: list[dict], step: float = 9.0, x: str = "macs_m"
+                   ) -> dict[int, float]:
     """Vertical label offset (points) of each row's point: labels of points that nearly
     coincide (within 3% of the axes' spans; pruned models of one width share their MACs)
     are stacked instead of drawn over each other."""
     if not points:
         return {}
-    xs, ys = [r["macs_m"] for r in points], [r["top1"] for r in points]
+    xs, ys = [r[x] for r in points], [r["top1"] for r in points]
     dx, dy = 0.03 * (max(xs) - min(xs)) or 1e-9, 0.03 * (max(ys) - min(ys)) or 1e-9
     order = sorted(points, key=lambda r: -r["top1"])  # highest first, the next ones below
-    return {id(r): 4.0 - step * sum(abs(r["macs_m"] - p["macs_m"]) <= dx
+    return {id(r): 4.0 - step * sum(abs(r[x] - p[x]) <= dx
                                     and abs(r["top1"] - p["top1"]) <= dy for p in order[:i])
             for i, r in enumerate(order)}
 
@@ -81,8 +83,10 @@ def pareto_front(points: Points) -> Points:
     return front
 
 
-def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int, float]) -> None:
-    """One run's models: its baseline starred, the others joined to it."""
+def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int, float],
+              x: str = "macs_m") -> None:
+    """One run's models (x: the row key of the horizontal axis): its baseline starred, the
+    others joined to it."""
     base = next((r for r in mine if r.get("baseline") == f"{run}/{r['stage']}"), None)
     paths: dict[str, list[dict]] = {}
     for r in mine:
@@ -91,21 +95,21 @@ def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int
     for owner, steps in paths.items():  # rounds: a path from the star to the stage's model
         end = next((r for r in mine if r["stage"] == owner), None)
         pts = ([base] if base is not None else []) + steps + ([end] if end else [])
-        ax.plot([p["macs_m"] for p in pts], [p["top1"] for p in pts], color=color, lw=1,
+        ax.plot([p[x] for p in pts], [p["top1"] for p in pts], color=color, lw=1,
                 ls="-.", marker=".", alpha=0.7, gid=f"{run}/{owner} path")
     for r in mine:
         if r.get("path_of"):
             continue
         gid = f"{run}/{r['stage']}"
         if r is base:
-            ax.scatter(r["macs_m"], r["top1"], marker="*", s=180, color=color, zorder=3,
+            ax.scatter(r[x], r["top1"], marker="*", s=180, color=color, zorder=3,
                        label=f"{run} ({r['stage']}, dense)", gid=gid)
         else:
-            ax.scatter(r["macs_m"], r["top1"], s=40, color=color, zorder=3, gid=gid)
+            ax.scatter(r[x], r["top1"], s=40, color=color, zorder=3, gid=gid)
             if base is not None:
-                ax.plot([base["macs_m"], r["macs_m"]], [base["top1"], r["top1"]],
+                ax.plot([base[x], r[x]], [base["top1"], r["top1"]],
                         color=color, alpha=0.3, lw=1, gid=f"{gid} link")
-        ax.annotate(r["stage"], (r["macs_m"], r["top1"]), textcoords="offset points",
+        ax.annotate(r["stage"], (r[x], r["top1"]), textcoords="offset points",
                     xytext=(5, label_y[id(r)]), fontsize=8, color=color)
     if base is None and mine:
         ax.scatter([], [], color=color, label=run)
@@ -114,27 +118,32 @@ def _draw_run(ax: Any, run: str, mine: list[dict], color: str, label_y: dict[int
 def plot_pareto(rows: list[dict], path: Path) -> Plot:
     """Top-1 against MACs: every completed model, each run's baseline starred, the pruned
     models joined to their baseline, and the Pareto front (best top-1 at no more MACs)."""
+    return _front_plot(rows, path, "macs_m", "MACs per image (millions, conv + linear)",
+                       "Accuracy against computation")
+
+
+def _front_plot(rows: list[dict], path: Path, x: str, xlabel: str, title: str) -> Plot:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     done = [r for r in rows if r.get("status") == "completed" and r.get("top1") is not None
-            and r.get("macs_m")]
+            and r.get(x)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    label_y = _label_offsets(done)
+    label_y = _label_offsets(done, x=x)
     for i, run in enumerate(dict.fromkeys(r["run"] for r in done)):
         _draw_run(ax, run, [r for r in done if r["run"] == run], colors[i % len(colors)],
-                  label_y)
-    front = pareto_front([(r["macs_m"], r["top1"]) for r in done])
+                  label_y, x)
+    front = pareto_front([(r[x], r["top1"]) for r in done])
     if len(front) > 1:
         xs, ys = zip(*front, strict=True)
         ax.step(xs, ys, where="post", color="gray", ls="--", lw=1, label="Pareto front",
                 gid="pareto front")
-    macs = [r["macs_m"] for r in done]
-    if macs and max(macs) / min(macs) > 20:
+    values = [r[x] for r in done]
+    if values and max(values) / min(values) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel("MACs per image (millions, conv + linear)")
+    ax.set_xlabel(xlabel)
     held_out = any(r.get("val_top1") is not None for r in rows)  # data.val_split: name the split
     ax.set_ylabel("test top-1 (%)" if held_out else "top-1 (%)")
-    ax.set_title("Accuracy against computation")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if done:
         ax.legend(fontsize=8, loc="best")
@@ -143,46 +152,65 @@ def plot_pareto(rows: list[dict], path: Path) -> Plot:
     return _save(plt, fig, path)
 
 
-def plot_latency(rows: list[dict], path: Path) -> Plot:
-    """Top-1 against measured latency (`compare --latency`): every completed model with a
-    latency, fp32 models as dots (each run's baseline starred), quantized ones as diamonds
-    joined to the model they were made from. Series: "<run>/<stage>" per model,
-    "<run>/<stage> from" per quantized model's link."""
+def plot_latency(rows: list[dict], path: Path, xlabel: str | None = None) -> Plot:
+    """Top-1 against measured latency: each completed row's `plot_latency_ms` (see
+    `measured.plot_latency`: compare's own measurement, else the one a stage with a latency
+    target took in its runtime), or its `latency_ms`. fp32 models as dots (each run's
+    baseline starred), quantized ones as diamonds joined to the model they were made from,
+    and the Pareto front (best top-1 at no more time). Series: "<run>/<stage>" per model,
+    "<run>/<stage> from" per quantized model's link, "pareto front"."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        r.setdefault("plot_latency_ms", r.get("latency_ms"))
     done = [r for r in rows if r.get("status") == "completed" and r.get("top1") is not None
-            and r.get("latency_ms")]
+            and r.get("plot_latency_ms")]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(dict.fromkeys(r["run"] for r in done)):
-        color = colors[i % len(colors)]
-        mine = {r["stage"]: r for r in done if r["run"] == run}
-        for r in mine.values():
-            gid, int8 = f"{run}/{r['stage']}", bool(r.get("artifact"))
-            base = r.get("baseline") == gid
-            ax.scatter(r["latency_ms"], r["top1"], color=color, zorder=3, gid=gid,
-                       marker="*" if base else ("D" if int8 else "o"), s=180 if base else 40,
-                       label=f"{run} ({r['stage']}, dense)" if base else None)
-            src = mine.get(r.get("source")) if int8 else None
-            if src is not None:
-                ax.plot([src["latency_ms"], r["latency_ms"]], [src["top1"], r["top1"]],
-                        color=color, ls=":", lw=1, gid=f"{gid} from")
-            ax.annotate(r["stage"], (r["latency_ms"], r["top1"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8, color=color)
+        _draw_latency_run(ax, run, {r["stage"]: r for r in done if r["run"] == run},
+                          colors[i % len(colors)])
     if any(r.get("artifact") for r in done):
         ax.scatter([], [], marker="D", color="gray", label="int8 (its own runtime)")
-    r0 = next((r for r in done if not r.get("artifact")), None)
-    what = (f"{r0.get('latency_backend') or 'torch'}, batch {r0.get('latency_batch')}"
-            if r0 else "its runtime")
-    ax.set_xlabel(f"latency per batch (ms; fp32: {what}; int8: its runtime)")
-    ax.set_ylabel("top-1 (%)")
+    front = pareto_front([(r["plot_latency_ms"], r["top1"]) for r in done])
+    if len(front) > 1:
+        xs, ys = zip(*front, strict=True)
+        ax.step(xs, ys, where="post", color="gray", ls="--", lw=1, label="Pareto front",
+                gid="pareto front")
+    ax.set_xlabel(xlabel or _latency_label(done))
+    held_out = any(r.get("val_top1") is not None for r in rows)  # data.val_split: name the split
+    ax.set_ylabel("test top-1 (%)" if held_out else "top-1 (%)")
     ax.set_title("Accuracy against latency")
     ax.grid(alpha=0.3)
     if done:
         ax.legend(fontsize=8, loc="best")
     else:
-        ax.text(0.5, 0.5, "no latency measured (compare --latency)", ha="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no latency measured (compare --latency, or a latency target)",
+                ha="center", transform=ax.transAxes)
     return _save(plt, fig, path)
+
+
+def _draw_latency_run(ax, run: str, mine: dict[str, dict], color) -> None:
+    """One run's points on the latency plot, a quantized model linked to its source."""
+    for r in mine.values():
+        gid, int8 = f"{run}/{r['stage']}", bool(r.get("artifact"))
+        base, x = r.get("baseline") == gid, r["plot_latency_ms"]
+        ax.scatter(x, r["top1"], color=color, zorder=3, gid=gid,
+                   marker="*" if base else ("D" if int8 else "o"), s=180 if base else 40,
+                   label=f"{run} ({r['stage']}, dense)" if base else None)
+        src = mine.get(r.get("source")) if int8 else None
+        if src is not None:
+            ax.plot([src["plot_latency_ms"], x], [src["top1"], r["top1"]], color=color,
+                    ls=":", lw=1, gid=f"{gid} from")
+        ax.annotate(r["stage"], (x, r["top1"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8, color=color)
+
+
+def _latency_label(done: list[dict]) -> str:
+    """The x label when the caller names no runtime: compare's, from the rows."""
+    r0 = next((r for r in done if not r.get("artifact")), None)
+    what = (f"{r0.get('latency_backend') or 'torch'}, batch {r0.get('latency_batch')}"
+            if r0 else "its runtime")
+    return f"latency per batch (ms; fp32: {what}; int8: its runtime)"
 
 
 def _series(x: list[float], rows: list[dict], key: str) -> tuple[list, list]:

@@ -40,6 +40,7 @@ from ..rundir import (
     stage_specs,
 )
 from .latency import file_latency_ms, input_size_of, latency_device_for
+from .measured import add_measured
 
 log = logging.getLogger("pipeline")
 
@@ -186,6 +187,10 @@ def _prune_spec(specs: dict[str, dict], run_dir: Path, name: str) -> tuple[str, 
             ratio: Any = "per layer"
         elif spec.get("target_macs_reduction") is not None:
             ratio = f"MACs -{100 * spec['target_macs_reduction']:g}%"
+        elif spec.get("target_speedup") is not None:
+            ratio = f"{spec['target_speedup']:g}x faster"
+        elif spec.get("target_latency_ms") is not None:
+            ratio = f"<= {spec['target_latency_ms']:g} ms"
         else:
             ratio = s.get("ratio", spec.get("ratio"))
         return str(method), ratio
@@ -265,6 +270,7 @@ def _add_results(row: dict, run_dir: Path, specs: dict[str, dict], name: str, s:
                           for n in chain(specs, name) if is_prune_stage(specs[n]))
     if macs and dense_macs:
         row["mac_reduction_pct"] = 100 * (1 - macs / dense_macs)
+    add_measured(row, s)
     row["precision"] = "fp32"  # model.pt; a quantized stage's artifact below
     if s.get("artifact"):
         _add_quantized(row, run_dir, stage_dir, s)

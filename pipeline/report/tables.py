@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..provenance import read_provenance
+from . import measured
 from .rows import (
     COLUMNS,
     LATENCY_COLUMNS,
@@ -34,7 +35,8 @@ LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "val_top1": "val top-1 (%)",
           "params_m": "params (M)", "macs_m": "MACs (M)", "mac_reduction_pct": "MACs -%",
           "size_mb": "model.pt (MB)", "wall_seconds": "wall (s)", "speedup": "speedup",
           "torch_pruning": "torch-pruning", "config_hash": "config hash",
-          "git_commit": "commit", "git_dirty": "dirty", "world_size": "ranks"}
+          "git_commit": "commit", "git_dirty": "dirty", "world_size": "ranks",
+          **measured.LABELS}
 TEST_LABELS = {"top1": "top-1 (%, test)", "top5": "top-5 (%, test)"}  # beside a val column
 
 
@@ -50,6 +52,8 @@ def columns_for(rows: list[dict], options: Options | None = None) -> list[str]:
     cols = list(COLUMNS)
     if options is not None and options.latency:
         cols[cols.index("size_mb"):cols.index("size_mb")] = LATENCY_COLUMNS
+    if any(r.get("stage_latency_ms") is not None for r in rows):
+        cols[cols.index("size_mb"):cols.index("size_mb")] = measured.COLUMNS
     if any(r.get("artifact") for r in rows):  # a quantized stage: precision, vs its input
         cols.insert(cols.index("model") + 1, QUANT_COLUMNS[0])
         cols.insert(cols.index("delta_top1") + 1, QUANT_COLUMNS[1])
@@ -111,9 +115,9 @@ def _cell_for(col: str, v: Any) -> str:
         return f"{v:.3f}" if v < 100 else f"{v:.1f}"
     if col in ("wall_seconds",):
         return f"{v:.0f}"
-    if col == "speedup":
+    if col in ("speedup", "stage_speedup"):
         return f"{v:.2f}x"
-    if col == "latency_ms":
+    if col in ("latency_ms", "stage_latency_ms"):
         return f"{v:.3g}"
     if col == "ratio" and isinstance(v, float):
         return f"{v:g}"

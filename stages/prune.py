@@ -66,8 +66,9 @@ class Config(StageBase, LatencyTargetKeys, PruneSpec):
     type: str = opt("prune", "stage kind")
     round_to: int | Literal["auto"] | None = opt(  # type: ignore[assignment]
         None, "torch-pruning's rounding instead of floor(ratio x filters): keep int(filters x "
-        "(1 - ratio)) rounded down to a multiple of this; auto: the alignment measured in "
-        "the `latency` runtime (where its layers' time drops)", min=1)
+        "(1 - ratio)) rounded down to a multiple of this; unset: 8 on CUDA when the run "
+        "computes in fp16/bf16 (tensor cores), else none; 0: none; auto: the alignment "
+        "measured in the `latency` runtime (where its layers' time drops)", min=0)
     evaluate: bool = opt(True, "measure the pruned model's accuracy before recovery")
     eval_batch_size: int = opt(256, "batch size of that evaluation", min=1, limit=MAX_BATCH)
     batch_size: int = opt(128, "taylor: size of the training batches the gradients are "

@@ -113,6 +113,34 @@ def test_an_unreachable_budget_is_a_pruning_error():
         search_widths(toy_table(), KEPT, 3.0)
 
 
+def test_a_missed_target_is_retried_with_narrower_widths_each_time(monkeypatch):
+    """The runtime measures every pruned model slower than predicted: each retry must prune
+    further (a strictly lower prediction), never measure the same widths twice, and the
+    record must say by how much the best attempt missed."""
+    from pipeline.pruning.latency import prune as lp
+
+    def slow(models, size, cfg, runs=None):
+        # half: the calibration's model; pruned: 1.4% over the 1.3x goal (7.69 ms)
+        ms = {"dense": 10.0, "half": 5.0, "pruned": 7.8}
+        return {n: {"median_ms": ms[n], "q1_ms": 0.0, "q3_ms": 0.0} for n in models}
+
+    monkeypatch.setattr(lp, "end_to_end", slow)
+    torch.manual_seed(0)
+    model = build_model(ARCH).eval()
+    spec = PruneSpec(method="l1", ratio=None, policy="all")
+    cfg = LatencyConfig(scan_points=64, max_iterations=4)
+    _, result = lp.prune_to_latency(model, spec, torch.zeros(1, 3, 32, 32), (3, 32, 32), cfg,
+                                    lp.Target(speedup=1.3), TableCache(None, cfg),
+                                    measure=staircase(8))
+    tries = result.record["iterations"]
+    assert len(tries) == 4
+    predicted = [t["predicted_ms"] for t in tries]
+    assert all(b < a for a, b in zip(predicted, predicted[1:], strict=False)), predicted
+    assert len({tuple(t["widths"].values()) for t in tries}) == 4
+    assert result.record["met"] is False
+    assert result.record["missed_by"]["speedup"] == pytest.approx(1.3 - 10 / 7.8)
+
+
 def test_prune_widths_gives_the_asked_widths():
     model = build_model(ARCH).eval()
     spec = PruneSpec(method="l1", ratio=None, policy="block_internal")

@@ -163,8 +163,11 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
             best = (score, attempt, pruned, report)
         if attempt["met"]:
             break
-        # the prediction was too optimistic by pruned/goal: aim that much lower
-        aim *= attempt["goal_ms"] / attempt["pruned_ms"]
+        # the prediction was too optimistic by pruned/goal: aim that much lower, and
+        # below this attempt's own prediction, so the next widths are narrower ones
+        # (candidates are stairs: a small cut of the aim can choose the same widths)
+        aim = min(aim * attempt["goal_ms"] / attempt["pruned_ms"],
+                  table.predict_ms(widths) - 1e-6 * abs(table.predict_ms(widths)) - 1e-12)
     _, attempt, pruned, report = best  # type: ignore[misc]
     record = {"target": {"speedup": target.speedup, "latency_ms": target.latency_ms},
               "backend": cfg.backend, "batch_size": cfg.batch_size, "device": cfg.device,

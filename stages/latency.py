@@ -35,7 +35,7 @@ from pipeline.pruning.latency.prune import (
     group_scores,
     prune_round_to_latency,
 )
-from pipeline.pruning.latency.search import kept_importance
+from pipeline.pruning.latency.search import check_reachable, kept_importance
 from pipeline.pruning.prune import gradient_refresher
 
 from .base import Preflight, StageContext
@@ -224,6 +224,8 @@ class IterativeTarget:
             table, dense_ms = D.broadcast_object((table, dense_ms))
         self.table, self.dense_ms = table, dense_ms
         self.goal_ms = target_of(spec).goal_ms(dense_ms)
+        # out of reach is said before the first round trains, not at the last round
+        check_reachable(table, table.sum_for(self.goal_ms))
 
     def round_goal(self, share: float) -> float:
         """The predicted time a round ends at: `share` of the way to the goal."""

@@ -283,3 +283,29 @@ def test_iterative_rounds_narrow_toward_a_latency_target(tiny_config, cli, tmp_p
     assert record["backend"] == "torch" and record["target"]["speedup"] == 1.1
     assert summary["latency"]["ms"] == record["pruned_ms"]
     assert set(record["table"]["groups"]) >= set(first)
+
+
+def test_an_iterative_target_out_of_reach_fails_before_the_first_round(tiny_config, cli,
+                                                                        monkeypatch):
+    """A known staircase and whole-model times (deterministic): the early rounds' shares of
+    a 90x target are within reach, the target itself is not; the stage must say so before
+    it prunes or trains anything."""
+    from pipeline.pruning.latency import prune as lp
+    from pipeline.pruning.latency import table as lt
+
+    monkeypatch.setattr(lt, "backend_measure", lambda cfg: staircase(8))
+    monkeypatch.setattr(lp, "end_to_end", lambda models, size, cfg, runs=None: {
+        n: {"median_ms": {"dense": 10.0, "half": 5.0}.get(n, 5.0), "q1_ms": 0.0,
+            "q3_ms": 0.0} for n in models})
+    cfg = tiny_config({"data": {"synthetic": {"image_size": 32}}, "stages": {
+        "pretrain": {"epochs": 1},
+        "prune": {"type": "iterative", "from": "pretrain", "ratio": None, "rounds": 10,
+                  "finetune_epochs": 1, "policy": "all", "target_speedup": 90.0,
+                  "latency": QUICK_TORCH},
+        "finetune": {"from": "pretrain"}}})
+    code, _, err = cli("run", cfg, "--stage", "pretrain")
+    assert code == 0, err
+    code, _, err = cli("run", cfg, "--stage", "prune")
+    assert code != 0
+    assert "the latency target is out of reach" in err and "x the dense" in err, err
+    assert "iterative round" not in err and "epoch 1/1" not in err, err  # none trained

@@ -47,17 +47,26 @@ def normalized(scores: np.ndarray, normalize: bool = True) -> np.ndarray:
     return s / mean if mean > 0 else s
 
 
+def check_reachable(table: LatencyTable, budget: float,
+                    cands: list[list[int]] | None = None) -> None:
+    """PruningError, naming the best reachable speedup, when even the narrowest widths
+    (of `cands`, default the table's candidates) predict a layer sum over `budget`."""
+    narrowest = [c[0] for c in (cands or table.candidates)]
+    if table.layer_sum(narrowest) > budget + EPS:
+        fastest, dense = table.predict_ms(narrowest), table.predict_ms(table.dense)
+        raise PruningError(
+            f"the latency target is out of reach: {fastest:.4g} ms predicted with every "
+            f"pruned group at its narrowest fast width (at most {dense / fastest:.3g}x the "
+            f"dense {dense:.4g} ms)")
+
+
 def search_widths(table: LatencyTable, kept: list[dict[int, float]], budget: float,
                   upper: list[int] | None = None, exact_limit: int = EXACT_LIMIT) -> list[int]:
     """The widths (one candidate per group, at most `upper`) with the most kept importance
     whose layer sum is at most `budget`. PruningError when even the narrowest is over."""
     cands = [[w for w in c if upper is None or w <= upper[g]] or [min(c)]
              for g, c in enumerate(table.candidates)]
-    narrowest = [c[0] for c in cands]
-    if table.layer_sum(narrowest) > budget + EPS:
-        raise PruningError(
-            f"the latency target is out of reach: {table.predict_ms(narrowest):.4g} ms "
-            f"predicted with every pruned group at its narrowest fast width")
+    check_reachable(table, budget, cands)
     if math.prod(len(c) for c in cands) <= exact_limit:
         return _exact(table, kept, budget, cands)
     return _refine(table, kept, budget, cands, _greedy(table, kept, budget, cands))
@@ -141,4 +150,4 @@ def _refine(table: LatencyTable, kept: list[dict[int, float]], budget: float,
     return widths
 
 
-__all__ = ["EXACT_LIMIT", "kept_importance", "normalized", "search_widths"]
+__all__ = ["EXACT_LIMIT", "check_reachable", "kept_importance", "normalized", "search_widths"]

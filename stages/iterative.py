@@ -466,12 +466,12 @@ def _recover(job: _Job, model: torch.nn.Module, t: int, done: GroupState,
 
 
 def _log_round(job: _Job, row: dict, split: str) -> None:
-    log.info("iterative round %d/%d: %s %.4g, MACs %.4g (%.1f%% fewer), %s top-1 %s, "
-             "test top-1 %.2f", row["round"], job.spec.rounds,
+    val = f"val top-1 {_f(row['val_top1'])}, " if split == "val" else ""
+    log.info("iterative round %d/%d: %s %.4g, MACs %.4g (%.1f%% fewer), %stest top-1 %.2f",
+             row["round"], job.spec.rounds,
              "MAC target" if job.by_macs else "time share" if job.timed else "ratio",
-             job.plan[row["round"] - 1], row["macs"],
-             100 * row["mac_reduction"], split,
-             _f(row["val_top1"] if split == "val" else row["top1"]), row["top1"])
+             job.plan[row["round"] - 1], row["macs"], 100 * row["mac_reduction"], val,
+             row["top1"])
 
 
 def _summary(spec: Config, state: dict, rows: list[dict], stopped: int | None,

@@ -237,16 +237,16 @@ def _run(stage: Quantize, spec: Config, ctx: StageContext) -> dict:
                                   key)
     check_calibration(batches, ctx.input_size, key)
     trained: dict = {}
-    fp32, source = model, None
+    fp32, source, imitated = model, None, None
     if spec.method == "qat":
         source = copy.deepcopy(model).eval()  # the accuracy the check holds the int8 model to
-        fp32, trained = _qat(stage, spec, ctx, model, payload, batches)
+        fp32, trained, imitated = _qat(stage, spec, ctx, model, payload, batches)
     evals = _eval_data(ctx, spec)
     result = None
     with D.together():  # rank 0 converts, checks and writes; the others wait
         if ctx.dist.is_main:
             result = _convert(spec, ctx, backend, fp32.cpu().eval(), source, payload, batches,
-                              evals)
+                              evals, imitated)
     result = D.broadcast_object(result)
     macs = count_macs(fp32, ctx.input_size)
     return {**trained, **result, "params": count_params(fp32), "macs": macs["total"],
@@ -254,9 +254,11 @@ def _run(stage: Quantize, spec: Config, ctx: StageContext) -> dict:
 
 
 def _qat(stage: Quantize, spec: Config, ctx: StageContext, model: nn.Module, payload: dict,
-         batches: list[torch.Tensor]) -> tuple[nn.Module, dict]:
+         batches: list[torch.Tensor]) -> tuple[nn.Module, dict, nn.Module]:
     """Train `model` fake-quantized (ranges started from the calibration set); model.pt
-    gets the trained weights without the observers. Returns them and the training summary."""
+    gets the trained weights without the observers. Returns them, the training summary and
+    the trained fake-quantized network (on the CPU, in eval mode: the computation the int8
+    model imitates, which the check's agreement is measured against)."""
     wmax = 64 if reduce_range_of(spec) else 127
     names = attach_fake_quant(model, wmax=wmax)
     calibrate_fake_quant(model, batches)
@@ -267,6 +269,7 @@ def _qat(stage: Quantize, spec: Config, ctx: StageContext, model: nn.Module, pay
     plain = model_from_payload(payload, str(ctx.input_path(spec.from_)))
     attach_fake_quant(plain, wmax=wmax)
     plain.load_state_dict(ckpt.load(path)["state_dict"], strict=True)
+    imitated = copy.deepcopy(plain).cpu().eval()
     remove_fake_quant(plain)
     with D.together():
         if ctx.dist.is_main:
@@ -277,7 +280,7 @@ def _qat(stage: Quantize, spec: Config, ctx: StageContext, model: nn.Module, pay
     out = {k: result[k] for k in keep if k in result}
     out["train_precision"] = result.get("precision")  # "precision" is the artifact's: int8
     out["fake_quant_top1"] = result.get("top1")
-    return plain, out
+    return plain, out, imitated
 
 
 @dataclass
@@ -301,9 +304,10 @@ def _eval_data(ctx: StageContext, spec: Config) -> _Evals:
 
 def _convert(spec: Config, ctx: StageContext, backend, fp32: nn.Module,
              source: nn.Module | None, payload: dict, batches: list[torch.Tensor],
-             evals: _Evals) -> dict:
+             evals: _Evals, imitated: nn.Module | None = None) -> dict:
     """Quantize, check, evaluate and write the artifact (rank 0). `source`: the input
-    stage's fp32 model when it is not `fp32` itself (after QAT it is re-read)."""
+    stage's fp32 model when it is not `fp32` itself (after QAT); `imitated`: the model the
+    int8 one must agree with when it is not `fp32` (after QAT: the fake-quantized one)."""
     t0 = time.perf_counter()
     work = ctx.stage_dir / ".quantize_tmp"
     work.mkdir(parents=True, exist_ok=True)
@@ -322,7 +326,8 @@ def _convert(spec: Config, ctx: StageContext, backend, fp32: nn.Module,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    check = _check(spec, ctx, fp32, source, run, evals)
+    check = _check(spec, ctx, fp32 if imitated is None else imitated, source, run, evals,
+                   "fp32" if imitated is None else "fake-quantized QAT")
     out = ctx.stage_dir / (ARTIFACT + backend.suffix)
     with atomic_open(out, "wb") as f:
         f.write(data)
@@ -343,17 +348,20 @@ def _convert(spec: Config, ctx: StageContext, backend, fp32: nn.Module,
             "source_val_top1": src.get("val_top1")}
 
 
-def _check(spec: Config, ctx: StageContext, fp32: nn.Module, source: nn.Module | None,
-           run, evals: _Evals) -> dict:
-    """The verification: QuantizeError (exit 1, nothing written) when it fails."""
+def _check(spec: Config, ctx: StageContext, imitated: nn.Module, source: nn.Module | None,
+           run, evals: _Evals, against: str = "fp32") -> dict:
+    """The verification: QuantizeError (exit 1, nothing written) when it fails. The
+    agreement is with `imitated` (named `against`), the top-1 drop against `source` (the
+    input stage's model; `imitated` when None)."""
     v = spec.verify
-    a = agreement(fp32, run, evals.verify)
+    a = agreement(imitated, run, evals.verify)
     ref = a if source is None else agreement(source, run, evals.verify)
     drop = ref.fp32_top1 - a.int8_top1
-    log.info("stage %s: %s", ctx.name, a.line())
+    log.info("stage %s: %s", ctx.name, a.line(against))
     problems = []
     if a.rate < v.min_agreement:
-        problems.append(f"top-1 agreement {100 * a.rate:.2f}% < verify.min_agreement "
+        problems.append(f"top-1 agreement with the {against} model {100 * a.rate:.2f}% "
+                        f"< verify.min_agreement "
                         f"{100 * v.min_agreement:g}%")
     if drop > v.max_top1_drop:
         problems.append(f"top-1 {a.int8_top1:.2f}% is {drop:.2f} points under the input's "
@@ -361,7 +369,8 @@ def _check(spec: Config, ctx: StageContext, fp32: nn.Module, source: nn.Module |
     if problems:
         raise QuantizeError(f"stage {ctx.name}: int8 check failed on {a.images} test images, "
                             f"nothing written: {'; '.join(problems)}")
-    return {**a.as_dict(), "input_top1": round(ref.fp32_top1, 4), "top1_drop": round(drop, 4),
+    return {**a.as_dict(), "agreement_with": against,
+            "input_top1": round(ref.fp32_top1, 4), "top1_drop": round(drop, 4),
             "min_agreement": v.min_agreement, "max_top1_drop": v.max_top1_drop,
             "passed": True}
 

@@ -286,6 +286,36 @@ def test_qat_writes_its_trained_fp32_weights(quantized):
     assert "conv1.act_fq.lo" in last  # the checkpoints carry the observers: exact resume
 
 
+def test_qat_check_agrees_with_the_fake_quantized_model_it_imitates(quantized):
+    """After QAT the int8 model is checked against the trained fake-quantized network (the
+    computation it imitates), not the plain fp32 weights: the recorded agreement is that
+    of the fake-quantized model rebuilt here from last.pt, on the same test images."""
+    import onnxruntime
+
+    _, run_dir = quantized
+    s = _summary(run_dir, "qat")
+    v = s["verification"]
+    assert v["agreement_with"] == "fake-quantized QAT"
+    assert _summary(run_dir, "ptq")["verification"]["agreement_with"] == "fp32"
+    fq = load_model(run_dir / "pretrain" / "model.pt")
+    attach_fake_quant(fq, wmax=64 if s["reduce_range"] else 127)
+    fq.load_state_dict(ckpt.load(run_dir / "qat" / "last.pt")["state_dict"], strict=True)
+    fq.eval()
+    session = onnxruntime.InferenceSession(str(run_dir / "qat" / "model.int8.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    agree = correct = n = 0
+    with torch.no_grad():
+        for x, y in _test_images(run_dir):
+            a = fq(x).argmax(1)
+            b = torch.from_numpy(session.run(None, {"input": x.numpy()})[0]).argmax(1)
+            agree += int((a == b).sum())
+            correct += int((a == y).sum())
+            n += len(y)
+    assert n == v["images"]
+    assert v["agreement"] == pytest.approx(agree / n)
+    assert v["fp32_top1"] == pytest.approx(100 * correct / n)
+
+
 def test_failed_check_exits_1_and_writes_no_artifact(tmp_path, cli, monkeypatch):
     real = ort_backend.OrtBackend.runner
 

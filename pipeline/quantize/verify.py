@@ -36,10 +36,10 @@ class Agreement:
         return {"images": self.images, "agreement": round(self.rate, 6),
                 "int8_top1": round(self.int8_top1, 4), "fp32_top1": round(self.fp32_top1, 4)}
 
-    def line(self) -> str:
-        return (f"top-1 agreement with fp32 {100 * self.rate:.2f}% ({self.agree}/"
-                f"{self.images} test images), top-1 int8 {self.int8_top1:.2f}% vs fp32 "
-                f"{self.fp32_top1:.2f}%")
+    def line(self, against: str = "fp32") -> str:
+        return (f"top-1 agreement with the {against} model {100 * self.rate:.2f}% ("
+                f"{self.agree}/{self.images} test images), top-1 int8 {self.int8_top1:.2f}% "
+                f"vs {against} {self.fp32_top1:.2f}%")
 
 
 @torch.inference_mode()

@@ -70,7 +70,7 @@ def ptq_stage(run_dir: Path, tmp: Path, overrides: list[str], stage: str) -> dic
     overrides = [*overrides, f"stages.{stage}.verify.min_agreement=0",
                  f"stages.{stage}.verify.max_top1_drop=100"]
     copy = tmp / run_dir.name
-    copy.mkdir()
+    copy.mkdir(parents=True)
     shutil.copy(run_dir / "config.yaml", copy / "config.yaml")
     for name in ("pretrain", "prune", "finetune"):
         (copy / name).mkdir()

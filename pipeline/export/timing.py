@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import statistics
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from ..timing import median_ms, torch_threads
 from .formats import FORMATS, read_metadata
 from .source import ExportUsageError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set inside the block, restored after it."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def timing_input(meta: dict, batch: int, input_size: tuple[int, ...] | None = None,
@@ -55,18 +40,9 @@ def time_exported(path: str | Path, fmt: str, batch: int, threads: int | None = 
     memory format come from the file's metadata; `input_size`/`precision` override them."""
     meta = read_metadata(path, fmt)
     x = timing_input(meta, batch, input_size, precision)
-    times: list[float] = []
     with torch_threads(threads):
         run = FORMATS[fmt].runner(Path(path), threads)
-        for _ in range(warmup):
-            run(x)
-        start = time.perf_counter()
-        while len(times) < min_runs or (time.perf_counter() - start < min_seconds
-                                        and len(times) < 1000):
-            t0 = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        return median_ms(lambda: run(x), min_runs, min_seconds, warmup)
 
 
 __all__ = ["time_exported", "timing_input", "torch_threads"]

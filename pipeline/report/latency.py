@@ -19,10 +19,9 @@ layout); TorchScript files are exported in the memory format asked for.
 from __future__ import annotations
 
 import logging
-import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,6 +36,7 @@ from ..export import FORMATS, ExportOptions, export_stage, time_exported
 from ..models import load_model
 from ..modes import eval_mode
 from ..rundir import CONFIG_FILE, read_config
+from ..timing import interleaved_ms, median_ms
 
 log = logging.getLogger("pipeline")
 
@@ -107,18 +107,20 @@ def warm_up(models: Iterable[nn.Module], x: torch.Tensor, runs: int) -> None:
     sync(x.device)
 
 
+def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward pass of `x` through `model`, the device synchronised after it."""
+    def run() -> None:
+        model(x)
+        sync(x.device)
+    return run
+
+
 @torch.inference_mode()
 def median_seconds(model: nn.Module, x: torch.Tensor, min_runs: int = 10,
                    min_seconds: float = 1.0, max_runs: int = 1000, warmup: int = 3) -> float:
     """Median seconds of a forward pass: at least `min_runs` passes, more until `min_seconds`
     have gone by (at most `max_runs`)."""
-    warm_up([model], x, warmup)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < min_seconds
-                                    and len(times) < max_runs):
-        times.append(timed_forward(model, x))
-    return statistics.median(times)
+    return median_ms(_forward(model, x), min_runs, min_seconds, warmup, max_runs) / 1000
 
 
 @torch.inference_mode()
@@ -126,12 +128,8 @@ def interleaved_median_seconds(models: dict[str, nn.Module], x: torch.Tensor, ro
                                warmup: int = 1) -> dict[str, float]:
     """Median seconds of a forward pass of each named model; every round runs each model
     once in turn, so a change in the machine's load hits all of them alike."""
-    warm_up(models.values(), x, warmup)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(timed_forward(model, x))
-    return {name: statistics.median(t) for name, t in times.items()}
+    t = interleaved_ms({n: _forward(m, x) for n, m in models.items()}, rounds, warmup)
+    return {n: v["median_ms"] / 1000 for n, v in t.items()}
 
 
 def model_latency_ms(model: nn.Module, input_size: tuple[int, ...], batch: int, device: str,

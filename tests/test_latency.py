@@ -141,6 +141,28 @@ def test_a_missed_target_is_retried_with_narrower_widths_each_time(monkeypatch):
     assert result.record["missed_by"]["speedup"] == pytest.approx(1.3 - 10 / 7.8)
 
 
+def test_the_next_aim_solves_the_secant_of_the_measured_points():
+    """Measured time, as a share of the dense one, is 0.4 + 0.6 x the predicted share (the
+    runtime's fixed costs the prediction underrates): from the dense point and one miss,
+    the next aim is exactly the predicted time whose measured share is the goal's; and it
+    stays below the last prediction and not below the narrowest widths'."""
+    from pipeline.pruning.latency.prune import _next_aim
+
+    table = toy_table()  # dense 11 ms predicted (c0 0, alpha 1), narrowest 3.5 ms
+    measured = lambda q: 0.4 + 0.6 * q  # noqa: E731
+    q1 = 6.0 / 11.0
+    miss = {"predicted_ms": 6.0, "pruned_ms": 20 * measured(q1), "dense_ms": 20.0,
+            "goal_ms": 20 / 1.5}
+    aim = _next_aim(table, [miss], 6.0)
+    assert measured(aim / 11.0) == pytest.approx(1 / 1.5)
+    assert aim < 6.0
+    # a goal the line reaches only below the narrowest widths: the narrowest is tried
+    assert _next_aim(table, [{**miss, "goal_ms": 20 / 2.4}], 6.0) == pytest.approx(3.5)
+    # no usable slope (measured no faster than dense): the aim is cut by the miss
+    flat = {**miss, "pruned_ms": 20.0}
+    assert _next_aim(table, [flat], 6.0) == pytest.approx(6.0 * (20 / 1.5) / 20.0)
+
+
 def test_prune_widths_gives_the_asked_widths():
     model = build_model(ARCH).eval()
     spec = PruneSpec(method="l1", ratio=None, policy="block_internal")

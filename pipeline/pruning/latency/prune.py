@@ -163,11 +163,7 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
             best = (score, attempt, pruned, report)
         if attempt["met"]:
             break
-        # the prediction was too optimistic by pruned/goal: aim that much lower, and
-        # below this attempt's own prediction, so the next widths are narrower ones
-        # (candidates are stairs: a small cut of the aim can choose the same widths)
-        aim = min(aim * attempt["goal_ms"] / attempt["pruned_ms"],
-                  table.predict_ms(widths) - 1e-6 * abs(table.predict_ms(widths)) - 1e-12)
+        aim = _next_aim(table, attempts, aim)
     _, attempt, pruned, report = best  # type: ignore[misc]
     record = {"target": {"speedup": target.speedup, "latency_ms": target.latency_ms},
               "backend": cfg.backend, "batch_size": cfg.batch_size, "device": cfg.device,
@@ -182,13 +178,36 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     return pruned, LatencyResult(report=report, record=record)
 
 
+def _next_aim(table: LatencyTable, attempts: list[dict], aim: float) -> float:
+    """The predicted time to aim at after a miss. The secant through the last two measured
+    points (the dense model counts as the first), predicted against measured time, each as
+    a share of its dense time (the dense time drifts between measurements), solved for the
+    goal; where the points give no usable slope, the last aim cut by the miss
+    (goal / measured). Always below the last attempt's own prediction, so that the next
+    widths are narrower ones (candidates are stairs: a small cut of the aim can choose the
+    same widths), and not below the narrowest widths' prediction, which is tried last."""
+    dense_pred = table.predict_ms(table.dense)
+    last = attempts[-1]
+    q1, r1 = last["predicted_ms"] / dense_pred, last["pruned_ms"] / last["dense_ms"]
+    q0, r0 = (1.0, 1.0) if len(attempts) < 2 else (
+        attempts[-2]["predicted_ms"] / dense_pred,
+        attempts[-2]["pruned_ms"] / attempts[-2]["dense_ms"])
+    goal = last["goal_ms"] / last["dense_ms"]
+    slope = (r1 - r0) / (q1 - q0) if abs(q1 - q0) > 1e-9 else 0.0
+    new = (q1 + (goal - r1) / slope) * dense_pred if slope > 1e-3 else (
+        aim * last["goal_ms"] / last["pruned_ms"])
+    below = last["predicted_ms"] * (1 - 1e-6) - 1e-12
+    narrowest = table.predict_ms([c[0] for c in table.candidates])
+    return max(min(new, below), min(narrowest, below))
+
+
 def _attempt(it: int, aim: float, table: LatencyTable, widths: list[int], target: Target,
              t: dict[str, dict]) -> dict:
     """One iteration's record: what was aimed at and predicted, what was measured."""
     d, p = t["dense"]["median_ms"], t["pruned"]["median_ms"]
     goal = target.goal_ms(d)  # against the dense time of this side-by-side measurement
     return {"iteration": it, "aimed_ms": round(aim, 5),
-            "predicted_ms": round(table.predict_ms(widths), 5), "dense_ms": d,
+            "predicted_ms": table.predict_ms(widths), "dense_ms": d,
             "pruned_ms": p, "speedup": d / p, "goal_ms": goal, "met": p <= goal,
             "widths": dict(zip(table.names, widths, strict=True)),
             "dense_quartiles_ms": [t["dense"]["q1_ms"], t["dense"]["q3_ms"]],

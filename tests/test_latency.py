@@ -152,7 +152,7 @@ def test_the_next_aim_solves_the_secant_of_the_measured_points():
     measured = lambda q: 0.4 + 0.6 * q  # noqa: E731
     q1 = 6.0 / 11.0
     miss = {"predicted_ms": 6.0, "pruned_ms": 20 * measured(q1), "dense_ms": 20.0,
-            "goal_ms": 20 / 1.5}
+            "goal_ms": 20 / 1.5, "met": False}
     aim = _next_aim(table, [miss], 6.0)
     assert measured(aim / 11.0) == pytest.approx(1 / 1.5)
     assert aim < 6.0
@@ -161,6 +161,37 @@ def test_the_next_aim_solves_the_secant_of_the_measured_points():
     # no usable slope (measured no faster than dense): the aim is cut by the miss
     flat = {**miss, "pruned_ms": 20.0}
     assert _next_aim(table, [flat], 6.0) == pytest.approx(6.0 * (20 / 1.5) / 20.0)
+    # bracketed: one miss and one model that met the goal far below it: the secant
+    # between them, inside the bracket
+    met = {"predicted_ms": 3.5, "pruned_ms": 20 * measured(3.5 / 11), "dense_ms": 20.0,
+           "goal_ms": 20 / 1.5, "met": True}
+    aim = _next_aim(table, [{**miss, "met": False}, met], 3.5)
+    assert 3.5 < aim < 6.0 and measured(aim / 11.0) == pytest.approx(1 / 1.5)
+
+
+def test_the_kept_model_meets_the_target_with_the_least_pruning(monkeypatch):
+    """Three measured attempts: a miss, a model far faster than needed, one just under the
+    goal: the last is kept (met, and the least pruned of those that met)."""
+    from pipeline.pruning.latency import prune as lp
+
+    pruned_ms = iter([9.0, 3.0, 7.5])
+
+    def fake(models, size, cfg, runs=None):
+        ms = {"dense": 10.0, "half": 5.0}
+        return {n: {"median_ms": ms[n] if n in ms else next(pruned_ms), "q1_ms": 0.0,
+                    "q3_ms": 0.0} for n in models}
+
+    monkeypatch.setattr(lp, "end_to_end", fake)
+    torch.manual_seed(0)
+    model = build_model(ARCH).eval()
+    spec = PruneSpec(method="l1", ratio=None, policy="all")
+    cfg = LatencyConfig(scan_points=64, max_iterations=3)
+    _, result = lp.prune_to_latency(model, spec, torch.zeros(1, 3, 32, 32), (3, 32, 32), cfg,
+                                    lp.Target(speedup=1.3), TableCache(None, cfg),
+                                    measure=staircase(8))
+    r = result.record
+    assert [a["pruned_ms"] for a in r["iterations"]] == [9.0, 3.0, 7.5]
+    assert r["met"] and r["pruned_ms"] == 7.5 and r["widths"] == r["iterations"][2]["widths"]
 
 
 def test_prune_widths_gives_the_asked_widths():

@@ -1,9 +1,11 @@
 """Pruning to a measured time: build (or read) the latency table of the network's prunable
 layers, choose the widths that keep the most importance within the budget, remove the
 lowest-scored channels of each group, then run dense and pruned end to end in the
-deployment runtime. A pruned model that misses the target is pruned again from the dense
-one with the budget tightened by the miss (up to `max_iterations`); the record says what
-was measured each time and by how much the target was missed, if it was.
+deployment runtime. A pruned model that misses the target, or meets it with much to spare,
+is pruned again from the dense one toward a new aim read off the measured points (a
+secant, bracketed once one model met the target; up to `max_iterations`); the model kept
+is the least pruned one that met the target (else the fastest). The record says what was
+measured each time and by how much the target was missed, if it was.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .table import LatencyTable, Measure, TableCache, build_table, calibrate
 from .timing import interleaved_ms
 
 log = logging.getLogger(__name__)
+CLOSE_ENOUGH = 0.9  # a model that meets the goal within 10% of its time ends the retries
 
 
 @dataclass
@@ -140,7 +143,7 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     scores = group_scores(spec, groups, seed)
     kept = [kept_importance(s, c) for s, c in zip(scores, table.candidates, strict=True)]
     by_name = {g.name: s for g, s in zip(groups, scores, strict=True)}
-    aim, attempts, best = goal, [], None
+    aim, attempts, best, tried = goal, [], None, set()
     for it in range(1, cfg.max_iterations + 1):
         try:
             widths = search_widths(table, kept, table.sum_for(aim))
@@ -149,6 +152,9 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
                 raise
             log.warning("latency target: no narrower widths left to try")
             break
+        if tuple(widths) in tried:  # the aim moved within one stair: nothing new to measure
+            break
+        tried.add(tuple(widths))
         pruned = copy.deepcopy(model)
         report = prune_widths(pruned, spec, example, dict(zip(table.names, widths,
                                                                strict=True)), by_name)
@@ -158,10 +164,13 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
         log.info("latency target %s: iteration %d, predicted %.4g ms, measured %.4g ms "
                  "(dense %.4g ms, %.3fx)", target.describe(), it, attempt["predicted_ms"],
                  attempt["pruned_ms"], attempt["dense_ms"], attempt["speedup"])
-        score = (attempt["met"], -attempt["pruned_ms"] / attempt["goal_ms"])
+        share = attempt["pruned_ms"] / attempt["goal_ms"]
+        # met first; among the models that meet it the slowest (the widest: the least
+        # pruned), among those that miss the fastest
+        score = (attempt["met"], share if attempt["met"] else -share)
         if best is None or score > best[0]:
             best = (score, attempt, pruned, report)
-        if attempt["met"]:
+        if attempt["met"] and share >= CLOSE_ENOUGH:
             break
         aim = _next_aim(table, attempts, aim)
     _, attempt, pruned, report = best  # type: ignore[misc]
@@ -179,23 +188,34 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
 
 
 def _next_aim(table: LatencyTable, attempts: list[dict], aim: float) -> float:
-    """The predicted time to aim at after a miss. The secant through the last two measured
-    points (the dense model counts as the first), predicted against measured time, each as
-    a share of its dense time (the dense time drifts between measurements), solved for the
-    goal; where the points give no usable slope, the last aim cut by the miss
-    (goal / measured). Always below the last attempt's own prediction, so that the next
-    widths are narrower ones (candidates are stairs: a small cut of the aim can choose the
-    same widths), and not below the narrowest widths' prediction, which is tried last."""
+    """The predicted time to aim at next. Each measured point is (predicted, measured), each
+    as a share of its dense time (the dense time drifts between measurements); the dense
+    model is the first point, a miss. With a point that met the goal and one that missed,
+    the secant between the two closest to the goal on either side (kept inside that
+    bracket, away from its ends); before any point meets it, the secant through the two
+    narrowest misses, no lower than half the cut by the last miss (goal / measured; that
+    cut alone where the points give no usable slope), below the last prediction (a retry
+    measures narrower widths: candidates are stairs, and a small cut of the aim can choose
+    the same widths) and not below the narrowest widths' prediction, which is tried last."""
     dense_pred = table.predict_ms(table.dense)
     last = attempts[-1]
-    q1, r1 = last["predicted_ms"] / dense_pred, last["pruned_ms"] / last["dense_ms"]
-    q0, r0 = (1.0, 1.0) if len(attempts) < 2 else (
-        attempts[-2]["predicted_ms"] / dense_pred,
-        attempts[-2]["pruned_ms"] / attempts[-2]["dense_ms"])
     goal = last["goal_ms"] / last["dense_ms"]
+    points = [(1.0, 1.0, False)] + [
+        (a["predicted_ms"] / dense_pred, a["pruned_ms"] / a["dense_ms"], a["met"])
+        for a in attempts]
+    misses = sorted((p for p in points if not p[2]), key=lambda p: p[0])
+    met = [p for p in points if p[2]]
+    if met:  # bracketed: between the widest model that met and the narrowest that missed
+        lo, hi = max(met, key=lambda p: p[0]), misses[0]
+        slope = (hi[1] - lo[1]) / (hi[0] - lo[0]) if hi[0] - lo[0] > 1e-9 else 0.0
+        q = hi[0] + (goal - hi[1]) / slope if slope > 1e-3 else (lo[0] + hi[0]) / 2
+        margin = 0.1 * (hi[0] - lo[0])
+        return min(max(q, lo[0] + margin), hi[0] - margin) * dense_pred
+    (q0, r0, _), (q1, r1, _) = (misses[1], misses[0]) if len(misses) > 1 else (
+        misses[0], misses[0])
+    cut = aim * last["goal_ms"] / last["pruned_ms"]
     slope = (r1 - r0) / (q1 - q0) if abs(q1 - q0) > 1e-9 else 0.0
-    new = (q1 + (goal - r1) / slope) * dense_pred if slope > 1e-3 else (
-        aim * last["goal_ms"] / last["pruned_ms"])
+    new = max((q1 + (goal - r1) / slope) * dense_pred, cut / 2) if slope > 1e-3 else cut
     below = last["predicted_ms"] * (1 - 1e-6) - 1e-12
     narrowest = table.predict_ms([c[0] for c in table.candidates])
     return max(min(new, below), min(narrowest, below))

@@ -150,9 +150,10 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
         except PruningError:
             if best is None:
                 raise
-            log.warning("latency target: no narrower widths left to try")
-            break
+            widths = [c[0] for c in table.candidates]  # the aim is at the narrowest
         if tuple(widths) in tried:  # the aim moved within one stair: nothing new to measure
+            if not attempts[-1]["met"]:
+                log.warning("latency target: no narrower widths left to try")
             break
         tried.add(tuple(widths))
         pruned = copy.deepcopy(model)

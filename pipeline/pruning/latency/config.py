@@ -37,7 +37,7 @@ class LatencyConfig:
     scan_points: int = opt(16, "widths each group's staircase is scanned at (a power-of-two "
                            "step; more: finer stairs, a longer table build)", min=2, max=4096)
     table_runs: int = opt(5, "timed runs per table entry (median)", min=1, max=1000)
-    max_iterations: int = opt(3, "re-searches with a tightened budget when the measured "
+    max_iterations: int = opt(5, "re-searches with a tightened budget when the measured "
                               "speedup misses the target", min=1, max=20)
     cache: Literal["run", "user", "none"] = opt(
         "run", "where the latency table is kept for reuse: run (<run dir>/latency_cache), "

@@ -142,31 +142,35 @@ def test_a_missed_target_is_retried_with_narrower_widths_each_time(monkeypatch):
 
 
 def test_the_next_aim_solves_the_secant_of_the_measured_points():
-    """Measured time, as a share of the dense one, is 0.4 + 0.6 x the predicted share (the
-    runtime's fixed costs the prediction underrates): from the dense point and one miss,
-    the next aim is exactly the predicted time whose measured share is the goal's; and it
-    stays below the last prediction and not below the narrowest widths'."""
+    """Measured time, as a share of the dense one, is 0.1 + 0.9 x the predicted share (the
+    runtime's fixed costs the prediction leaves out): from the dense point and one miss,
+    the next aim is exactly the predicted time whose measured share is the goal's; it stays
+    below the last prediction and not below the narrowest widths'; and one step cuts the
+    aim by at most the square of the miss's ratio."""
     from pipeline.pruning.latency.prune import _next_aim
 
     table = toy_table()  # dense 11 ms predicted (c0 0, alpha 1), narrowest 3.5 ms
-    measured = lambda q: 0.4 + 0.6 * q  # noqa: E731
-    q1 = 6.0 / 11.0
-    miss = {"predicted_ms": 6.0, "pruned_ms": 20 * measured(q1), "dense_ms": 20.0,
-            "goal_ms": 20 / 1.5, "met": False}
+    measured = lambda q: 0.1 + 0.9 * q  # noqa: E731
+    miss = {"predicted_ms": 6.0, "pruned_ms": 20 * measured(6.0 / 11), "dense_ms": 20.0,
+            "goal_ms": 20 / 2.0, "met": False}
     aim = _next_aim(table, [miss], 6.0)
-    assert measured(aim / 11.0) == pytest.approx(1 / 1.5)
+    assert measured(aim / 11.0) == pytest.approx(1 / 2.0)
     assert aim < 6.0
     # a goal the line reaches only below the narrowest widths: the narrowest is tried
-    assert _next_aim(table, [{**miss, "goal_ms": 20 / 2.4}], 6.0) == pytest.approx(3.5)
+    assert _next_aim(table, [{**miss, "goal_ms": 20 / 5.0}], 6.0) == pytest.approx(3.5)
+    # a flat line (fixed costs dominate): the secant would jump to the narrowest at once;
+    # the step is the square of the miss's ratio instead
+    flat = {**miss, "pruned_ms": 20 * 0.95, "goal_ms": 20 / 1.15}
+    assert _next_aim(table, [flat], 6.0) == pytest.approx(6.0 * (1 / 1.15 / 0.95) ** 2)
     # no usable slope (measured no faster than dense): the aim is cut by the miss
-    flat = {**miss, "pruned_ms": 20.0}
-    assert _next_aim(table, [flat], 6.0) == pytest.approx(6.0 * (20 / 1.5) / 20.0)
+    still = {**miss, "pruned_ms": 20.0, "goal_ms": 20 / 1.5}
+    assert _next_aim(table, [still], 6.0) == pytest.approx(6.0 * (20 / 1.5) / 20.0)
     # bracketed: one miss and one model that met the goal far below it: the secant
     # between them, inside the bracket
     met = {"predicted_ms": 3.5, "pruned_ms": 20 * measured(3.5 / 11), "dense_ms": 20.0,
-           "goal_ms": 20 / 1.5, "met": True}
-    aim = _next_aim(table, [{**miss, "met": False}, met], 3.5)
-    assert 3.5 < aim < 6.0 and measured(aim / 11.0) == pytest.approx(1 / 1.5)
+           "goal_ms": 20 / 2.0, "met": True}
+    aim = _next_aim(table, [miss, met], 3.5)
+    assert 3.5 < aim < 6.0 and measured(aim / 11.0) == pytest.approx(1 / 2.0)
 
 
 def test_the_kept_model_meets_the_target_with_the_least_pruning(monkeypatch):

@@ -145,12 +145,12 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     by_name = {g.name: s for g, s in zip(groups, scores, strict=True)}
     aim, attempts, best, tried = goal, [], None, set()
     for it in range(1, cfg.max_iterations + 1):
-        try:
-            widths = search_widths(table, kept, table.sum_for(aim))
-        except PruningError:
-            if best is None:
-                raise
-            widths = [c[0] for c in table.candidates]  # the aim is at the narrowest
+        widths = _search(table, kept, aim, best is None)
+        for _ in range(6):  # inside a bracket, an aim within a tried model's stair: move on
+            if tuple(widths) not in tried or not any(a["met"] for a in attempts):
+                break
+            aim = _toward_miss(table, attempts, aim)
+            widths = _search(table, kept, aim, False)
         if tuple(widths) in tried:  # the aim moved within one stair: nothing new to measure
             if not attempts[-1]["met"]:
                 log.warning("latency target: no narrower widths left to try")
@@ -188,16 +188,37 @@ def prune_to_latency(model: nn.Module, spec: PruneSpec, example: torch.Tensor,
     return pruned, LatencyResult(report=report, record=record)
 
 
+def _search(table: LatencyTable, kept: list[dict[int, float]], aim: float, first: bool
+            ) -> list[int]:
+    """The widths for `aim`; after the first attempt an aim below the narrowest widths'
+    prediction (rounding at a clamp) takes the narrowest."""
+    try:
+        return search_widths(table, kept, table.sum_for(aim))
+    except PruningError:
+        if first:
+            raise
+        return [c[0] for c in table.candidates]
+
+
+def _toward_miss(table: LatencyTable, attempts: list[dict], aim: float) -> float:
+    """Halfway from `aim` to the prediction of the narrowest model that missed the goal (the
+    dense one when none did): the next aim inside a bracket whose secant fell in a stair."""
+    misses = [a["predicted_ms"] for a in attempts if not a["met"]]
+    top = min(misses) if misses else table.predict_ms(table.dense)
+    return (aim + top) / 2
+
+
 def _next_aim(table: LatencyTable, attempts: list[dict], aim: float) -> float:
     """The predicted time to aim at next. Each measured point is (predicted, measured), each
     as a share of its dense time (the dense time drifts between measurements); the dense
     model is the first point, a miss. With a point that met the goal and one that missed,
     the secant between the two closest to the goal on either side (kept inside that
     bracket, away from its ends); before any point meets it, the secant through the two
-    narrowest misses, no lower than half the cut by the last miss (goal / measured; that
-    cut alone where the points give no usable slope), below the last prediction (a retry
-    measures narrower widths: candidates are stairs, and a small cut of the aim can choose
-    the same widths) and not below the narrowest widths' prediction, which is tried last."""
+    narrowest misses, cutting the aim by at most the square of the last miss's ratio
+    (goal / measured; that ratio alone where the points give no usable slope), below the
+    last prediction (a retry measures narrower widths: candidates are stairs, and a small
+    cut of the aim can choose the same widths) and not below the narrowest widths'
+    prediction, which is tried last."""
     dense_pred = table.predict_ms(table.dense)
     last = attempts[-1]
     goal = last["goal_ms"] / last["dense_ms"]
@@ -216,7 +237,10 @@ def _next_aim(table: LatencyTable, attempts: list[dict], aim: float) -> float:
         misses[0], misses[0])
     cut = aim * last["goal_ms"] / last["pruned_ms"]
     slope = (r1 - r0) / (q1 - q0) if abs(q1 - q0) > 1e-9 else 0.0
-    new = max((q1 + (goal - r1) / slope) * dense_pred, cut / 2) if slope > 1e-3 else cut
+    # a step at most twice the miss's, in ratio: a flat measured curve (fixed costs) must
+    # not send the aim to the narrowest widths at once
+    floor = aim * (last["goal_ms"] / last["pruned_ms"]) ** 2
+    new = max((q1 + (goal - r1) / slope) * dense_pred, floor) if slope > 1e-3 else cut
     below = last["predicted_ms"] * (1 - 1e-6) - 1e-12
     narrowest = table.predict_ms([c[0] for c in table.candidates])
     return max(min(new, below), min(narrowest, below))

@@ -86,8 +86,7 @@ def target_case(name: str, backend: str, batch: int, speedup: float, threads: in
     torch.manual_seed(0)
     dense = trained_like(build_model(arch), size)
     cfg = LatencyConfig(backend=backend, batch_size=batch, device="cpu", threads=threads,
-                        scan_points=8 if quick else 16, runs=7 if quick else 15,
-                        max_iterations=3)
+                        scan_points=8 if quick else 16, runs=7 if quick else 15)
     pruned, res = prune_to_latency(dense, spec(), torch.zeros(1, 3, size, size),
                                    (3, size, size), cfg, Target(speedup=speedup),
                                    TableCache(None, cfg))

@@ -86,12 +86,19 @@ class TorchBackend:
         return _cuda_problem(cfg)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Runner:
+        model, x, dev = self._placed(model, x, cfg)
+        return self._runner(model, x, dev)
+
+    @staticmethod
+    def _placed(model: nn.Module, x: torch.Tensor, cfg: LatencyConfig
+                ) -> tuple[nn.Module, torch.Tensor, torch.device]:
+        """The model (eval) and input on cfg's device, precision and memory layout."""
         dev = device_of(cfg)
         fmt = torch.channels_last if cfg.channels_last and x.dim() == 4 \
             else torch.contiguous_format
         model = model.eval().to(device=dev, dtype=DTYPES[cfg.precision], memory_format=fmt)
         x = x.to(device=dev, dtype=DTYPES[cfg.precision]).contiguous(memory_format=fmt)
-        return self._runner(model, x, dev)
+        return model, x, dev
 
     @staticmethod
     def _runner(model: Callable, x: torch.Tensor, dev: torch.device) -> Runner:
@@ -109,11 +116,7 @@ class TorchScriptBackend(TorchBackend):
     name = "torchscript"
 
     def prepare(self, model: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Runner:
-        dev = device_of(cfg)
-        fmt = torch.channels_last if cfg.channels_last and x.dim() == 4 \
-            else torch.contiguous_format
-        model = model.eval().to(device=dev, dtype=DTYPES[cfg.precision], memory_format=fmt)
-        x = x.to(device=dev, dtype=DTYPES[cfg.precision]).contiguous(memory_format=fmt)
+        model, x, dev = self._placed(model, x, cfg)
         with _quiet(), torch.no_grad():
             module = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
         return self._runner(module, x, dev)
@@ -130,11 +133,7 @@ class CompileBackend(TorchBackend):
         return super().problem(cfg)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Runner:
-        dev = device_of(cfg)
-        fmt = torch.channels_last if cfg.channels_last and x.dim() == 4 \
-            else torch.contiguous_format
-        model = model.eval().to(device=dev, dtype=DTYPES[cfg.precision], memory_format=fmt)
-        x = x.to(device=dev, dtype=DTYPES[cfg.precision]).contiguous(memory_format=fmt)
+        model, x, dev = self._placed(model, x, cfg)
         return self._runner(torch.compile(model, dynamic=False), x, dev)
 
 

@@ -364,6 +364,19 @@ def test_a_corrupt_cache_is_ignored(tmp_path, caplog):
     assert any("ignoring unreadable data cache" in r.getMessage() for r in caplog.records)
 
 
+def test_the_decode_log_says_whether_the_images_are_cached(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(data_cache, "SAY_DECODING_ABOVE", 0)
+    root = write_tree(tmp_path / "t")
+    for use_cache, words in ((False, "data.cache is off"), (True, "cached for the next run")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline.data"):
+            D.load_small_folder(root / "train", 8, use_cache=use_cache,
+                                cache_dir=str(tmp_path / "user"))
+        said = [r.getMessage() for r in caplog.records if "decoding" in r.getMessage()]
+        assert len(said) == 1 and words in said[0], said
+    assert D.cache_paths(root / "train", 8)[0].is_file()
+
+
 # --------------------------------------------------------------------------- CIFAR, config
 
 

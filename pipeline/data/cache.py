@@ -24,6 +24,7 @@ from .images import ImageSet
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # bump when the cached tensor's layout or decoding changes
+SAY_DECODING_ABOVE = 5000  # images: a decode this long is announced in the log
 
 
 def _decode_chunk(chunk: list[str], size: int) -> list[np.ndarray | str]:
@@ -37,8 +38,9 @@ def _decode_chunk(chunk: list[str], size: int) -> list[np.ndarray | str]:
 
 
 def decode_images(items: list[tuple[str, int]], size: int, classes: list[str], where: Path,
-                  max_unreadable: float = 1.0) -> ImageSet:
-    """Decode files into one uint8 NCHW tensor (threads: PIL releases the GIL to decode)."""
+                  max_unreadable: float = 1.0, cached: bool = False) -> ImageSet:
+    """Decode files into one uint8 NCHW tensor (threads: PIL releases the GIL to decode).
+    `cached` only words the log line: whether the caller keeps the result for the next run."""
     n = len(items)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     keep = np.zeros(n, dtype=bool)
@@ -46,9 +48,10 @@ def decode_images(items: list[tuple[str, int]], size: int, classes: list[str], w
     step = 256
     chunks = [[p for p, _ in items[i:i + step]] for i in range(0, n, step)]
     workers = max(1, min(8, os.cpu_count() or 1))
-    if n > 5000:
-        log.info("%s: decoding %d images to %dx%d (once; cached for the next run)", where, n,
-                 size, size)
+    if n > SAY_DECODING_ABOVE:
+        log.info("%s: decoding %d images to %dx%d (%s)", where, n, size, size,
+                 "once; cached for the next run" if cached
+                 else "data.cache is off: every run decodes again")
     with ThreadPoolExecutor(workers) as pool:
         for c, results in enumerate(pool.map(_decode_chunk, chunks, [size] * len(chunks))):
             for k, r in enumerate(results):
@@ -135,7 +138,7 @@ def load_small_folder(folder: Path, size: int, use_cache: bool = True,
                                 len(data.skipped), len(items), data.skipped[0])
                 log.debug("%s: decoded images read from %s", folder, path)
                 return data
-    data = decode_images(items, size, classes, folder, max_unreadable)
+    data = decode_images(items, size, classes, folder, max_unreadable, cached=use_cache)
     if use_cache:
         _write_cache(paths, data, fingerprint)
     return data

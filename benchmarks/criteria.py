@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="prune and finetune every criterion under seeds 0..N-1 and report "
                         "mean ± std (default 1)")
+    p.add_argument("--train-samples", type=int, default=None, metavar="N",
+                   help="a class-balanced subset of N training images for the pretrain and "
+                        "the finetunes (default: all 50,000)")
+    p.add_argument("--test-samples", type=int, default=None, metavar="N",
+                   help="a class-balanced subset of N test images (default: all 10,000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--quick", action="store_true", help="1,000 training / 500 test images, "
                    "1 pretrain epoch (no warmup) and 1 finetune epoch, a temporary pretrained "
@@ -94,6 +99,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: expected a number of seeds >= 1, got {args.seeds}")
+    for flag in ("train_samples", "test_samples"):
+        n = getattr(args, flag)
+        if n is not None and n < 10:
+            p.error(f"--{flag.replace('_', '-')}: expected at least 10 images (one per "
+                    f"class), got {n}")
     return args
 
 
@@ -180,6 +190,10 @@ def table(summary: list[dict], args, dense_top1: float, dense, dense_macs: int,
     if n > 1:
         lines.append(f"Mean ± sample standard deviation over {n} seeds (0..{n - 1}: pruning "
                      "draw and finetune data order; one dense model).")
+    subset = [f"{n:,} {what} images" for n, what in
+              ((args.train_samples, "training"), (args.test_samples, "test")) if n]
+    if subset:
+        lines.append(f"Class-balanced subsets: {' and '.join(subset)}.")
     lines.append(f"Finetune precision (the probe's choice): {', '.join(precisions)}; "
                  f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
     return "\n".join(lines)
@@ -189,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dcfg = DataConfig(dataset="cifar10", root=args.data, download=True)
+    dcfg = DataConfig(dataset="cifar10", root=args.data, download=True,
+                      train_samples=args.train_samples, test_samples=args.test_samples)
     if args.quick:
         dcfg.train_samples, dcfg.test_samples = 1000, 500
         args.pretrain_epochs, args.finetune_epochs = 1, 1
@@ -214,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"dense_top1": dense_top1, "dense_macs": dense_macs, "rows": rows,
             "summary": summary, "seeds": args.seeds,
             "quick": args.quick, "pretrain_epochs": args.pretrain_epochs,
-            "finetune_epochs": args.finetune_epochs, "torch": torch.__version__,
+            "finetune_epochs": args.finetune_epochs, "train_samples": args.train_samples,
+            "test_samples": args.test_samples, "torch": torch.__version__,
             "machine": cpu_name(), "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - t0, 1)}
     (OUT / f"table{suffix}.json").write_text(json.dumps(meta, indent=1))

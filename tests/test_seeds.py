@@ -195,3 +195,27 @@ def test_criteria_table_over_seeds_beats_random_only_beyond_two_standard_errors(
     assert out["fpgm"]["finetuned_mean"] == pytest.approx(statistics.mean(finetuned["fpgm"]))
     assert out["l1"]["finetuned_std"] == pytest.approx(statistics.stdev(finetuned["l1"]))
     assert out["fpgm"]["pruned_std"] == pytest.approx(1.0)  # 50, 51, 52
+
+
+def test_criteria_table_names_its_subsets_and_refuses_a_subset_below_one_per_class():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("criteria_bench",
+                                                  ROOT / "benchmarks" / "criteria.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--seeds", "3", "--train-samples", "8000", "--test-samples", "2000"])
+    assert (args.train_samples, args.test_samples) == (8000, 2000)
+    summary = [{"method": "fpgm", "n": 3, "pruned_mean": 30.0, "pruned_std": 1.0,
+                "finetuned_mean": 60.0, "finetuned_std": 0.5, "macs": 2e7, "params": 1000,
+                "beats_random": True}]
+    dense = bench.build_model(bench.ARCH)
+    text = bench.table(summary, args, 65.0, dense, 4e7, ["fp32"])
+    assert "8,000 training images and 2,000 test images" in text
+    assert "60.00 ± 0.50" in text
+    full = bench.table(summary, bench.parse_args([]), 65.0, dense, 4e7, ["fp32"])
+    assert "subsets" not in full
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train-samples", "5"])

@@ -21,23 +21,19 @@ export's precision) and returns "logits".
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .. import onnxrt
 from ..errors import PipelineError, UsageError
+from ..onnxrt import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, quiet
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-# opset 17 (ONNX 1.12): read by every current runtime (onnxruntime >= 1.12, TensorRT 8.5+,
-# OpenVINO) and written by torch's exporter since torch 1.13
-DEFAULT_OPSET = 17
 # the opsets accepted: torch's TorchScript-based ONNX exporter writes up to 20; strided
 # slices (the option-A shortcut of the CIFAR ResNets) need 10
 MIN_OPSET, MAX_OPSET = 10, 20
@@ -51,15 +47,6 @@ class ExportError(PipelineError):
 
 class MissingExtraError(UsageError):
     """A format whose packages (the `export` extra) are not installed."""
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence the tracer's and exporters' warnings (constant-folded branches of the
-    option-A shortcut, deprecation notices) so a successful export prints its results only."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def sidecar_path(path: Path) -> Path:
@@ -106,48 +93,19 @@ class OnnxFormat:
     def serialize(self, model: nn.Module, example: torch.Tensor, dynamic: bool,
                   opset: int | None, metadata: dict) -> bytes:
         onnx, _ = _onnx_packages()
-        buf = io.BytesIO()
-        axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
-        # The TorchScript-based exporter (dynamo=False): for these feed-forward conv nets
-        # it writes the same folded graph as the dynamo exporter, 5-10x faster, and needs
-        # no onnxscript; the dynamo exporter would add a dependency and its
-        # torch.export-level failure modes without giving these models anything.
-        opset = DEFAULT_OPSET if opset is None else opset
-        with quiet(), torch.no_grad():
-            torch.onnx.export(model, (example,), buf, dynamo=False, export_params=True,
-                              opset_version=opset, do_constant_folding=True,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes=axes)
-        proto = onnx.load_from_string(buf.getvalue())
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
+        proto = onnx.load_from_string(onnxrt.to_onnx(model, example, dynamic_batch=dynamic,
+                                                     opset=opset))
+        onnxrt.add_metadata(proto, metadata)
         onnx.checker.check_model(proto)
         return proto.SerializeToString()
 
     def runner(self, data: bytes | Path, threads: int | None = None) -> Runner:
-        _, ort = _onnx_packages()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(data if isinstance(data, bytes) else str(data),
-                                       options, providers=["CPUExecutionProvider"])
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {INPUT_NAME: x.contiguous().numpy()})[0])
-
-        return run
+        _onnx_packages()
+        return onnxrt.runner(data, threads)
 
     def read_metadata(self, path: Path) -> dict:
-        onnx, _ = _onnx_packages()
-        out = {}
-        for p in onnx.load(str(path), load_external_data=False).metadata_props:
-            try:
-                out[p.key] = json.loads(p.value)
-            except ValueError:  # a foreign file's plain string
-                out[p.key] = p.value
-        return out
+        _onnx_packages()
+        return onnxrt.read_metadata(path)
 
 
 class _TorchRuntime:

@@ -7,21 +7,16 @@ QLinearConv / QLinearAdd / QGemm kernels when it loads the file."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .. import onnxrt
+from ..onnxrt import INPUT_NAME, OUTPUT_NAME
 from .base import INSTALL_HINT, MissingBackendError, Runner
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-OPSET = 17  # per-channel QDQ needs >= 13; 17 as pipeline export writes
+OPSET = onnxrt.DEFAULT_OPSET  # per-channel QDQ needs >= 13; the opset pipeline export writes
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -58,28 +53,9 @@ def _packages():
     return onnx, onnxruntime, quantization
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's warnings and the calibrators' prints and root-logger advice."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
-
-
 def export_fp32(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """The fp32 ONNX file quantization starts from: dynamic batch, constants folded."""
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    with _quiet(), torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), dynamo=False, export_params=True,
-                          opset_version=OPSET, do_constant_folding=True,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes=axes)
+    path.write_bytes(onnxrt.to_onnx(model, example, dynamic_batch=True, opset=OPSET))
 
 
 def compact(proto):
@@ -135,16 +111,14 @@ class OrtBackend:
         method = getattr(q.CalibrationMethod, METHODS[observer])
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True,
                  "CalibPercentile": percentile}
-        with _quiet():
+        with onnxrt.quiet(stdout=True):
             q.quantize_static(str(fp32), str(int8), _Reader(batches),
                               quant_format=q.QuantFormat.QDQ, per_channel=True,
                               activation_type=q.QuantType.QUInt8,
                               weight_type=q.QuantType.QInt8, calibrate_method=method,
                               reduce_range=reduce_range, extra_options=extra)
         proto = compact(onnx.load(str(int8)))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
+        onnxrt.add_metadata(proto, metadata)
         onnx.checker.check_model(proto)
         return proto.SerializeToString()
 
@@ -155,29 +129,12 @@ class OrtBackend:
 
     def runner(self, data: bytes | Path, threads: int | None = None,
                compiled: bool = False) -> Runner:
-        _, ort, _ = _packages()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(data if isinstance(data, bytes) else str(data),
-                                       options, providers=["CPUExecutionProvider"])
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            out = session.run(None, {INPUT_NAME: x.float().contiguous().numpy()})[0]
-            return torch.from_numpy(out)
-
-        return run
+        _packages()
+        return onnxrt.runner(data, threads)
 
     def read_metadata(self, path: Path) -> dict:
-        onnx, _, _ = _packages()
-        out = {}
-        for p in onnx.load(str(path), load_external_data=False).metadata_props:
-            try:
-                out[p.key] = json.loads(p.value)
-            except ValueError:
-                out[p.key] = p.value
-        return out
+        _packages()
+        return onnxrt.read_metadata(path)
 
 
 __all__ = ["OrtBackend", "compact", "export_fp32", "has_int8_dot", "INPUT_NAME", "OUTPUT_NAME"]

@@ -13,17 +13,15 @@ low and high percentile."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch._inductor import config as inductor_config
 
+from ..onnxrt import quiet
 from .base import INSTALL_HINT, MissingBackendError, Runner
 
 META_FILE = "pipeline_metadata.json"
@@ -40,13 +38,6 @@ def _packages():
         raise MissingBackendError(f"backend pt2e needs torchao (PyTorch's PT2E quantization "
                                   f"flow; {err.name} is not importable): {INSTALL_HINT}") from None
     return observer, prepare_pt2e, convert_pt2e, x86
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _percentile_observer(observer_mod):
@@ -94,7 +85,7 @@ def quantization_config(observer: str, percentile: float):
 def _reference(module: nn.Module) -> Runner:
     """The loaded program as it is: reference quantize -> fp32 op -> dequantize kernels."""
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), _quiet():
+        with torch.inference_mode(), quiet():
             return module(x.float().contiguous())
 
     return run
@@ -107,7 +98,7 @@ def _compiled(module: nn.Module) -> Runner:
     fn = torch.compile(module)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), _quiet(), inductor_config.patch(freezing=True):
+        with torch.no_grad(), quiet(), inductor_config.patch(freezing=True):
             return fn(x.float().contiguous())
 
     return run
@@ -128,7 +119,7 @@ class Pt2eBackend:
                  reduce_range: bool = False) -> bytes:
         _, prepare_pt2e, convert_pt2e, x86 = _packages()
         example = (batches[0][:2].contiguous(),)
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             graph = torch.export.export(model.eval(), example, dynamic_shapes=_dynamic()).module()
             quantizer = x86.X86InductorQuantizer().set_global(
                 quantization_config(observer, percentile))
@@ -143,7 +134,7 @@ class Pt2eBackend:
 
     def fp32_artifact(self, model: nn.Module, example: torch.Tensor, work_dir: Path) -> bytes:
         buf = io.BytesIO()
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             program = torch.export.export(model.eval(), (example.contiguous(),),
                                           dynamic_shapes=_dynamic())
             torch.export.save(program, buf)
@@ -153,14 +144,14 @@ class Pt2eBackend:
                compiled: bool = False) -> Runner:
         self.require()
         src = io.BytesIO(data) if isinstance(data, bytes) else str(data)
-        with _quiet():
+        with quiet():
             module = torch.export.load(src).module()
         return _compiled(module) if compiled else _reference(module)
 
     def read_metadata(self, path: Path) -> dict:
         extra = {META_FILE: ""}
         try:
-            with _quiet():
+            with quiet():
                 torch.export.load(str(path), extra_files=extra)
             return json.loads(extra[META_FILE] or "{}")
         except (OSError, RuntimeError, ValueError):

@@ -16,15 +16,15 @@ before it returns, so its wall time is the batch's.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
+from ...onnxrt import CPU, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, quiet, to_onnx
+from ...onnxrt import session as onnx_session
+from ...timing import torch_threads
 from .config import LatencyConfig
 
 Runner = Callable[[], object]
@@ -37,18 +37,6 @@ def device_of(cfg: LatencyConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
-
-
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to `n` inside the block (restored after it)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -65,14 +53,6 @@ def _cuda_problem(cfg: LatencyConfig) -> str | None:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         return f"device {cfg.device}: this machine has {torch.cuda.device_count()} GPU(s)"
     return None
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The tracer's and exporter's warnings silenced (constant-folded branches, notices)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 class TorchBackend:
@@ -117,7 +97,7 @@ class TorchScriptBackend(TorchBackend):
 
     def prepare(self, model: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Runner:
         model, x, dev = self._placed(model, x, cfg)
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             module = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
         return self._runner(module, x, dev)
 
@@ -137,16 +117,6 @@ class CompileBackend(TorchBackend):
         return self._runner(torch.compile(model, dynamic=False), x, dev)
 
 
-def onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
-    """The model as an ONNX graph for a fixed input shape (BN folded by constant folding)."""
-    buf = io.BytesIO()
-    with _quiet(), torch.no_grad():
-        torch.onnx.export(model, (x,), buf, dynamo=False, export_params=True,
-                          opset_version=17, do_constant_folding=True,
-                          input_names=["input"], output_names=["logits"])
-    return buf.getvalue()
-
-
 def layer_onnx(layer: nn.Module, x: torch.Tensor) -> bytes:
     """A one-layer ONNX graph (Conv2d with its bias, or Linear as MatMul + Add), written
     directly: what the exporter writes for the layer, in milliseconds instead of seconds."""
@@ -157,30 +127,30 @@ def layer_onnx(layer: nn.Module, x: torch.Tensor) -> bytes:
          else torch.zeros(w.shape[0]).numpy())
     if isinstance(layer, nn.Conv2d):
         pads = [int(p) for p in layer.padding] * 2
-        node = [helper.make_node("Conv", ["input", "w", "b"], ["logits"],
+        node = [helper.make_node("Conv", [INPUT_NAME, "w", "b"], [OUTPUT_NAME],
                                  kernel_shape=list(layer.kernel_size),
                                  strides=list(layer.stride), pads=pads,
                                  dilations=list(layer.dilation), group=layer.groups)]
         inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
     else:
-        node = [helper.make_node("MatMul", ["input", "wt"], ["y"]),
-                helper.make_node("Add", ["y", "b"], ["logits"])]
+        node = [helper.make_node("MatMul", [INPUT_NAME, "wt"], ["y"]),
+                helper.make_node("Add", ["y", "b"], [OUTPUT_NAME])]
         inits = [numpy_helper.from_array(w.T.copy(), "wt"), numpy_helper.from_array(b, "b")]
     with torch.no_grad():
         out_shape = list(layer(x[:1]).shape)
     out_shape[0] = x.shape[0]
     graph = helper.make_graph(
-        node, "layer", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+        node, "layer", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
                                                       list(x.shape))],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)]
                              ).SerializeToString()
 
 
 def _onnx_of(model: nn.Module, x: torch.Tensor) -> bytes:
     if isinstance(model, (nn.Conv2d, nn.Linear)) and x.dtype == torch.float32:
         return layer_onnx(model, x)
-    return onnx_bytes(model, x)
+    return to_onnx(model, x)
 
 
 class OnnxRuntimeBackend:
@@ -207,23 +177,16 @@ class OnnxRuntimeBackend:
         return None
 
     def prepare(self, model: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Runner:
-        import onnxruntime as ort
-
         dev = device_of(cfg)
         dtype = DTYPES[cfg.precision]
         model = model.eval().to(device="cpu", dtype=dtype)
         x = x.to(dtype=dtype)
         data = _onnx_of(model, x)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if cfg.threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = cfg.threads, 1
-        providers = ["CPUExecutionProvider"]
+        providers = [CPU]
         if dev.type == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}),
-                         "CPUExecutionProvider"]
-        session = ort.InferenceSession(data, options, providers=providers)
-        feed = {"input": x.contiguous().numpy()}
+            providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), CPU]
+        session = onnx_session(data, cfg.threads, providers)
+        feed = {INPUT_NAME: x.contiguous().numpy()}
         return lambda: session.run(None, feed)
 
 
@@ -284,9 +247,9 @@ def backend_problem(cfg: LatencyConfig) -> str | None:
 
 def prepare(model: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Runner:
     """`model` made ready in cfg's backend, as a function running the batch `x` once."""
-    with threads(cfg.threads):
+    with torch_threads(cfg.threads):
         return BACKENDS[cfg.backend].prepare(model, x, cfg)
 
 
-__all__ = ["BACKENDS", "DTYPES", "Runner", "backend_problem", "device_of", "onnx_bytes",
-           "prepare", "threads"]
+__all__ = ["BACKENDS", "DTYPES", "Runner", "backend_problem", "device_of", "to_onnx",
+           "prepare"]

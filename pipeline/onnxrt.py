@@ -1,4 +1,4 @@
-"""ONNX in and out of torch, and onnxruntime sessions: the one home of what `export`, the
+"""ONNX in and out of torch, and models loaded in onnxruntime: the one home of what `export`, the
 quantize stage's onnxruntime backend and the latency table's onnxruntime backend all do with
 ONNX. Each caller checks that the packages are installed first (each says so in its own
 words: a usage error for `export --format onnx`, a missing backend for `quantize`, a config
@@ -80,9 +80,9 @@ def read_metadata(path: Path) -> dict:
     return out
 
 
-def session(data: bytes | Path, threads: int | None = None,
+def load(data: bytes | Path, threads: int | None = None,
             providers: Sequence | None = None):
-    """An onnxruntime InferenceSession on serialized bytes or a file: errors-only logging,
+    """The onnxruntime InferenceSession of serialized bytes or a file: errors-only logging,
     `threads` intra-op threads (None: onnxruntime's default) and one inter-op thread, the CPU
     execution provider unless `providers` says otherwise."""
     import onnxruntime as ort
@@ -98,7 +98,7 @@ def session(data: bytes | Path, threads: int | None = None,
 def runner(data: bytes | Path, threads: int | None = None
            ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function from an fp32 input batch to the model's first output, on the CPU provider."""
-    sess = session(data, threads)
+    sess = load(data, threads)
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -109,5 +109,5 @@ def runner(data: bytes | Path, threads: int | None = None
     return run
 
 
-__all__ = ["CPU", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "add_metadata", "quiet",
-           "read_metadata", "runner", "session", "to_onnx"]
+__all__ = ["CPU", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "add_metadata", "load", "quiet",
+           "read_metadata", "runner", "to_onnx"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ...onnxrt import CPU, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, quiet, to_onnx
-from ...onnxrt import session as onnx_session
+from ...onnxrt import load as onnx_load
 from ...timing import torch_threads
 from .config import LatencyConfig
 
@@ -185,7 +185,7 @@ class OnnxRuntimeBackend:
         providers = [CPU]
         if dev.type == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), CPU]
-        session = onnx_session(data, cfg.threads, providers)
+        session = onnx_load(data, cfg.threads, providers)
         feed = {INPUT_NAME: x.contiguous().numpy()}
         return lambda: session.run(None, feed)
 

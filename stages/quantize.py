@@ -4,7 +4,8 @@ artifact is written.
 `method: ptq` calibrates activation ranges on a fixed draw of training (or validation)
 images and converts; `method: qat` first trains with fake-quantized convolutions and linear
 layers through the shared Trainer (every training key of a finetune applies: schedule,
-precision, DDP, resume, `distill` from the dense model), then converts the same way. The
+precision, DDP, resume, `distill` from the dense model), then converts with the input
+ranges the fake-quantized layers learned (the other tensors calibrated as in ptq). The
 backends (`pipeline.quantize`): onnxruntime (QDQ ONNX, the default) and pt2e (torch.export
 with the x86 quantizer).
 
@@ -52,6 +53,7 @@ from pipeline.quantize import (
     calibrate_fake_quant,
     calibration_batches,
     check_calibration,
+    learned_ranges,
     remove_fake_quant,
 )
 from pipeline.quantize import ort as ort_backend
@@ -313,9 +315,12 @@ def _convert(spec: Config, ctx: StageContext, backend, fp32: nn.Module,
     work.mkdir(parents=True, exist_ok=True)
     meta = _metadata(spec, ctx, payload)
     reduce = reduce_range_of(spec)
+    # after QAT, each Conv2d/Linear input keeps the range it trained with; the other
+    # tensors (residual sums, pooling) are calibrated
+    ranges = learned_ranges(imitated) if imitated is not None else None
     try:
         data = backend.quantize(copy.deepcopy(fp32), batches, spec.observer, spec.percentile,
-                                meta, work, reduce_range=reduce)
+                                meta, work, reduce_range=reduce, ranges=ranges)
         fp32_bytes = _fp32_bytes(backend, fp32, batches, work)
         run = backend.runner(data)
     except PipelineError:
@@ -340,6 +345,7 @@ def _convert(spec: Config, ctx: StageContext, backend, fp32: nn.Module,
             "runtime": backend.runtime, "observer": spec.observer, "reduce_range": reduce,
             "percentile": spec.percentile if spec.observer == "percentile" else None,
             "calibration": {**to_plain(spec.calibration), "images": sum(map(len, batches))},
+            "learned_ranges": meta.get("learned_ranges") if ranges is not None else None,
             "artifact": out.name, "artifact_bytes": out.stat().st_size,
             "artifact_sha256": file_sha256(out), "fp32_bytes": fp32_bytes,
             "size_ratio": round(fp32_bytes / out.stat().st_size, 4),

@@ -18,7 +18,7 @@ from test_resume import assert_bitwise_equal, run_cli, run_in_process
 from conftest import TINY, deep_update
 from pipeline import checkpoint as ckpt
 from pipeline.models import load_model
-from pipeline.quantize import CalibrationError, attach_fake_quant, check_calibration
+from pipeline.quantize import CalibrationError, attach_fake_quant, backend_of, check_calibration
 from pipeline.quantize import ort as ort_backend
 from pipeline.quantize import pt2e as pt2e_backend
 from pipeline.quantize.fakequant import act_qparams
@@ -100,6 +100,82 @@ def test_onnxruntime_conv_matches_scale_and_zero_point_by_hand(tmp_path):
     assert float(diff.max()) <= s_y * 1.001
     assert float((diff > 1e-6).float().mean()) < 0.02
     assert not torch.allclose(got, model(x).detach(), atol=1e-6)  # it did quantize
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "pt2e"])
+def test_learned_ranges_replace_the_calibrated_ones(tmp_path, backend):
+    """QAT's learned input range of a layer is the int8 model's input scale and zero point
+    for that layer, in both backends; without it the calibration set's min/max is."""
+    torch.manual_seed(0)
+    model = OneConv().eval()
+    calib = [torch.randn(8, 3, 6, 6) for _ in range(2)]
+    for ranges, lo, hi in ((None, float(torch.cat(calib).min()), float(torch.cat(calib).max())),
+                           ({"conv": (-1.0, 3.0)}, -1.0, 3.0)):
+        meta = {}
+        data = backend_of(backend).quantize(model, calib, "minmax", 99.999, meta, tmp_path,
+                                            reduce_range=True, ranges=ranges)
+        scale, zero = _input_qparams(backend, data)
+        assert scale == pytest.approx((hi - lo) / 255, rel=1e-5)
+        assert zero == round(-lo / ((hi - lo) / 255))
+        assert meta.get("learned_ranges") == (1 if ranges else None)
+
+
+def _input_qparams(backend: str, data: bytes) -> tuple[float, int]:
+    """The (scale, zero point) an int8 artifact quantizes its input with."""
+    if backend == "onnxruntime":
+        import onnx
+        from onnx import numpy_helper
+
+        proto = onnx.load_from_string(data)
+        inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        q = next(n for n in proto.graph.node
+                 if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+        return float(inits[q.input[1]]), int(inits[q.input[2]])
+    import io
+
+    program = torch.export.load(io.BytesIO(data))
+    q = next(n for n in program.graph.nodes if "quantize_per_tensor" in str(n.target))
+    return float(q.args[1]), int(q.args[2])
+
+
+def test_every_resnet_layer_input_is_found_in_the_onnx_graph(tmp_path):
+    """Each Conv2d/Linear of a ResNet-20 maps to the tensor its ONNX node reads (the graph
+    input for the stem, a ReLU output for the others), a weight used through F.linear (no
+    module) is skipped, and names not in the graph are reported, not guessed."""
+    import onnx
+
+    from pipeline.models import build_model
+    from pipeline.quantize.base import layer_calls
+
+    class WithFunctionalHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = build_model({"name": "resnet20", "num_classes": 10, "shortcut": "A"})
+            self.extra = nn.Parameter(torch.randn(10, 10))
+
+        def forward(self, x):
+            return F.linear(self.net(x), self.extra)
+
+    model = WithFunctionalHead().eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "m.onnx"
+    ort_backend.export_fp32(model, x, path)
+    calls = layer_calls(model, x)
+    inputs = ort_backend.layer_inputs(onnx.load(str(path)), calls)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 20 and sorted(inputs) == sorted(layers)
+    assert inputs["net.conv1"] == ["input"]
+    assert all(len(v) == 1 for v in inputs.values())
+    assert len({v[0] for v in inputs.values()}) == 20  # no two layers read one tensor here
+    overrides, missing = ort_backend.range_overrides(
+        inputs, {"net.conv1": (-2.0, 2.0), "net.fc": (0.0, 5.0), "gone.conv": (0.0, 1.0)})
+    assert missing == ["gone.conv"]
+    assert overrides["input"] == [{"rmin": -2.0, "rmax": 2.0}]
+    assert overrides[inputs["net.fc"][0]] == [{"rmin": 0.0, "rmax": 5.0}]
+    # a tensor read by two layers gets the union of their ranges
+    both, _ = ort_backend.range_overrides({"a": ["t"], "b": ["t"]},
+                                          {"a": (-1.0, 2.0), "b": (-3.0, 1.0)})
+    assert both == {"t": [{"rmin": -3.0, "rmax": 2.0}]}
 
 
 def test_int8_dot_detection_reads_the_cpu_flags():
@@ -314,6 +390,12 @@ def test_qat_check_agrees_with_the_fake_quantized_model_it_imitates(quantized):
     assert n == v["images"]
     assert v["agreement"] == pytest.approx(agree / n)
     assert v["fp32_top1"] == pytest.approx(100 * correct / n)
+    # every fake-quantized layer's input kept the range it trained with
+    layers = [m for m in fq.modules() if hasattr(m, "act_fq")]
+    assert s["learned_ranges"] == len(layers) and _summary(run_dir, "ptq")["learned_ranges"] is None
+    lo, hi = min(float(fq.conv1.act_fq.lo), 0.0), max(float(fq.conv1.act_fq.hi), 0.0)
+    scale, _ = _input_qparams("onnxruntime", (run_dir / "qat" / "model.int8.onnx").read_bytes())
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-5)
 
 
 def test_failed_check_exits_1_and_writes_no_artifact(tmp_path, cli, monkeypatch):

@@ -23,11 +23,16 @@ from .base import (
     Runner,
 )
 from .calibration import CalibrationError, calibration_batches, check_calibration
-from .fakequant import attach_fake_quant, calibrate_fake_quant, remove_fake_quant
+from .fakequant import (
+    attach_fake_quant,
+    calibrate_fake_quant,
+    learned_ranges,
+    remove_fake_quant,
+)
 from .timing import artifact_latency_ms
 from .verify import Agreement, accuracy, agreement
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "OBSERVERS", "Backend", "MissingBackendError",
            "QuantizeError", "Runner", "backend_of", "CalibrationError", "calibration_batches",
-           "check_calibration", "attach_fake_quant", "calibrate_fake_quant",
+           "check_calibration", "attach_fake_quant", "calibrate_fake_quant", "learned_ranges",
            "remove_fake_quant", "Agreement", "accuracy", "agreement", "artifact_latency_ms"]

@@ -14,7 +14,7 @@ it needs installed (`require`: a one-line MissingBackendError, exit 2, before an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..errors import PipelineError, UsageError
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
+Ranges = Mapping[str, tuple[float, float]]  # module name -> (min, max) of its input
 OBSERVERS = ("minmax", "percentile", "entropy")
 DEFAULT_BACKEND = "onnxruntime"
 INSTALL_HINT = "pip install 'prune-pipeline[quantize]'"
@@ -49,10 +50,13 @@ class Backend(Protocol):
 
     def quantize(self, model: nn.Module, batches: list[torch.Tensor], observer: str,
                  percentile: float, metadata: dict, work_dir: Path,
-                 reduce_range: bool = False) -> bytes:
+                 reduce_range: bool = False, ranges: Ranges | None = None) -> bytes:
         """The int8 artifact of `model` (eval mode, CPU, fp32) calibrated on `batches`;
         temporary files go under `work_dir` (removed by the caller); `reduce_range`: 7-bit
-        weights (onnxruntime only)."""
+        weights (onnxruntime only); `ranges`: the input range of some Conv2d/Linear modules
+        (by name; QAT's learned ones), used for those inputs instead of calibrated ones; how
+        many layers took theirs is written into the artifact as metadata["learned_ranges"]
+        (`metadata` is updated in place), the others are calibrated (a warning names them)."""
 
     def fp32_artifact(self, model: nn.Module, example: torch.Tensor, work_dir: Path) -> bytes:
         """`model` in fp32 in the artifact's format (what the int8 file is compared with)."""
@@ -66,5 +70,20 @@ class Backend(Protocol):
         """The provenance the artifact carries ({} without)."""
 
 
+def layer_calls(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """The Conv2d and Linear modules of `model` in the order one forward pass calls them (a
+    module called twice appears twice): the order an exported graph lists their ops in."""
+    calls: list[tuple[str, nn.Module]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: calls.append((n, mod)))
+             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
 __all__ = ["Backend", "DEFAULT_BACKEND", "OBSERVERS", "INSTALL_HINT", "MissingBackendError",
-           "QuantizeError", "Runner"]
+           "QuantizeError", "Ranges", "Runner", "layer_calls"]

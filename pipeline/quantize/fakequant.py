@@ -131,6 +131,18 @@ def calibrate_fake_quant(model: nn.Module, batches: list[torch.Tensor]) -> None:
         model.train(was_training)
 
 
+def learned_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """The activation range each fake-quantized layer's input trained with, by module name
+    ({} for a model without fake quantization): what the int8 model should use for those
+    inputs instead of ranges calibrated again."""
+    out = {}
+    for name, m in model.named_modules():
+        fq = getattr(m, "act_fq", None)
+        if isinstance(fq, ActFakeQuant) and int(fq.seen) > 0:
+            out[name] = (float(fq.lo), float(fq.hi))
+    return out
+
+
 def remove_fake_quant(model: nn.Module) -> nn.Module:
     """The plain network again, in place: the fake-quantized layers back to Conv2d/Linear
     and their observers dropped."""
@@ -144,4 +156,4 @@ def remove_fake_quant(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["ActFakeQuant", "QATConv2d", "QATLinear", "act_qparams", "fake_quant_weight",
-           "attach_fake_quant", "calibrate_fake_quant", "remove_fake_quant"]
+           "attach_fake_quant", "calibrate_fake_quant", "learned_ranges", "remove_fake_quant"]

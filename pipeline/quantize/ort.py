@@ -7,16 +7,19 @@ QLinearConv / QLinearAdd / QGemm kernels when it loads the file."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import onnxrt
 from ..onnxrt import INPUT_NAME, OUTPUT_NAME
-from .base import INSTALL_HINT, MissingBackendError, Runner
+from .base import INSTALL_HINT, MissingBackendError, Ranges, Runner, layer_calls
 
 OPSET = onnxrt.DEFAULT_OPSET  # per-channel QDQ needs >= 13; the opset pipeline export writes
+log = logging.getLogger(__name__)
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -96,6 +99,65 @@ class _Reader:
         return None
 
 
+def _unqualified(name: str) -> str:
+    """A module's name as the ONNX exporter's node scopes write it: from its last atom that
+    is not a number ("layer1.0.conv1" -> "conv1", "blocks.0" -> "blocks.0")."""
+    atoms = name.split(".")
+    for i in range(len(atoms) - 1, -1, -1):
+        if not atoms[i].isdigit():
+            return ".".join(atoms[i:])
+    return name
+
+
+def layer_inputs(proto, calls: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """The graph tensor read by each Conv2d/Linear module, by module name: the exported
+    graph's Conv/Gemm/MatMul nodes with a weight initializer, in order, matched to the
+    modules in the order a forward pass calls them. A node matches when its weight has the
+    module's weight shape (a Linear's may be stored transposed) and its scope, where it has
+    one, ends with the module's name; other weighted nodes (an `F.linear` on a parameter)
+    are skipped. A module called twice reads two tensors."""
+    shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    out: dict[str, list[str]] = {}
+    k = 0
+    for node in proto.graph.node:
+        if k == len(calls):
+            break
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 \
+                or node.input[1] not in shapes:
+            continue
+        name, module = calls[k]
+        w = tuple(module.weight.shape)
+        shape = shapes[node.input[1]]
+        fits = (shape == w) if isinstance(module, nn.Conv2d) else (
+            node.op_type != "Conv" and shape in (w, w[::-1]))
+        scope = node.name.split("/")
+        if fits and len(scope) >= 3 and scope[-2] != _unqualified(name):
+            fits = False
+        if fits:
+            out.setdefault(name, []).append(node.input[0])
+            k += 1
+    return out
+
+
+def range_overrides(inputs: dict[str, list[str]], ranges: Ranges
+                    ) -> tuple[dict[str, list[dict]], list[str]]:
+    """onnxruntime's TensorQuantOverrides giving each layer input its range (a tensor read
+    by several layers: the union of their ranges), and the names of the layers whose input
+    was not found."""
+    span: dict[str, tuple[float, float]] = {}
+    missing = []
+    for name, (lo, hi) in ranges.items():
+        if name not in inputs:
+            missing.append(name)
+            continue
+        for tensor in inputs[name]:
+            a, b = span.get(tensor, (lo, hi))
+            span[tensor] = (min(a, lo), max(b, hi))
+    overrides = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                 for t, (lo, hi) in span.items()}
+    return overrides, missing
+
+
 class OrtBackend:
     name, suffix, runtime = "onnxruntime", ".int8.onnx", "onnxruntime CPU execution provider"
 
@@ -104,13 +166,22 @@ class OrtBackend:
 
     def quantize(self, model: nn.Module, batches: list[torch.Tensor], observer: str,
                  percentile: float, metadata: dict, work_dir: Path,
-                 reduce_range: bool = False) -> bytes:
+                 reduce_range: bool = False, ranges: Ranges | None = None) -> bytes:
         onnx, _, q = _packages()
         fp32, int8 = work_dir / "fp32.onnx", work_dir / "int8.onnx"
         export_fp32(model.eval(), batches[0][:2], fp32)
         method = getattr(q.CalibrationMethod, METHODS[observer])
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True,
                  "CalibPercentile": percentile}
+        if ranges:
+            inputs = layer_inputs(onnx.load(str(fp32)), layer_calls(model, batches[0][:2]))
+            overrides, missing = range_overrides(inputs, ranges)
+            extra["TensorQuantOverrides"] = overrides
+            metadata["learned_ranges"] = len(ranges) - len(missing)
+            if missing:
+                log.warning("%d layer input(s) not found in the ONNX graph keep calibrated "
+                            "ranges instead of the learned ones: %s", len(missing),
+                            ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
         with onnxrt.quiet(stdout=True):
             q.quantize_static(str(fp32), str(int8), _Reader(batches),
                               quant_format=q.QuantFormat.QDQ, per_channel=True,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ import torch.nn as nn
 from torch._inductor import config as inductor_config
 
 from ..onnxrt import quiet
-from .base import INSTALL_HINT, MissingBackendError, Runner
+from .base import INSTALL_HINT, MissingBackendError, Ranges, Runner
 
+log = logging.getLogger(__name__)
 META_FILE = "pipeline_metadata.json"
 MAX_BATCH = 65536
 SAMPLE = 1 << 20  # values per batch a percentile is taken over (a strided subsample)
@@ -104,6 +106,43 @@ def _compiled(module: nn.Module) -> Runner:
     return run
 
 
+LAYER_OPS = ("aten.conv2d", "aten.linear")
+
+
+def _module_of(node) -> str | None:
+    """The qualified name of the module whose forward made `node` (torch.export records
+    the module stack of every op)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _set_ranges(prepared, ranges: Ranges, obs_mod) -> list[str]:
+    """Give the observer of each named layer's input the fixed range [lo, hi] (a min/max
+    observer holding it, so any observer kind is replaced; an input shared by several
+    layers gets the union of their ranges). Returns the names not found."""
+    span: dict[str, tuple[float, float]] = {}
+    found = set()
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith(LAYER_OPS):
+            continue
+        name = _module_of(node)
+        arg = node.args[0] if node.args else None
+        if name not in ranges or getattr(arg, "op", None) != "call_module":
+            continue
+        lo, hi = ranges[name]
+        a, b = span.get(arg.target, (lo, hi))
+        span[arg.target] = (min(a, lo), max(b, hi))
+        found.add(name)
+    for target, (lo, hi) in span.items():
+        old = prepared.get_submodule(target)
+        fixed = obs_mod.MinMaxObserver(dtype=old.dtype, qscheme=old.qscheme,
+                                       quant_min=old.quant_min, quant_max=old.quant_max,
+                                       eps=float(old.eps))
+        fixed.min_val, fixed.max_val = torch.tensor(lo), torch.tensor(hi)
+        prepared.set_submodule(target, fixed)
+    return [n for n in ranges if n not in found]
+
+
 def _dynamic() -> tuple[dict, ...]:
     return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
@@ -116,8 +155,8 @@ class Pt2eBackend:
 
     def quantize(self, model: nn.Module, batches: list[torch.Tensor], observer: str,
                  percentile: float, metadata: dict, work_dir: Path,
-                 reduce_range: bool = False) -> bytes:
-        _, prepare_pt2e, convert_pt2e, x86 = _packages()
+                 reduce_range: bool = False, ranges: Ranges | None = None) -> bytes:
+        obs_mod, prepare_pt2e, convert_pt2e, x86 = _packages()
         example = (batches[0][:2].contiguous(),)
         with quiet(), torch.no_grad():
             graph = torch.export.export(model.eval(), example, dynamic_shapes=_dynamic()).module()
@@ -126,6 +165,14 @@ class Pt2eBackend:
             prepared = prepare_pt2e(graph, quantizer)
             for x in batches:
                 prepared(x.contiguous())
+            if ranges:
+                missing = _set_ranges(prepared, ranges, obs_mod)
+                metadata["learned_ranges"] = len(ranges) - len(missing)
+                if missing:
+                    log.warning("%d layer input(s) not found in the exported program keep "
+                                "calibrated ranges instead of the learned ones: %s",
+                                len(missing), ", ".join(missing[:5])
+                                + (" ..." if len(missing) > 5 else ""))
             converted = convert_pt2e(prepared)
             program = torch.export.export(converted, example, dynamic_shapes=_dynamic())
             buf = io.BytesIO()

@@ -178,6 +178,19 @@ def test_every_resnet_layer_input_is_found_in_the_onnx_graph(tmp_path):
     assert both == {"t": [{"rmin": -3.0, "rmax": 2.0}]}
 
 
+def test_pt2e_finds_every_resnet_layer_input(tmp_path, caplog):
+    from pipeline.models import build_model
+
+    model = build_model({"name": "resnet20", "num_classes": 10, "shortcut": "A"}).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    meta = {}
+    ranges = {n: (-1.0, 1.0) for n in names} | {"not.a.layer": (0.0, 1.0)}
+    pt2e_backend.Pt2eBackend().quantize(model, [torch.randn(4, 3, 32, 32)], "minmax", 99.999,
+                                        meta, tmp_path, ranges=ranges)
+    assert meta["learned_ranges"] == len(names) == 20
+    assert any("not.a.layer" in r.getMessage() for r in caplog.records)
+
+
 def test_int8_dot_detection_reads_the_cpu_flags():
     assert not ort_backend.has_int8_dot("flags\t: fpu sse2 avx2 fma\n")
     assert ort_backend.has_int8_dot("flags\t: fpu sse2 avx2 avx512_vnni\n")

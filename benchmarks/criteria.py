@@ -25,7 +25,8 @@ differences (paired by seed).
     python benchmarks/criteria.py --data data/cifar10 --seeds 3   # mean ± std over 3 seeds
     python benchmarks/criteria.py --data data/cifar10 --quick     # subsets: runs end to end
 
-The table goes to benchmarks/results/criteria/table.md (and .json).
+The table goes to benchmarks/results/criteria/table.md (and .json; `--seeds N` adds
+`_seedsN` to the name, `--train-samples N` adds `_trainN`).
 """
 
 from __future__ import annotations
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
     suffix = ("_quick" if args.quick else "") + (f"_seeds{args.seeds}" if args.seeds > 1 else "")
+    if args.train_samples and not args.quick:  # a subset's table does not replace the full one
+        suffix += f"_train{args.train_samples}"
     (OUT / f"table{suffix}.md").write_text(text + "\n")
     meta = {"dense_top1": dense_top1, "dense_macs": dense_macs, "rows": rows,
             "summary": summary, "seeds": args.seeds,

@@ -19,7 +19,8 @@ batches of 128; bn_scale scores the plain pretrained BN scales (no sparsity trai
 random criterion's draw, Taylor's batches, the finetune's data order and augmentation; the
 dense model is shared) and reports mean ± std over the seeds; a criterion beats random when
 its finetuned top-1 exceeds random's by more than two standard errors of the per-seed
-differences (paired by seed).
+differences (paired by seed); every pair of criteria whose difference passes the same test
+is listed under the table.
 
     python benchmarks/criteria.py --data data/cifar10             # full table
     python benchmarks/criteria.py --data data/cifar10 --seeds 3   # mean ± std over 3 seeds
@@ -33,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import math
 import sys
 import tempfile
 import time
@@ -172,8 +175,27 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
+def significant_pairs(rows: list[dict], methods: list[str]) -> list[dict]:
+    """Every pair of criteria whose finetuned top-1 differs by more than two standard errors
+    of the per-seed differences (paired by seed, over the seeds both have), the better one
+    first: [{a, b, diff, se, n}]."""
+    by = {m: {r["seed"]: r["top1_finetuned"] for r in rows if r["method"] == m}
+          for m in methods}
+    out = []
+    for a, b in itertools.combinations(methods, 2):
+        common = sorted(set(by[a]) & set(by[b]))
+        xa, xb = [by[a][s] for s in common], [by[b][s] for s in common]
+        if len(common) < 2 or not paired_exceeds_two_se(xa, xb):
+            continue
+        diff, std, n = mean_std([x - y for x, y in zip(xa, xb, strict=True)])
+        if diff < 0:
+            a, b, diff = b, a, -diff
+        out.append({"a": a, "b": b, "diff": diff, "se": std / math.sqrt(n), "n": n})
+    return sorted(out, key=lambda p: -p["diff"] / p["se"] if p["se"] else -math.inf)
+
+
 def table(summary: list[dict], args, dense_top1: float, dense, dense_macs: int,
-          precisions: list[str]) -> str:
+          precisions: list[str], pairs: list[dict] | None = None) -> str:
     n = args.seeds
     pm = (lambda m, s: f"{m:.2f} ± {s:.2f}") if n > 1 else (lambda m, s: f"{m:.2f}")
     beat_head = "beats random (> 2 SE)" if n > 1 else "beats random"
@@ -197,6 +219,12 @@ def table(summary: list[dict], args, dense_top1: float, dense, dense_macs: int,
         lines.append(f"Class-balanced subsets: {' and '.join(subset)}.")
     lines.append(f"Finetune precision (the probe's choice): {', '.join(precisions)}; "
                  f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
+    if n > 1:
+        lines += ["", "Finetuned top-1 differences beyond two standard errors (paired by seed):"
+                  if pairs else "No two criteria differ by more than two standard errors "
+                  "(paired by seed)."]
+        lines += [f"- {p['a']} - {p['b']} = {p['diff']:+.2f} (SE {p['se']:.2f}, n {p['n']})"
+                  for p in pairs or []]
     return "\n".join(lines)
 
 
@@ -221,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         rows += prune_and_finetune(args, dense, dcfg, work, seed)
     summary = summarize(rows, args.methods)
+    pairs = significant_pairs(rows, args.methods)
     text = table(summary, args, dense_top1, dense, dense_macs,
-                 sorted({r["precision"] for r in rows}))
+                 sorted({r["precision"] for r in rows}), pairs)
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
     suffix = ("_quick" if args.quick else "") + (f"_seeds{args.seeds}" if args.seeds > 1 else "")
@@ -230,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         suffix += f"_train{args.train_samples}"
     (OUT / f"table{suffix}.md").write_text(text + "\n")
     meta = {"dense_top1": dense_top1, "dense_macs": dense_macs, "rows": rows,
-            "summary": summary, "seeds": args.seeds,
+            "summary": summary, "significant_pairs": pairs, "seeds": args.seeds,
             "quick": args.quick, "pretrain_epochs": args.pretrain_epochs,
             "finetune_epochs": args.finetune_epochs, "train_samples": args.train_samples,
             "test_samples": args.test_samples, "torch": torch.__version__,

@@ -195,6 +195,14 @@ def test_criteria_table_over_seeds_beats_random_only_beyond_two_standard_errors(
     assert out["fpgm"]["finetuned_mean"] == pytest.approx(statistics.mean(finetuned["fpgm"]))
     assert out["l1"]["finetuned_std"] == pytest.approx(statistics.stdev(finetuned["l1"]))
     assert out["fpgm"]["pruned_std"] == pytest.approx(1.0)  # 50, 51, 52
+    # pairs between criteria: fpgm over random and over l1 beyond two SEs, l1 - random not;
+    # the better one is named first
+    pairs = bench.significant_pairs(rows, ["random", "fpgm", "l1"])
+    assert {(p["a"], p["b"]) for p in pairs} == {("fpgm", "random"), ("fpgm", "l1")}
+    fr = next(p for p in pairs if p["b"] == "random")
+    assert fr["diff"] == pytest.approx(statistics.mean([1.0, 0.9, 0.9]))
+    assert fr["se"] == pytest.approx(statistics.stdev([1.0, 0.9, 0.9]) / 3 ** 0.5)
+    assert fr["n"] == 3
 
 
 def test_criteria_table_names_its_subsets_and_refuses_a_subset_below_one_per_class():

@@ -14,6 +14,7 @@ it needs installed (`require`: a one-line MissingBackendError, exit 2, before an
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,7 @@ from ..errors import PipelineError, UsageError
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Ranges = Mapping[str, tuple[float, float]]  # module name -> (min, max) of its input
+log = logging.getLogger("pipeline.quantize")
 OBSERVERS = ("minmax", "percentile", "entropy")
 DEFAULT_BACKEND = "onnxruntime"
 INSTALL_HINT = "pip install 'prune-pipeline[quantize]'"
@@ -70,6 +72,22 @@ class Backend(Protocol):
         """The provenance the artifact carries ({} without)."""
 
 
+def widen(span: dict, key, lo: float, hi: float) -> None:
+    """span[key] grown to include [lo, hi]: one input read by several layers takes the
+    union of their ranges."""
+    a, b = span.get(key, (lo, hi))
+    span[key] = (min(a, lo), max(b, hi))
+
+
+def note_learned(metadata: dict, ranges: Ranges, missing: list[str], where: str) -> None:
+    """Record how many layers took their learned range, and warn about the others."""
+    metadata["learned_ranges"] = len(ranges) - len(missing)
+    if missing:
+        log.warning("%d layer input(s) not found in %s keep calibrated ranges instead of the "
+                    "learned ones: %s", len(missing), where,
+                    ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+
+
 def layer_calls(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
     """The Conv2d and Linear modules of `model` in the order one forward pass calls them (a
     module called twice appears twice): the order an exported graph lists their ops in."""
@@ -86,4 +104,4 @@ def layer_calls(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.M
 
 
 __all__ = ["Backend", "DEFAULT_BACKEND", "OBSERVERS", "INSTALL_HINT", "MissingBackendError",
-           "QuantizeError", "Ranges", "Runner", "layer_calls"]
+           "QuantizeError", "Ranges", "Runner", "layer_calls", "note_learned", "widen"]

@@ -7,7 +7,6 @@ QLinearConv / QLinearAdd / QGemm kernels when it loads the file."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,17 @@ import torch.nn as nn
 
 from .. import onnxrt
 from ..onnxrt import INPUT_NAME, OUTPUT_NAME
-from .base import INSTALL_HINT, MissingBackendError, Ranges, Runner, layer_calls
+from .base import (
+    INSTALL_HINT,
+    MissingBackendError,
+    Ranges,
+    Runner,
+    layer_calls,
+    note_learned,
+    widen,
+)
 
 OPSET = onnxrt.DEFAULT_OPSET  # per-channel QDQ needs >= 13; the opset pipeline export writes
-log = logging.getLogger(__name__)
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -151,8 +157,7 @@ def range_overrides(inputs: dict[str, list[str]], ranges: Ranges
             missing.append(name)
             continue
         for tensor in inputs[name]:
-            a, b = span.get(tensor, (lo, hi))
-            span[tensor] = (min(a, lo), max(b, hi))
+            widen(span, tensor, lo, hi)
     overrides = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
                  for t, (lo, hi) in span.items()}
     return overrides, missing
@@ -177,11 +182,7 @@ class OrtBackend:
             inputs = layer_inputs(onnx.load(str(fp32)), layer_calls(model, batches[0][:2]))
             overrides, missing = range_overrides(inputs, ranges)
             extra["TensorQuantOverrides"] = overrides
-            metadata["learned_ranges"] = len(ranges) - len(missing)
-            if missing:
-                log.warning("%d layer input(s) not found in the ONNX graph keep calibrated "
-                            "ranges instead of the learned ones: %s", len(missing),
-                            ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            note_learned(metadata, ranges, missing, "the ONNX graph")
         with onnxrt.quiet(stdout=True):
             q.quantize_static(str(fp32), str(int8), _Reader(batches),
                               quant_format=q.QuantFormat.QDQ, per_channel=True,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -23,9 +22,8 @@ import torch.nn as nn
 from torch._inductor import config as inductor_config
 
 from ..onnxrt import quiet
-from .base import INSTALL_HINT, MissingBackendError, Ranges, Runner
+from .base import INSTALL_HINT, MissingBackendError, Ranges, Runner, note_learned, widen
 
-log = logging.getLogger(__name__)
 META_FILE = "pipeline_metadata.json"
 MAX_BATCH = 65536
 SAMPLE = 1 << 20  # values per batch a percentile is taken over (a strided subsample)
@@ -129,9 +127,7 @@ def _set_ranges(prepared, ranges: Ranges, obs_mod) -> list[str]:
         arg = node.args[0] if node.args else None
         if name not in ranges or getattr(arg, "op", None) != "call_module":
             continue
-        lo, hi = ranges[name]
-        a, b = span.get(arg.target, (lo, hi))
-        span[arg.target] = (min(a, lo), max(b, hi))
+        widen(span, arg.target, *ranges[name])
         found.add(name)
     for target, (lo, hi) in span.items():
         old = prepared.get_submodule(target)
@@ -167,12 +163,7 @@ class Pt2eBackend:
                 prepared(x.contiguous())
             if ranges:
                 missing = _set_ranges(prepared, ranges, obs_mod)
-                metadata["learned_ranges"] = len(ranges) - len(missing)
-                if missing:
-                    log.warning("%d layer input(s) not found in the exported program keep "
-                                "calibrated ranges instead of the learned ones: %s",
-                                len(missing), ", ".join(missing[:5])
-                                + (" ..." if len(missing) > 5 else ""))
+                note_learned(metadata, ranges, missing, "the exported program")
             converted = convert_pt2e(prepared)
             program = torch.export.export(converted, example, dynamic_shapes=_dynamic())
             buf = io.BytesIO()

@@ -212,3 +212,43 @@ def test_shrink_to_rebuilds_a_pruned_option_a_network():
     assert rebuilt.layer2[0].shortcut.out_index.tolist() == list(range(0, 32, 2))
     assert torch.allclose(rebuilt(x), expected, atol=1e-5)
     assert isinstance(rebuilt, CifarResNet)
+
+
+def test_option_a_shortcut_pads_a_contiguous_block_and_scatters_other_maps():
+    """The shortcut's two forward paths: a constant channel padding where the input lands
+    in one contiguous block of output channels, `index_copy` for any other map; both give
+    the same tensor, and the padded path exports to ONNX without a scatter."""
+    torch.manual_seed(0)
+    plain = PadShortcut(16, 32, 2)
+    assert plain.block == (8, 8)
+    spread = PadShortcut(16, 32, 2)
+    spread.set_maps([(i, 2 * i) for i in range(16)], 16, 32)
+    assert spread.block is None
+    shifted = PadShortcut(16, 32, 2)
+    shifted.set_maps([(i, 3 + i) for i in range(16)], 16, 32)
+    assert shifted.block == (3, 13)
+    dropped = PadShortcut(16, 32, 2)  # input channels 0 and 5 no longer carried
+    dropped.set_maps([(i, 8 + i) for i in range(16) if i not in (0, 5)], 16, 32)
+    assert dropped.block is None
+    x = torch.randn(2, 16, 8, 8)
+    for layer in (plain, shifted, spread, dropped):
+        expected = torch.zeros(2, 32, 4, 4)
+        for i, o in zip(layer.in_index.tolist(), layer.out_index.tolist(), strict=True):
+            expected[:, o] = x[:, i, ::2, ::2]
+        assert torch.equal(layer(x), expected)
+    # the block is derived again from loaded maps
+    loaded = PadShortcut(16, 32, 2)
+    loaded.load_state_dict(shifted.state_dict())
+    assert loaded.block == (3, 13)
+
+    pytest.importorskip("onnx")
+    import onnx
+
+    from pipeline.onnxrt import to_onnx
+
+    def ops(layer):
+        proto = onnx.load_from_string(to_onnx(layer.eval(), x))
+        return {n.op_type for n in proto.graph.node}
+
+    assert "Pad" in ops(plain) and not ops(plain) & {"ScatterElements", "ScatterND"}
+    assert ops(spread) & {"ScatterElements", "ScatterND", "IndexCopy"}

@@ -15,6 +15,10 @@ pruned and finetuned `finetune`, and, when completed, its `quantize_qat`):
     PyTorch (eager, channels_last), and its test-image agreement.
 
     python benchmarks/quantize.py --run checkpoints/cifar10_cpu_fpgm_int8 --data-root DIR
+    # the CPU study's FPGM model through the int8 config's quantize stages:
+    python benchmarks/quantize.py --run checkpoints/cifar10_cpu_study --data-root DIR \
+        --config configs/cifar10_cpu_fpgm_int8.yaml \
+        --stages prune=prune_fpgm,finetune=finetune_fpgm --set data.val_split=null --qat
     python benchmarks/quantize.py --quick      # under a minute: random-weight ResNet-20s,
                                                # latency and size only
 """
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -63,23 +68,35 @@ def random_models() -> tuple[nn.Module, nn.Module]:
     return dense.eval(), pruned.eval()
 
 
-def ptq_stage(run_dir: Path, tmp: Path, overrides: list[str], stage: str) -> dict:
+UPSTREAM = ("pretrain", "prune", "finetune")
+
+
+def ptq_stage(run_dir: Path, tmp: Path, overrides: list[str], stage: str,
+              config: Path | None = None, names: dict[str, str] | None = None) -> dict:
     """Run `stage` of the run afresh in a copy of its directory; its summary. The stage's
     own check is opened wide (it would write nothing on a miss): the benchmark measures,
-    and reports the agreement and the drop against the goals itself."""
+    and reports the agreement and the drop against the goals itself. `config` (default:
+    the run's own config.yaml) gives the quantize stages; `names` maps the int8 chain's
+    upstream stages (pretrain, prune, finetune) to the run's stage directories, so that the
+    models of another chain (the CPU study's prune_fpgm and finetune_fpgm) are quantized."""
     overrides = [*overrides, f"stages.{stage}.verify.min_agreement=0",
                  f"stages.{stage}.verify.max_top1_drop=100"]
-    copy = tmp / run_dir.name
+    config = config or run_dir / "config.yaml"
+    copy = tmp / str(yaml.safe_load(config.read_text())["name"])
     copy.mkdir(parents=True)
-    shutil.copy(run_dir / "config.yaml", copy / "config.yaml")
-    for name in ("pretrain", "prune", "finetune"):
+    shutil.copy(config, copy / "config.yaml")
+    for name in UPSTREAM:
+        source = run_dir / (names or {}).get(name, name)
         (copy / name).mkdir()
         for f in ("model.pt", "summary.json"):
-            if (run_dir / name / f).is_file():
-                shutil.copy(run_dir / name / f, copy / name / f)
+            if (source / f).is_file():
+                shutil.copy(source / f, copy / name / f)
     run_pipeline(str(copy / "config.yaml"), [f"out_dir={tmp}", *overrides], stage=stage,
                  show_progress=False)
-    return json.loads((copy / stage / "summary.json").read_text())
+    summary = json.loads((copy / stage / "summary.json").read_text())
+    if summary.get("artifact"):
+        summary["artifact_path"] = str(copy / stage / summary["artifact"])
+    return summary
 
 
 def ort_latency(files: dict[str, Path], threads: int, rounds: int, batch: int) -> dict:
@@ -128,6 +145,14 @@ def main() -> int:
     p.add_argument("--run", type=Path, default=Path("checkpoints/cifar10_cpu_fpgm_int8"),
                    help="run directory of configs/cifar10_cpu_fpgm_int8.yaml")
     p.add_argument("--data-root", help="where the run's CIFAR-10 is now (data.root)")
+    p.add_argument("--config", type=Path, help="the config whose quantize and quantize_qat "
+                   "stages run (default: the run's own config.yaml)")
+    p.add_argument("--stages", default="", metavar="pretrain=NAME,prune=NAME,finetune=NAME",
+                   help="the run's stage directories that stand for the int8 chain's dense, "
+                   "pruned and finetuned models, e.g. for a CPU study run: "
+                   "prune=prune_fpgm,finetune=finetune_fpgm")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="a config override for the quantize stages (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--qat", action="store_true", help="run the QAT stage afresh too (minutes)")
@@ -138,21 +163,31 @@ def main() -> int:
                    "size only, fewer rounds (under a minute)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    real = not args.quick and (args.run / "finetune" / "summary.json").is_file()
+    names = {}
+    for item in filter(None, args.stages.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in UPSTREAM or not value or "/" in value or value.startswith("."):
+            p.error(f"--stages: {item!r} is not one of {', '.join(UPSTREAM)}=STAGE_NAME")
+        names[key] = value
+    if args.config and not args.config.is_file():
+        p.error(f"--config: {args.config} is not a file")
+    stage_dir = {k: args.run / names.get(k, k) for k in UPSTREAM}
+    real = not args.quick and (stage_dir["finetune"] / "summary.json").is_file()
     print(f"# quantize  {datetime.date.today()}  {cpu_name()}, {args.threads} thread(s), "
           f"torch {torch.__version__}{', quick' if args.quick else ''}; int8 dot product "
           f"instructions (VNNI): {'yes' if has_int8_dot() else 'no'}")
     values: dict[str, float | None] = dict.fromkeys(GOALS)
     overrides = [f"data.root={args.data_root}"] if args.data_root else []
+    overrides += args.sets
     if args.observer:
         overrides.append(f"stages.quantize.observer={args.observer}")
     with tempfile.TemporaryDirectory(prefix="quantize-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if real:
-            dense = load_model(args.run / "pretrain" / "model.pt").eval()
-            pruned = load_model(args.run / "finetune" / "model.pt").eval()
-            s = ptq_stage(args.run, tmp, overrides, "quantize")
-            int8_file = tmp / args.run.name / "quantize" / s["artifact"]
+            dense = load_model(stage_dir["pretrain"] / "model.pt").eval()
+            pruned = load_model(stage_dir["finetune"] / "model.pt").eval()
+            s = ptq_stage(args.run, tmp, overrides, "quantize", args.config, names)
+            int8_file = Path(s["artifact_path"])
             values["ptq_top1_drop"] = s["source_top1"] - s["top1"]
             values["ptq_stage_seconds"] = s["wall_seconds"]
             print(f"PTQ stage ({s['backend']}, {s['observer']}, reduce_range "
@@ -161,7 +196,8 @@ def main() -> int:
                   f"{s['top1']:.2f}; val {s.get('source_val_top1')} -> {s.get('val_top1')}; "
                   f"agreement {100 * s['verification']['agreement']:.2f}% on "
                   f"{s['verification']['images']} test images")
-            qat = (ptq_stage(args.run, tmp / "qat", overrides, "quantize_qat") if args.qat
+            qat = (ptq_stage(args.run, tmp / "qat", overrides, "quantize_qat", args.config,
+                             names) if args.qat
                    else json.loads((args.run / "quantize_qat" / "summary.json").read_text())
                    if (args.run / "quantize_qat" / "summary.json").is_file() else None)
             if qat and qat.get("status") == "completed":

@@ -84,11 +84,18 @@ def load(data: bytes | Path, threads: int | None = None,
             providers: Sequence | None = None):
     """The onnxruntime InferenceSession of serialized bytes or a file: errors-only logging,
     `threads` intra-op threads (None: onnxruntime's default) and one inter-op thread, the CPU
-    execution provider unless `providers` says otherwise."""
+    execution provider unless `providers` says otherwise.
+
+    Its intra-op threads spin while a run lasts and stop when it returns
+    (`session.force_spinning_stop`): by default they spin on after each run, and where
+    several models are timed side by side (interleaved rounds), the spinning threads of the
+    one that ran last took the cores from the one timed next (measured on 2 cores at batch
+    32: a ResNet-20 at 36 ms instead of 11 ms; BENCHMARKS.md#quantize)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     return ort.InferenceSession(data if isinstance(data, bytes) else str(data), options,

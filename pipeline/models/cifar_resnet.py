@@ -50,18 +50,21 @@ class PadShortcut(nn.Module):
         self.register_buffer("in_index", torch.arange(in_planes))
         self.register_buffer("out_index", torch.arange(in_planes) + pad)
         self.register_buffer("sizes", torch.tensor([in_planes, out_planes]))
-        self._find_block()
+        self._find_block(list(range(in_planes)), list(range(pad, pad + in_planes)))
 
-    def _find_block(self) -> None:
-        """`self.block`: (zero channels before, zero channels after) when the maps are the
-        identity into one contiguous block of output channels, else None."""
-        ins, outs = self.in_index.tolist(), self.out_index.tolist()
-        n = len(ins)
-        block = n == self.in_channels and ins == list(range(n)) and (
-            n == 0 or outs == list(range(outs[0], outs[0] + n)))
-        first = outs[0] if n else 0
-        self.block = (first, self.out_channels - first - n) if block and n and \
-            first + n <= self.out_channels else None
+    def _find_block(self, ins: list[int] | None = None, outs: list[int] | None = None) -> None:
+        """`self.block`: (zero channels before, zero channels after) when the maps (given,
+        or read from the buffers) are the identity into one contiguous block of output
+        channels, else None. Maps on the meta device have no values: None."""
+        if ins is None or outs is None:
+            if self.in_index.is_meta or self.out_index.is_meta:
+                self.block = None
+                return
+            ins, outs = self.in_index.tolist(), self.out_index.tolist()
+        n, first = len(ins), (outs[0] if outs else 0)
+        contiguous = n > 0 and n == self.in_channels and ins == list(range(n)) and \
+            outs == list(range(first, first + n)) and first + n <= self.out_channels
+        self.block = (first, self.out_channels - first - n) if contiguous else None
 
     def set_maps(self, pairs: list[tuple[int, int]], in_channels: int, out_channels: int) -> None:
         """Replace the channel maps (used by the pruner)."""
@@ -70,7 +73,7 @@ class PadShortcut(nn.Module):
         self.out_index = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dev)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.sizes = torch.tensor([in_channels, out_channels], device=dev)
-        self._find_block()
+        self._find_block([p[0] for p in pairs], [p[1] for p in pairs])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = x[:, :, :: self.stride, :: self.stride]

@@ -22,6 +22,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # OpenVINO) and written by torch's exporter since torch 1.13; per-channel QDQ needs >= 13
 DEFAULT_OPSET = 17
 CPU = "CPUExecutionProvider"
+SPIN_STOP = "session.force_spinning_stop"  # onnxruntime's config key
 
 
 @contextlib.contextmanager
@@ -82,7 +83,7 @@ def read_metadata(path: Path) -> dict:
 
 def load(data: bytes | Path, threads: int | None = None,
             providers: Sequence | None = None):
-    """The onnxruntime InferenceSession of serialized bytes or a file: errors-only logging,
+    """The onnxruntime inference handle of serialized bytes or a file: errors-only logging,
     `threads` intra-op threads (None: onnxruntime's default) and one inter-op thread, the CPU
     execution provider unless `providers` says otherwise.
 
@@ -95,7 +96,7 @@ def load(data: bytes | Path, threads: int | None = None,
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.add_session_config_entry(SPIN_STOP, "1")
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     return ort.InferenceSession(data if isinstance(data, bytes) else str(data), options,

@@ -27,7 +27,7 @@ is listed under the table.
     python benchmarks/criteria.py --data data/cifar10 --quick     # subsets: runs end to end
 
 The table goes to benchmarks/results/criteria/table.md (and .json; `--seeds N` adds
-`_seedsN` to the name, `--train-samples N` adds `_trainN`).
+`_seedsN` to the name, `--train-samples N` adds `_trainN`, `--tag T` adds `_T`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import copy
 import itertools
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the finetunes (default: all 50,000)")
     p.add_argument("--test-samples", type=int, default=None, metavar="N",
                    help="a class-balanced subset of N test images (default: all 10,000)")
+    p.add_argument("--tag", default="", help="appended to the table's file name, e.g. the "
+                   "dense model's name (letters, digits, - and _)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--quick", action="store_true", help="1,000 training / 500 test images, "
                    "1 pretrain epoch (no warmup) and 1 finetune epoch, a temporary pretrained "
@@ -108,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if n is not None and n < 10:
             p.error(f"--{flag.replace('_', '-')}: expected at least 10 images (one per "
                     f"class), got {n}")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", args.tag):
+        p.error(f"--tag: expected 1-40 letters, digits, - or _, got {args.tag!r}")
     return args
 
 
@@ -257,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     suffix = ("_quick" if args.quick else "") + (f"_seeds{args.seeds}" if args.seeds > 1 else "")
     if args.train_samples and not args.quick:  # a subset's table does not replace the full one
         suffix += f"_train{args.train_samples}"
+    if args.tag:
+        suffix += f"_{args.tag}"
     (OUT / f"table{suffix}.md").write_text(text + "\n")
     meta = {"dense_top1": dense_top1, "dense_macs": dense_macs, "rows": rows,
             "summary": summary, "significant_pairs": pairs, "seeds": args.seeds,

@@ -40,6 +40,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.config import read_yaml  # noqa: E402
 from pipeline.models import build_model, count_macs, load_model  # noqa: E402
 from pipeline.provenance import cpu_name  # noqa: E402
 from pipeline.pruning import PruneSpec, prune_model  # noqa: E402
@@ -81,10 +82,10 @@ def ptq_stage(run_dir: Path, tmp: Path, overrides: list[str], stage: str,
     models of another chain (the CPU study's prune_fpgm and finetune_fpgm) are quantized."""
     overrides = [*overrides, f"stages.{stage}.verify.min_agreement=0",
                  f"stages.{stage}.verify.max_top1_drop=100"]
-    config = config or run_dir / "config.yaml"
-    copy = tmp / str(yaml.safe_load(config.read_text())["name"])
+    plain = read_yaml(config or run_dir / "config.yaml")  # `base:` files merged in
+    copy = tmp / str(plain["name"])
     copy.mkdir(parents=True)
-    shutil.copy(config, copy / "config.yaml")
+    (copy / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
     for name in UPSTREAM:
         source = run_dir / (names or {}).get(name, name)
         (copy / name).mkdir()
